@@ -1,0 +1,153 @@
+"""A PEFT LoRA adapter as shardmerge sees it: modules (A, B and extras) with their scaling, and
+replacement tensors, all read from adapter_config.json and the adapter file's header.
+
+Key conventions follow PEFT's save format: a `base_model.model.` prefix, the adapter name stripped on
+save (but tolerated when present), `lora_A/lora_B(.weight|.bias)`, `lora_embedding_A/B`,
+`lora_magnitude_vector` (DoRA), and plain or `base_layer.`/`modules_to_save.` tensors that replace
+base tensors (modules_to_save, trained biases, saved embedding layers).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ShardmergeError
+from .safetensors_io import TensorInfo
+from .sources import AdapterFiles
+
+PEFT_PREFIX = "base_model.model."
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+# Config keys naming LoRA variants whose merge is not W + s*B@A (or DoRA); merging them as plain LoRA
+# would silently produce a wrong model, so they are refused by name.
+_UNSUPPORTED_VARIANTS = (
+    "use_qalora", "use_bdlora", "arrow_config", "velora_config", "monteclora_config", "kasa_config",
+    "alora_invocation_tokens", "mica", "target_parameters", "layer_replication", "trainable_token_indices",
+)  # fmt: skip
+
+
+@dataclass
+class LoraModule:
+    module: str  # module path as the adapter names it, PEFT prefix removed
+    a: TensorInfo | None = None
+    b: TensorInfo | None = None
+    b_bias: TensorInfo | None = None  # lora_bias=True
+    magnitude: TensorInfo | None = None  # DoRA
+    embedding: bool = False  # lora_embedding_A/B: the delta is (B @ A)^T
+    scaling: float = 0.0
+    rank: int = 0
+
+
+@dataclass
+class Adapter:
+    path: str
+    weight: float
+    config: dict
+    weights: Path  # the adapter's safetensors file
+    modules: list[LoraModule] = field(default_factory=list)
+    replacements: dict[str, TensorInfo] = field(default_factory=dict)  # target name -> tensor
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule (utils.other.get_pattern_key): the first pattern key that matches the end of the
+    module name as a regex, on a dot boundary, wins."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def module_scaling(config: dict, module: str) -> tuple[int, float]:
+    """(rank, scaling) for one module: alpha/r, or alpha/sqrt(r) with rsLoRA, after rank/alpha patterns."""
+    r = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ShardmergeError(f"rank r={r!r} for module {module!r} is not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ShardmergeError(f"lora_alpha={alpha!r} for module {module!r} is not a number")
+    return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def check_config(files: AdapterFiles) -> None:
+    config, where = files.config, files.directory / "adapter_config.json"
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise ShardmergeError(f"{where}: peft_type is {peft_type!r}; shardmerge merges LoRA adapters only")
+    for key in _UNSUPPORTED_VARIANTS:
+        if config.get(key) not in (None, False, {}, []):
+            raise ShardmergeError(f"{where}: {key}={config[key]!r} is a LoRA variant shardmerge cannot merge "
+                                  "exactly; merge it with PEFT instead")
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """'m.lora_A.weight' -> ('m', 'lora_A', 'weight'); adapter-name segments are dropped."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in _LORA_PARTS and i > 0:
+            rest = parts[i + 1 :]
+            if len(rest) == 2:  # lora_A.<adapter name>.weight
+                rest = rest[1:]
+            if len(rest) == 1 and rest[0] not in ("weight", "bias"):  # lora_embedding_A.<adapter name>
+                rest = []
+            param = rest[0] if rest else ""
+            if len(rest) > 1:
+                return None
+            return ".".join(parts[:i]), part, param
+    return None
+
+
+def _replacement_target(key: str) -> str:
+    """The base tensor a saved full tensor stands for: drop base_layer./modules_to_save.<name>. wrappers."""
+    key = key.replace(".base_layer.", ".")
+    match = re.match(r"(.*)\.modules_to_save\.(?:[^.]+\.)?([^.]+)$", key)
+    if match:
+        return f"{match.group(1)}.{match.group(2)}"
+    return key
+
+
+def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
+    check_config(files)
+    adapter = Adapter(path=path, weight=weight, config=files.config, weights=files.weights)
+    modules: dict[str, LoraModule] = {}
+    for key, tensor in files.header.tensors.items():
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        split = _split_key(name)
+        if split is None:
+            if any(part in name.split(".") for part in _LORA_PARTS) or ".original_module." in name:
+                if ".original_module." in name:
+                    continue  # PEFT's untouched copy of a modules_to_save module; the base already has it
+                raise ShardmergeError(f"{files.weights}: cannot interpret adapter tensor {key!r}")
+            adapter.replacements[_replacement_target(name)] = tensor
+            continue
+        module_name, part, param = split
+        module = modules.setdefault(module_name, LoraModule(module=module_name))
+        slot = {("lora_A", "weight"): "a", ("lora_B", "weight"): "b", ("lora_B", "bias"): "b_bias",
+                ("lora_embedding_A", ""): "a", ("lora_embedding_B", ""): "b",
+                ("lora_magnitude_vector", ""): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude"}.get(
+            (part, param))  # fmt: skip
+        if slot is None:
+            raise ShardmergeError(f"{files.weights}: cannot interpret adapter tensor {key!r}")
+        if getattr(module, slot) is not None:
+            raise ShardmergeError(f"{files.weights}: module {module_name!r} has two {part} tensors")
+        setattr(module, slot, tensor)
+        module.embedding = module.embedding or part.startswith("lora_embedding")
+    for module in modules.values():
+        if module.a is None or module.b is None:
+            missing = "A" if module.a is None else "B"
+            raise ShardmergeError(f"{files.weights}: module {module.module!r} has no lora_{missing} tensor")
+        rank, module.scaling = module_scaling(files.config, module.module)
+        module.rank = module.a.shape[0] if module.a.shape else 0
+        if module.rank != rank or module.b.shape[1:2] != (rank,):
+            raise ShardmergeError(
+                f"{files.weights}: module {module.module!r} has rank {module.rank} (lora_A {list(module.a.shape)}, "
+                f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}")
+        adapter.modules.append(module)
+    if not adapter.modules and not adapter.replacements:
+        raise ShardmergeError(f"{files.weights}: adapter holds no tensors")
+    return adapter

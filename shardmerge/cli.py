@@ -1,0 +1,85 @@
+"""`python -m shardmerge PLAN.yaml` (merge), `python -m shardmerge verify OUTPUT` (check an output).
+
+Errors the user can fix print one line on stderr and exit non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import OPTIONS
+from .errors import ShardmergeError
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardmerge",
+        description="Merge PEFT LoRA adapters into a sharded safetensors model, streaming, in a memory budget. "
+        "Also: `shardmerge verify OUTPUT [--plan PLAN]`.",
+    )
+    parser.add_argument("plan", help="plan file (YAML): base, adapters, output and options")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be merged; write nothing")
+    parser.add_argument("--report-json", metavar="FILE", help="write the run report (JSON) to FILE")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    for option in OPTIONS:
+        flag = "--" + option.key.replace("_", "-")
+        if option.parse.__name__ == "_bool":
+            parser.add_argument(flag, dest=option.key, action="store_const", const=True, help=option.help)
+        else:
+            parser.add_argument(flag, dest=option.key, metavar=option.key.upper(), help=option.help)
+    return parser
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardmerge verify",
+                                     description="Check a merged output against its manifest and index.")
+    parser.add_argument("output", help="a directory shardmerge wrote")
+    parser.add_argument("--plan", help="also recompute a sample of merged tensors from this plan's inputs")
+    parser.add_argument("--samples", type=int, default=8, help="merged tensors to recompute with --plan")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "verify":
+            return _verify(_verify_parser().parse_args(argv[1:]))
+        return _merge(_merge_parser().parse_args(argv))
+    except ShardmergeError as e:
+        print(f"shardmerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("shardmerge: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("shardmerge: error: out of memory; lower max_memory or free memory on this node", file=sys.stderr)
+        return 1
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .config import load_plan
+    from .runner import report_json, run
+
+    overrides = {o.key: getattr(args, o.key) for o in OPTIONS}
+    plan = load_plan(args.plan, **overrides)
+    report = run(plan, dry_run=args.dry_run, progress=False if args.quiet else None)
+    if args.report_json:
+        with open(args.report_json, "w", encoding="utf-8") as f:
+            f.write(report_json(report))
+    if not args.quiet and not args.dry_run:
+        print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    problems = verify(args.output, plan=args.plan, samples=args.samples)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"shardmerge: verify: {len(problems)} problem(s) in {args.output}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: OK", file=sys.stderr)
+    return 0

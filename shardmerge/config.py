@@ -1,0 +1,214 @@
+"""The plan file: its keys, declared once, validated, and turned into CLI overrides.
+
+Each option in OPTIONS is one key of the YAML plan and, where `flag` is set, one command-line flag.
+Relative paths are resolved against the plan file's directory (or the working directory for a dict).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import PlanError
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}  # fmt: skip
+DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
+
+
+def parse_size(value: Any, key: str) -> int:
+    """'2GiB' -> 2147483648; '5GB' -> 5000000000; bare numbers are bytes; K/M/G/T alone are binary."""
+    if isinstance(value, bool):
+        raise PlanError(f"{key}: expected a size such as 2GiB or 500MB, got {value!r}")
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise PlanError(f"{key}: expected a size such as 2GiB or 500MB, got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise PlanError(f"{key}: size must be positive, got {value!r}")
+    return size
+
+
+def _device(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise PlanError(f"{key}: expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _dtype(value: Any, key: str) -> str:
+    if value not in DTYPE_CHOICES:
+        raise PlanError(f"{key}: expected one of {', '.join(DTYPE_CHOICES)}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise PlanError(f"{key}: expected true or false, got {value!r}")
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise PlanError(f"{key}: expected a path, got {value!r}")
+    return os.fspath(value)
+
+
+def _size_or(word: str) -> Callable[[Any, str], int | str]:
+    def parse(value: Any, key: str) -> int | str:
+        return word if value == word else parse_size(value, key)
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    parse: Callable[[Any, str], Any]
+    default: Any
+    help: str
+    flag: bool = True
+
+
+OPTIONS = [
+    Option("output", _str, None, "output directory for the merged model"),
+    Option("device", _device, "auto", "auto | cpu | cuda | cuda:N"),
+    Option("dtype", _dtype, "keep", "output dtype of floating tensors: keep | bfloat16 | float16 | float32"),
+    Option("max_memory", parse_size, 2 * 2**30, "host-RAM budget for tensor buffers, e.g. 2GiB"),
+    Option("max_gpu_memory", _size_or("auto"), "auto", "GPU-memory budget, e.g. 8GiB, or auto"),
+    Option("max_shard_size", _size_or("keep"), "keep", "keep the base's shard files, or re-shard to e.g. 5GB"),
+    Option("safe_merge", _bool, False, "refuse to write a merged tensor holding NaN or Inf"),
+    Option("overwrite", _bool, False, "replace a non-empty output directory that holds something else"),
+]
+OPTION_KEYS = {o.key for o in OPTIONS}
+ADAPTER_KEYS = {"path", "weight"}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    path: str  # a local directory, or a Hub repo id (optionally @revision)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: str
+    adapters: tuple[AdapterSpec, ...]
+    output: str
+    device: str = "auto"
+    dtype: str = "keep"
+    max_memory: int = 2 * 2**30
+    max_gpu_memory: int | str = "auto"
+    max_shard_size: int | str = "keep"
+    safe_merge: bool = False
+    overwrite: bool = False
+    source: str | None = field(default=None, compare=False)  # the plan file, for messages
+
+
+def _resolve_path(value: str, root: Path) -> str:
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return str(path)
+    candidate = root / path
+    # A Hub repo id ("org/name", "org/name@rev") is kept as written when no such local path exists.
+    if not candidate.exists() and looks_like_repo_id(value):
+        return value
+    return str(candidate.resolve())
+
+
+def looks_like_repo_id(value: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?", value) is not None and not value.startswith(".")
+
+
+def plan_from_dict(raw: Any, root: Path | None = None, source: str | None = None, **overrides: Any) -> Plan:
+    """Validate a plan mapping (as read from YAML) plus overrides; every problem is one PlanError line."""
+    where = f"{source}: " if source else ""
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}a plan must be a mapping of keys (base, adapters, output, ...)")
+    root = root or Path.cwd()
+    unknown = sorted(set(raw) - OPTION_KEYS - {"base", "adapters"})
+    if unknown:
+        known = ", ".join(["base", "adapters", *[o.key for o in OPTIONS]])
+        raise PlanError(f"{where}unknown key {unknown[0]!r} (known keys: {known})")
+    values: dict[str, Any] = {}
+    for key in ("base", "adapters", "output"):
+        if raw.get(key) is None and overrides.get(key) is None:
+            raise PlanError(f"{where}missing required key {key!r}")
+    values["base"] = _resolve_path(_str(raw["base"], f"{where}base"), root)
+    values["adapters"] = tuple(_adapters(raw["adapters"], root, where))
+    for option in OPTIONS:
+        if overrides.get(option.key) is not None:
+            values[option.key] = option.parse(overrides[option.key], f"--{option.key.replace('_', '-')}")
+        elif raw.get(option.key) is not None:
+            values[option.key] = option.parse(raw[option.key], f"{where}{option.key}")
+    if overrides.get("output") is not None:
+        values["output"] = str(Path(values["output"]).resolve())
+    else:
+        values["output"] = str((root / Path(os.path.expanduser(values["output"]))).resolve())
+    return Plan(**values, source=source)
+
+
+def _adapters(raw: Any, root: Path, where: str) -> list[AdapterSpec]:
+    if isinstance(raw, (str, dict)):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise PlanError(f"{where}adapters: expected a list of adapters (each a path, or a mapping with path and weight)")
+    specs = []
+    for i, item in enumerate(raw):
+        key = f"{where}adapters[{i}]"
+        if isinstance(item, (str, os.PathLike)):
+            item = {"path": item}
+        if not isinstance(item, dict):
+            raise PlanError(f"{key}: expected a path or a mapping with path and weight")
+        unknown = sorted(set(item) - ADAPTER_KEYS)
+        if unknown:
+            raise PlanError(f"{key}: unknown key {unknown[0]!r} (known keys: path, weight)")
+        if "path" not in item:
+            raise PlanError(f"{key}: missing required key 'path'")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight:
+            raise PlanError(f"{key}.weight: expected a number, got {weight!r}")
+        specs.append(AdapterSpec(_resolve_path(_str(item["path"], f"{key}.path"), root), float(weight)))
+    return specs
+
+
+def load_plan(plan: "str | os.PathLike | dict | Plan", **overrides: Any) -> Plan:
+    """A Plan from a YAML file path, a dict or a Plan, with overrides (None means not given) applied."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(plan, Plan):
+        unknown = set(overrides) - OPTION_KEYS
+        if unknown:
+            raise PlanError(f"unknown override {sorted(unknown)[0]!r}")
+        raw = {k: getattr(plan, k) for k in ("base", "output", *OPTION_KEYS)}
+        raw["adapters"] = [{"path": a.path, "weight": a.weight} for a in plan.adapters]
+        return plan_from_dict(raw, Path.cwd(), plan.source, **overrides)
+    if isinstance(plan, dict):
+        return plan_from_dict(plan, Path.cwd(), None, **overrides)
+    path = Path(plan)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(f"{path}: plan file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"{path}: cannot read plan file: {e}") from None
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise PlanError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    return plan_from_dict(raw, path.resolve().parent, str(path), **overrides)

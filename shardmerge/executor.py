@@ -1,0 +1,420 @@
+"""The streaming executor: read tiles, merge them on the device, write them at their planned offsets.
+
+Five threads joined by bounded queues, so disk reads, merge math, writes, kernel-side copies and
+checksums overlap:
+
+    reader --tiles--> merger --tiles--> writer --+
+       \\--copy runs--> copier -----------------+--> finisher (fsync, checksum, rename, journal)
+
+One byte budget bounds every host buffer in flight. Only the reader acquires from it, reserving a
+tile's whole cost (read buffer, float32 work, output buffer) before reading; the merger and writer
+release their parts. Since every reservation can run to completion without taking more, the
+pipeline cannot deadlock, and peak memory does not grow with model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import mergemath
+from .errors import ShardmergeError
+from .journal import OutputState, file_sha256, fsync_dir
+from .planner import LoraTerm, MergePlan, OutputShard, TensorTask, fixed_cost, scratch_bytes, tile_cost
+from .progress import Progress
+from .safetensors_io import copy_range, pread_into, pwrite_all
+
+_QUEUE_DEPTH = 4
+_POLL = 0.1
+
+
+@dataclass
+class StageTimes:
+    """Seconds each stage spent working (not waiting); the largest is the bottleneck."""
+
+    read: float = 0.0
+    merge: float = 0.0
+    write: float = 0.0
+    copy: float = 0.0
+    hash: float = 0.0
+
+
+@dataclass
+class ExecutionResult:
+    stages: StageTimes = field(default_factory=StageTimes)
+    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"size", "sha256"}
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    peak_budget: int = 0
+
+
+class Stopped(Exception):
+    """Raised inside a stage when another stage failed or a signal asked us to stop."""
+
+
+class Budget:
+    def __init__(self, limit: int, stop: threading.Event):
+        self.limit, self.used, self.peak = limit, 0, 0
+        self._cond = threading.Condition()
+        self._stop = stop
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.used + n > self.limit and self.used > 0:
+                if self._stop.is_set():
+                    raise Stopped
+                self._cond.wait(_POLL)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _ShardFile:
+    """One output shard being written under .shardmerge/tmp, finished once all its pieces are in."""
+
+    def __init__(self, shard: OutputShard, tmp_dir: Path, pieces: int):
+        self.shard, self.pieces = shard, pieces
+        self.tmp_path = tmp_dir / f"{shard.name}.partial"
+        self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._lock = threading.Lock()
+
+    def piece_done(self) -> bool:
+        with self._lock:
+            self.pieces -= 1
+            return self.pieces == 0
+
+
+def _write_error(shard_name: str, e: OSError) -> ShardmergeError:
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return ShardmergeError(f"{shard_name}: writing the output shard failed: {reason}; nothing was marked complete, "
+                           "and re-running the same plan resumes")
+
+
+@dataclass
+class _Tile:
+    shard: _ShardFile
+    task: TensorTask
+    r0: int
+    r1: int
+    prepass: bool
+    last: bool
+    buffer: torch.Tensor | None = None
+    cost: int = 0
+    out: torch.Tensor | None = None
+    ready: object = None  # a CUDA event the writer waits on
+
+
+class Executor:
+    def __init__(self, merge_plan: MergePlan, state: OutputState, rank: int, progress: Progress):
+        self.plan, self.state, self.rank, self.progress = merge_plan, state, rank, progress
+        self.device = torch.device(merge_plan.device)
+        self.cuda = self.device.type == "cuda"
+        self.stop = threading.Event()
+        self.failure: BaseException | None = None
+        budget = merge_plan.plan.max_memory
+        scratch = scratch_bytes(budget)
+        self.budget = Budget(budget - 2 * scratch, self.stop)
+        self.copy_scratch = memoryview(bytearray(scratch))
+        self.hash_scratch = memoryview(bytearray(scratch))
+        self.result = ExecutionResult()
+        self._inputs: dict[Path, int] = {}
+        self._inputs_lock = threading.Lock()
+        self.tiles: queue.Queue = queue.Queue(_QUEUE_DEPTH)
+        self.writes: queue.Queue = queue.Queue(_QUEUE_DEPTH)
+        self.copies: queue.Queue = queue.Queue(64)
+        self.finished: queue.Queue = queue.Queue()
+        self._counts = threading.Lock()
+        if self.cuda:
+            self.h2d_stream = torch.cuda.Stream(self.device)
+            self.compute_stream = torch.cuda.Stream(self.device)
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _fd(self, path: Path) -> int:
+        with self._inputs_lock:
+            if path not in self._inputs:
+                try:
+                    self._inputs[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise ShardmergeError(f"{path}: cannot open: {e.strerror}") from None
+            return self._inputs[path]
+
+    def _put(self, q: queue.Queue, item) -> None:
+        while True:
+            if self.stop.is_set():
+                raise Stopped
+            try:
+                q.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self, q: queue.Queue):
+        while True:
+            try:
+                return q.get(timeout=_POLL)
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise Stopped from None
+
+    def _stage(self, body):
+        def run():
+            try:
+                body()
+            except Stopped:
+                pass
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread, which re-raises it
+                if self.failure is None:
+                    self.failure = e
+                self.stop.set()
+
+        return threading.Thread(target=run, name=body.__name__, daemon=True)
+
+    def _count(self, **deltas) -> None:
+        with self._counts:
+            for key, value in deltas.items():
+                setattr(self.result, key, getattr(self.result, key) + value)
+
+    # -- stages -----------------------------------------------------------------------------------------
+    def reader(self, shards: list[OutputShard]) -> None:
+        for shard in shards:
+            runs = _copy_runs(shard.tasks)
+            work = [t for t in shard.tasks if not t.is_copy and t.out_nbytes > 0]
+            pieces = len(runs) + sum(len(_row_blocks(t)) for t in work)
+            out = _ShardFile(shard, self.state.tmp_dir, pieces + 1)
+            try:
+                pwrite_all(out.fd, shard.header, 0)
+                os.ftruncate(out.fd, shard.size)
+            except OSError as e:
+                raise _write_error(shard.name, e) from None
+            for run in runs:
+                self._put(self.copies, (out, run))
+            for task in work:
+                self._read_task(out, task)
+            if out.piece_done():  # the header was the extra piece
+                self._put(self.finished, out)
+        self._put(self.tiles, None)
+        self._put(self.copies, None)
+
+    def _read_task(self, out: _ShardFile, task: TensorTask) -> None:
+        fixed = fixed_cost(task)
+        self.budget.acquire(fixed)
+        factors = self._factors(task)
+        self._put(self.tiles, ("task", task, factors, fixed))
+        blocks = _row_blocks(task)
+        passes = [True, False] if task.column_norms else [False]
+        for prepass in passes:
+            for i, (r0, r1) in enumerate(blocks):
+                tile = _Tile(out, task, r0, r1, prepass, last=not prepass and i == len(blocks) - 1)
+                tile.cost = tile_cost(task, r1 - r0)
+                self.budget.acquire(tile.cost)
+                start = time.perf_counter()
+                src = task.source
+                tile.buffer = torch.empty((r1 - r0) * src.row_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+                pread_into(self._fd(src.path), tile.buffer.numpy(), src.offset + r0 * src.row_bytes, src.path)
+                self.result.stages.read += time.perf_counter() - start
+                self._count(bytes_read=tile.buffer.numel())
+                self._put(self.tiles, tile)
+
+    def _factors(self, task: TensorTask) -> list:
+        """Every term's tensors, read whole (they are small) and made float32 on the merge device."""
+        factors = []
+        for term in task.terms:
+            if isinstance(term, LoraTerm):
+                factors.append(mergemath.lora_factors(
+                    self._load(term.a), self._load(term.b), scaling=term.scaling, weight=term.weight,
+                    transposed=term.transposed,
+                    magnitude=None if term.magnitude is None else self._load(term.magnitude).float().flatten()))
+            else:
+                factors.append(mergemath.BiasFactors(self._load(term.vector).float().flatten(), term.scale))
+        return factors
+
+    def _load(self, info) -> torch.Tensor:
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        pread_into(self._fd(info.path), buffer.numpy(), info.offset, info.path)
+        self._count(bytes_read=info.nbytes)
+        tensor = buffer.view(mergemath.TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        return tensor.to(self.device, torch.float32)
+
+    def merger(self) -> None:
+        factors, fixed = [], 0
+        while (item := self._get(self.tiles)) is not None:
+            if isinstance(item, tuple):
+                _, task, factors, fixed = item
+                continue
+            start = time.perf_counter()
+            self._merge_tile(item, factors)
+            self.result.stages.merge += time.perf_counter() - start
+            if item.last:
+                self.budget.release(fixed)
+                self._count(tensors_merged=1 if item.task.terms else 0)
+                factors = []
+        self._put(self.writes, None)
+
+    def _merge_tile(self, tile: _Tile, factors: list) -> None:
+        task, src = tile.task, tile.task.source
+        rows = tile.r1 - tile.r0
+        raw = tile.buffer.view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
+        if self.cuda:
+            with torch.cuda.stream(self.h2d_stream):
+                raw = raw.to(self.device, non_blocking=True)
+            self.compute_stream.wait_stream(self.h2d_stream)
+            context = torch.cuda.stream(self.compute_stream)
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            work = raw.to(torch.float32, copy=True)
+            if tile.prepass:
+                for f in factors:
+                    if isinstance(f, mergemath.LoraFactors) and f.magnitude is not None and f.transposed:
+                        part = mergemath.dora_column_sq(work, f, tile.r0, tile.r1)
+                        f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
+                        if tile.r1 == src.shape[0]:
+                            f.column_norm.sqrt_()
+                self._release_tile(tile, tile.cost)
+                return
+            work = mergemath.merge_tile(work, factors, tile.r0, tile.r1)
+            if self.plan.plan.safe_merge and not bool(torch.isfinite(work).all()):
+                raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); "
+                                      f"the adapter {', '.join(t.origin for t in task.terms)} looks broken")
+            out = work.to(mergemath.TORCH_DTYPES[task.out_dtype])
+            if self.cuda:
+                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                tile.ready = torch.cuda.Event()
+                tile.ready.record(self.compute_stream)
+                out = host
+        tile.out = out
+        tile.buffer = None
+        out_bytes = rows * _out_row_bytes(task)
+        self._release_tile(tile, tile.cost - out_bytes)
+        tile.cost = out_bytes
+        self._put(self.writes, tile)
+
+    def _release_tile(self, tile: _Tile, n: int) -> None:
+        tile.buffer = None
+        self.budget.release(n)
+
+    def writer(self) -> None:
+        while (tile := self._get(self.writes)) is not None:
+            if tile.ready is not None:
+                tile.ready.synchronize()
+            start = time.perf_counter()
+            data = tile.out.contiguous().view(torch.uint8).numpy()
+            offset = tile.task.out_offset + tile.r0 * _out_row_bytes(tile.task)
+            try:
+                pwrite_all(tile.shard.fd, data, offset)
+            except OSError as e:
+                raise _write_error(tile.shard.shard.name, e) from None
+            self.result.stages.write += time.perf_counter() - start
+            tile.out = None
+            self.budget.release(tile.cost)
+            self._count(bytes_written=len(data))
+            self.progress.advance(len(data), 1 if tile.last else 0)
+            if tile.shard.piece_done():
+                self._put(self.finished, tile.shard)
+        self._put(self.finished, None)
+
+    def copier(self) -> None:
+        while (item := self._get(self.copies)) is not None:
+            out, (src_path, src_offset, dst_offset, length, count) = item
+            start = time.perf_counter()
+            try:
+                copy_range(self._fd(src_path), out.fd, src_offset, dst_offset, length, self.copy_scratch)
+            except OSError as e:
+                raise _write_error(out.shard.name, e) from None
+            self.result.stages.copy += time.perf_counter() - start
+            self._count(tensors_copied=count, bytes_read=length, bytes_written=length)
+            self.progress.advance(length, count)
+            if out.piece_done():
+                self._put(self.finished, out)
+        self._put(self.finished, None)
+
+    def finisher(self) -> None:
+        producers = 2  # the writer and the copier each send one None when done
+        while producers:
+            out = self._get(self.finished)
+            if out is None:
+                producers -= 1
+                continue
+            start = time.perf_counter()
+            name = out.shard.name
+            try:
+                os.fsync(out.fd)
+                os.close(out.fd)
+                out.fd = -1
+                digest = file_sha256(out.tmp_path, self.hash_scratch)
+                os.replace(out.tmp_path, self.state.directory / name)
+                fsync_dir(self.state.directory)
+                self.state.journal(self.rank, name, out.shard.size, digest)
+            except OSError as e:
+                raise _write_error(name, e) from None
+            self.result.shards[name] = {"size": out.shard.size, "sha256": digest}
+            self.result.stages.hash += time.perf_counter() - start
+
+    # -- driver ------------------------------------------------------------------------------------------
+    def run(self, shards: list[OutputShard]) -> ExecutionResult:
+        threads = [self._stage(lambda: self.reader(shards)), self._stage(self.merger), self._stage(self.writer),
+                   self._stage(self.copier), self._stage(self.finisher)]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(_POLL)
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join()
+            for fd in self._inputs.values():
+                os.close(fd)
+        self.result.peak_budget = self.budget.peak
+        if self.failure is not None:
+            self._remove_partials()
+            raise self.failure
+        return self.result
+
+    def _remove_partials(self) -> None:
+        """A failed run frees the disk it held (a full disk is the usual cause) and leaves no partial file."""
+        for path in self.state.tmp_dir.glob("*.partial"):
+            path.unlink(missing_ok=True)
+
+
+def _row_blocks(task: TensorTask) -> list[tuple[int, int]]:
+    rows = task.source.shape[0] if task.source.shape else 1
+    step = max(task.rows_per_tile, 1)
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def _copy_runs(tasks: list[TensorTask]) -> list[tuple[Path, int, int, int, int]]:
+    """Untouched tensors as (source file, source offset, output offset, length, tensors), adjacent ones
+    coalesced: in an unchanged layout a whole run of norms and projections is one kernel copy."""
+    runs: list[list] = []
+    for t in tasks:
+        if not t.is_copy or t.out_nbytes == 0:
+            continue
+        src = t.source
+        if runs and runs[-1][0] == src.path and runs[-1][1] + runs[-1][3] == src.offset \
+                and runs[-1][2] + runs[-1][3] == t.out_offset:
+            runs[-1][3] += src.nbytes
+            runs[-1][4] += 1
+        else:
+            runs.append([src.path, src.offset, t.out_offset, src.nbytes, 1])
+    return [tuple(r) for r in runs]
+
+
+def _out_row_bytes(task: TensorTask) -> int:
+    return task.out_nbytes // task.source.shape[0] if task.source.shape else task.out_nbytes

@@ -1,0 +1,94 @@
+"""The merge arithmetic, as pure functions on float32 tiles (a block of rows of one tensor).
+
+A tile is 2-D: rows of the stored tensor by everything else flattened (a bias is (rows, 1)). Rows of a
+delta are exact and cheap to compute alone: rows of B @ A are B[rows] @ A, and for the transposed kinds
+(embeddings, Conv1D) rows of (B @ A)^T are A[:, rows]^T @ B^T. Everything is float32 and rounded once,
+by the caller, to the output dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+@dataclass
+class LoraFactors:
+    """One LoRA term, ready on the merge device: A as (r, in), B as (out, r), both float32."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    weight: float
+    transposed: bool
+    magnitude: torch.Tensor | None = None  # DoRA, flattened
+    column_norm: torch.Tensor | None = None  # DoRA on a transposed kind, from the pre-pass
+
+
+@dataclass
+class BiasFactors:
+    vector: torch.Tensor  # flattened, float32
+    scale: float
+
+
+def lora_factors(a: torch.Tensor, b: torch.Tensor, **kwargs) -> LoraFactors:
+    """Factors from PEFT's stored shapes: conv A (r, in, *k) and B (out, r, 1...) reduce to 2-D."""
+    r = a.shape[0]
+    return LoraFactors(a.reshape(r, -1).float(), b.reshape(b.shape[0], r).float(), **kwargs)
+
+
+def delta_rows(f: LoraFactors, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of the unscaled delta, in the stored tensor's orientation."""
+    if f.transposed:
+        return f.a[:, r0:r1].t() @ f.b.t()
+    return f.b[r0:r1] @ f.a
+
+
+def add_lora(work: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> None:
+    """work += weight * scaling * delta[r0:r1], in place, without a delta-sized temporary."""
+    scale = f.weight * f.scaling
+    if f.transposed:
+        work.addmm_(f.a[:, r0:r1].t(), f.b.t(), alpha=scale)
+    else:
+        work.addmm_(f.b[r0:r1], f.a, alpha=scale)
+
+
+def dora_column_sq(base: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> torch.Tensor:
+    """Per-column sum of squares of rows r0:r1 of (W0 + s * delta): one tile's share of a column norm."""
+    return (base + f.scaling * delta_rows(f, r0, r1)).square().sum(dim=0)
+
+
+def apply_dora(work: torch.Tensor, base: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> torch.Tensor:
+    """PEFT's DoRA merge, W' = m / ||W0 + s*delta|| * (W + s*delta), with the norm taken on the unmerged
+    base W0 (per output row, or per column for transposed kinds); the plan weight interpolates,
+    W + weight * (W' - W), so weight 1 is exactly PEFT and weight 0 leaves W unchanged."""
+    delta = f.scaling * delta_rows(f, r0, r1)
+    if f.transposed:
+        factor = (f.magnitude / f.column_norm).unsqueeze(0)
+    else:
+        factor = (f.magnitude[r0:r1] / torch.linalg.vector_norm(base + delta, dim=1)).unsqueeze(1)
+    merged = factor * (work + delta)
+    if f.weight == 1.0:
+        return merged
+    return work.add_(merged.sub_(work), alpha=f.weight)
+
+
+def merge_tile(work: torch.Tensor, terms: list, r0: int, r1: int) -> torch.Tensor:
+    """Apply every term, in plan order, to a float32 tile holding rows r0:r1 of the (replaced) base."""
+    base = work.clone() if any(isinstance(t, LoraFactors) and t.magnitude is not None for t in terms) else None
+    for t in terms:
+        if isinstance(t, BiasFactors):
+            work.add_(t.vector[r0:r1].reshape(work.shape), alpha=t.scale)
+        elif t.magnitude is None:
+            add_lora(work, t, r0, r1)
+        else:
+            work = apply_dora(work, base, t, r0, r1)
+    return work

@@ -1,0 +1,389 @@
+"""From a Plan and the inputs' headers to a MergePlan: which base tensor each adapter tensor changes,
+how, in what tiles, and where every output byte goes. No tensor data is read here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapters import Adapter, LoraModule, load_adapter
+from .config import Plan
+from .errors import ShardmergeError
+from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
+from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
+
+FORMAT_VERSION = 1  # bump when the same plan would produce different bytes
+_OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# Output embeddings that transformers ties to the input embedding when tie_word_embeddings is set.
+_OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
+_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+# Architectures whose linear layers are transformers' Conv1D, stored (in, out).
+_CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+# Fixed buffers carved out of max_memory: the fallback copy scratch and the checksum read buffer.
+_SCRATCH_MAX = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """One adapter module's contribution to one base tensor."""
+
+    a: TensorInfo
+    b: TensorInfo
+    scaling: float  # PEFT's: alpha/r or alpha/sqrt(r)
+    weight: float  # the plan's multiplier on this adapter
+    transposed: bool  # delta = (B @ A)^T: embeddings and Conv1D (fan_in_fan_out)
+    magnitude: TensorInfo | None  # DoRA
+    origin: str  # "adapter path: module", for messages
+
+    @property
+    def scale(self) -> float:
+        return self.weight * self.scaling
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """lora_bias: the target bias gains scale * lora_B.bias."""
+
+    vector: TensorInfo
+    scale: float
+    origin: str
+
+
+@dataclass
+class TensorTask:
+    name: str
+    source: TensorInfo  # the base tensor, or the adapter tensor replacing it
+    out_dtype: str
+    out_offset: int = 0  # absolute, in the output shard
+    terms: list = field(default_factory=list)  # LoraTerm / BiasTerm, applied in order
+    rows_per_tile: int = 0
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.source.numel * DTYPE_SIZES[self.out_dtype]
+
+    @property
+    def is_copy(self) -> bool:
+        return not self.terms and self.source.dtype == self.out_dtype
+
+    @property
+    def column_norms(self) -> bool:
+        """DoRA on a transposed kind normalises columns, which needs a pass over all rows first."""
+        return any(isinstance(t, LoraTerm) and t.magnitude is not None and t.transposed for t in self.terms)
+
+
+@dataclass
+class OutputShard:
+    name: str
+    tasks: list[TensorTask]
+    header: bytes = b""
+    size: int = 0
+
+
+@dataclass
+class MergePlan:
+    plan: Plan
+    base: BaseModel
+    adapters: list[Adapter]
+    shards: list[OutputShard]
+    write_index: bool
+    device: str
+    fingerprint: str = ""
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(t.out_nbytes for s in self.shards for t in s.tasks)
+
+    def index(self) -> dict:
+        weight_map = {t.name: s.name for s in self.shards for t in s.tasks}
+        metadata = {k: v for k, v in self.base.index_metadata.items() if k != "total_size"}
+        return {"metadata": {**metadata, "total_size": self.total_tensor_bytes}, "weight_map": weight_map}
+
+
+class _Targets:
+    """Finds the base tensor an adapter names, tolerating a model-class prefix that differs between the
+    checkpoint the adapter was trained on and the base (`model.` present in one and not the other)."""
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+        config = base.config
+        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        self.tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)))
+
+    def find(self, name: str) -> str | None:
+        tensors = self.base.tensors
+        if name in tensors:
+            return name
+        candidates = [n for n in tensors if n.endswith("." + name) or name.endswith("." + n)]
+        if len(candidates) > 1:
+            raise ShardmergeError(f"{name!r} matches several base tensors ({', '.join(sorted(candidates)[:6])}); "
+                                  "the adapter and base checkpoint layouts are ambiguous")
+        if candidates:
+            return candidates[0]
+        return self._tied_embedding(name)
+
+    def _tied_embedding(self, name: str) -> str | None:
+        parts = name.split(".")
+        if not self.tied or len(parts) < 2 or parts[-2] not in _OUTPUT_EMBEDDINGS or parts[-1] != "weight":
+            return None
+        inputs = [n for n in self.base.tensors if n.endswith(".weight") and n.split(".")[-2] in _INPUT_EMBEDDINGS]
+        return inputs[0] if len(inputs) == 1 else None
+
+    def require(self, name: str, adapter_file: Path, key: str) -> str:
+        found = self.find(name)
+        if found is None:
+            close = difflib.get_close_matches(name, list(self.base.tensors), n=1)
+            hint = f" (closest: {close[0]!r})" if close else ""
+            raise ShardmergeError(f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which is not in the "
+                                  f"base model {self.base.directory}{hint}")
+        return found
+
+
+def _conv1d_layout(base: BaseModel, adapters: list[Adapter]) -> bool:
+    """Whether square 2-D weights are stored (in, out). Decided by the model, not by squareness: the
+    architecture when config.json names it, else the adapter's fan_in_fan_out."""
+    model_type = base.config.get("model_type")
+    if model_type:
+        return model_type in _CONV1D_MODEL_TYPES
+    return any(a.fan_in_fan_out for a in adapters)
+
+
+def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, conv1d: bool) -> LoraTerm:
+    a, b, w = module.a.shape, module.b.shape, target.shape
+    origin = f"{adapter.path}: {module.module}"
+    mismatch = ShardmergeError(
+        f"{origin}: lora_A {list(a)} / lora_B {list(b)} do not fit base tensor {target.name!r} {list(w)}")
+    if module.embedding:
+        if len(w) != 2 or len(a) != 2 or len(b) != 2 or (a[1], b[0]) != w:
+            raise mismatch
+        transposed = True
+    elif len(w) == 2 and len(a) == 2 and len(b) == 2:
+        fits_normal, fits_transposed = w == (b[0], a[1]), w == (a[1], b[0])
+        if not (fits_normal or fits_transposed):
+            raise mismatch
+        transposed = conv1d if fits_normal and fits_transposed else fits_transposed
+    elif len(w) >= 3 and len(a) == len(w) and len(b) == len(w):
+        # Conv1d/2d/3d: A is (r, in, *k), B is (out, r, 1...); 1x1 and kxk both reduce to B @ A per output channel.
+        if w[0] != b[0] or w[1:] != a[1:] or any(k != 1 for k in b[2:]):
+            raise mismatch
+        transposed = False
+    else:
+        raise mismatch
+    if target.dtype not in FLOAT_DTYPES:
+        raise ShardmergeError(f"{origin}: base tensor {target.name!r} is {target.dtype}, not a float tensor; "
+                              "merging into quantized weights is not supported")
+    if module.magnitude is not None:
+        norm_axis = w[1] if transposed else w[0]
+        if module.magnitude.numel != norm_axis:
+            raise ShardmergeError(f"{origin}: lora_magnitude_vector {list(module.magnitude.shape)} does not fit "
+                                  f"base tensor {target.name!r} {list(w)}")
+    return LoraTerm(module.a, module.b, module.scaling, adapter.weight, transposed, module.magnitude, origin)
+
+
+def _read_adapters(plan: Plan, scratch: Path) -> list[Adapter]:
+    adapters = []
+    for spec in plan.adapters:
+        files = find_adapter(spec.path)
+        if files.header is None:
+            files = convert_legacy_adapter(files, scratch)
+        adapters.append(load_adapter(files, spec.path, spec.weight))
+    return adapters
+
+
+def build_plan(plan: Plan, scratch: Path, device: str = "cpu") -> MergePlan:
+    """Read headers and configs, match every adapter tensor, lay out and tile the output."""
+    base = read_base(plan.base)
+    adapters = _read_adapters(plan, scratch)
+    targets = _Targets(base)
+    conv1d = _conv1d_layout(base, adapters)
+    terms: dict[str, list] = {}
+    replaced: dict[str, TensorInfo] = {}
+    for adapter in adapters:
+        weights_file = adapter.weights
+        for target_name, tensor in adapter.replacements.items():
+            name = targets.require(target_name, weights_file, tensor.name)
+            base_tensor = base.tensors[name]
+            if tensor.shape != base_tensor.shape:
+                raise ShardmergeError(f"{tensor.path}: {tensor.name!r} {list(tensor.shape)} cannot replace base "
+                                      f"tensor {name!r} {list(base_tensor.shape)} (resized vocabulary?)")
+            replaced[name] = tensor
+        for module in adapter.modules:
+            name = targets.require(module.module + ".weight", weights_file, module.a.name)
+            terms.setdefault(name, []).append(_lora_term(module, adapter, base.tensors[name], conv1d))
+            if module.b_bias is not None:
+                bias_name = targets.require(module.module + ".bias", weights_file, module.b_bias.name)
+                if base.tensors[bias_name].shape != module.b_bias.shape:
+                    raise ShardmergeError(f"{module.b_bias.path}: {module.b_bias.name!r} does not fit base bias "
+                                          f"{bias_name!r} {list(base.tensors[bias_name].shape)}")
+                terms.setdefault(bias_name, []).append(
+                    BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}"))
+
+    def task(tensor: TensorInfo) -> TensorTask:
+        out_dtype = tensor.dtype
+        if plan.dtype != "keep" and tensor.dtype in FLOAT_DTYPES:
+            out_dtype = _OUT_DTYPES[plan.dtype]
+        return TensorTask(tensor.name, replaced.get(tensor.name, tensor), out_dtype, terms=terms.get(tensor.name, []))
+
+    layout = [(shard.path.name, [task(t) for t in shard.tensors.values()]) for shard in base.shards]
+    if plan.max_shard_size != "keep":
+        layout = _reshard([t for _, tasks in layout for t in tasks], plan.max_shard_size)
+    shards = [OutputShard(name, tasks) for name, tasks in layout]
+    metadata = {shard.path.name: shard.metadata for shard in base.shards}
+    for shard in shards:
+        meta = metadata.get(shard.name, base.shards[0].metadata)
+        entries = [(t.name, t.out_dtype, t.source.shape, t.out_nbytes) for t in shard.tasks]
+        shard.header, offsets = encode_header(entries, meta)
+        for t, offset in zip(shard.tasks, offsets):
+            t.out_offset = offset
+        shard.size = len(shard.header) + sum(t.out_nbytes for t in shard.tasks)
+    write_index = base.has_index or len(shards) > 1
+    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device)
+    _tile(merge_plan)
+    merge_plan.fingerprint = fingerprint(merge_plan)
+    return merge_plan
+
+
+def _reshard(tasks: list[TensorTask], max_bytes: int) -> list[tuple[str, list[TensorTask]]]:
+    groups: list[list[TensorTask]] = [[]]
+    size = 0
+    for t in tasks:
+        if groups[-1] and size + t.out_nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.out_nbytes
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def scratch_bytes(budget: int) -> int:
+    """The fixed buffer size for fallback copies and checksum reads, taken from the budget."""
+    return min(_SCRATCH_MAX, budget // 16)
+
+
+def tile_cost(task: TensorTask, rows: int) -> int:
+    """Host bytes one tile of `rows` rows holds in flight: the read buffer, float32 work, the output
+    buffer, and per DoRA term the base copy and norm scratch."""
+    src = task.source
+    row_elems = src.numel // src.shape[0] if src.shape and src.shape[0] else src.numel
+    dora = sum(1 for t in task.terms if isinstance(t, LoraTerm) and t.magnitude is not None)
+    per_row = src.row_bytes + row_elems * DTYPE_SIZES[task.out_dtype] + row_elems * 4 * (1 + 2 * bool(dora))
+    return rows * per_row
+
+
+def fixed_cost(task: TensorTask) -> int:
+    """Bytes held for the whole task: every term's factors in float32, and column-norm accumulators."""
+    total = 0
+    for t in task.terms:
+        if isinstance(t, LoraTerm):
+            total += 4 * (t.a.numel + t.b.numel + 2 * (t.magnitude.numel if t.magnitude else 0))
+        else:
+            total += 4 * t.vector.numel
+    return total
+
+
+def _tile(merge_plan: MergePlan) -> None:
+    budget = merge_plan.plan.max_memory
+    usable = budget - 2 * scratch_bytes(budget)
+    for shard in merge_plan.shards:
+        for t in shard.tasks:
+            if t.is_copy:
+                continue
+            rows = t.source.shape[0] if t.source.shape else 1
+            fixed, one_row = fixed_cost(t), tile_cost(t, 1)
+            if fixed + one_row > usable:
+                need = fixed + one_row + 2 * scratch_bytes(budget)
+                raise ShardmergeError(
+                    f"max_memory {_fmt(budget)} is too small for tensor {t.name!r}: one row block needs "
+                    f"{_fmt(need)}; raise max_memory to at least {_fmt(int(need * 1.1) + 2**20)}")
+            # A quarter of the budget per tile keeps several tiles in flight, so stages overlap.
+            target = max(one_row, min(usable - fixed, usable // 4 - fixed))
+            t.rows_per_tile = max(1, min(rows, target // one_row))
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def fingerprint(merge_plan: MergePlan) -> str:
+    """What the output bytes depend on: base headers and sizes, adapter contents, options, and layout."""
+    h = hashlib.sha256()
+    plan = merge_plan.plan
+    record = {
+        "format": FORMAT_VERSION,
+        "dtype": plan.dtype,
+        "max_shard_size": plan.max_shard_size,
+        "device": merge_plan.device.split(":")[0],
+        "base": [(s.path.name, s.file_size, hashlib.sha256(_header_bytes(s)).hexdigest())
+                 for s in merge_plan.base.shards],
+        "adapters": [(a.weight, json.dumps(a.config, sort_keys=True), _file_digest(a.weights))
+                     for a in merge_plan.adapters],
+    }
+    h.update(json.dumps(record, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _header_bytes(shard) -> bytes:
+    with open(shard.path, "rb") as f:
+        return f.read(shard.data_start)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(merge_plan: MergePlan) -> str:
+    """The --dry-run report: every target with its rank and scaling, and the bytes to read and write."""
+    lines = [f"base: {merge_plan.base.directory} ({len(merge_plan.base.shards)} shards, "
+             f"{len(merge_plan.base.tensors)} tensors)"]
+    for i, a in enumerate(merge_plan.adapters):
+        lines.append(f"adapter {i}: {a.path} (weight {a.weight:g}, {len(a.modules)} LoRA modules, "
+                     f"{len(a.replacements)} replaced tensors)")
+    counts = {"merged": 0, "replaced": 0, "copied byte for byte": 0, "converted": 0}
+    read = 0
+    base_shards = {s.path for s in merge_plan.base.shards}
+    for shard in merge_plan.shards:
+        for t in shard.tasks:
+            read += t.source.nbytes + sum(x.nbytes for term in t.terms for x in _term_tensors(term))
+            if t.source.path not in base_shards:
+                counts["replaced"] += 1
+            elif t.terms:
+                counts["merged"] += 1
+            else:
+                counts["copied byte for byte" if t.is_copy else "converted"] += 1
+            for term in t.terms:
+                if isinstance(term, LoraTerm):
+                    kind = ("DoRA " if term.magnitude is not None else "") + ("(B@A)^T" if term.transposed else "B@A")
+                    lines.append(f"  merge {t.name} {list(t.source.shape)} {t.source.dtype}->{t.out_dtype}: "
+                                 f"{term.origin} r={term.a.shape[0]} scale={term.scale:.6g} {kind}, "
+                                 f"tiles of {t.rows_per_tile} rows")
+                else:
+                    lines.append(f"  bias  {t.name}: {term.origin} scale={term.scale:.6g}")
+    written = sum(s.size for s in merge_plan.shards)
+    lines.append(f"output: {merge_plan.plan.output}: {len(merge_plan.shards)} shards "
+                 f"({', '.join(s.name for s in merge_plan.shards[:3])}{', ...' if len(merge_plan.shards) > 3 else ''})"
+                 f"{' + ' + INDEX_NAME if merge_plan.write_index else ''}")
+    lines.append("tensors: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    lines.append(f"bytes: {_fmt(read)} to read, {_fmt(written)} to write; max_memory {_fmt(merge_plan.plan.max_memory)}"
+                 f", device {merge_plan.device}")
+    return "\n".join(lines)
+
+
+def _term_tensors(term) -> list[TensorInfo]:
+    if isinstance(term, LoraTerm):
+        return [term.a, term.b] + ([term.magnitude] if term.magnitude is not None else [])
+    return [term.vector]

@@ -1,0 +1,272 @@
+"""One merge from start to end: plan, claim the output, execute this rank's shards, finalize.
+
+Data flows one way. The planner decides everything from headers; the executor moves bytes; rank 0
+finalizes (copies the base's other files, writes the index, then the manifest) only after every rank
+has reported success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .config import Plan
+from .distributed import Group, Topology, assign, topology
+from .errors import InterruptedMerge, ShardmergeError
+from .journal import (MANIFEST_NAME, OutputState, atomic_write, check_not_inputs, clean_tmp, finish, fsync_dir,
+                      open_output, verify_finished)
+from .planner import MergePlan, build_plan, describe
+from .progress import Progress
+from .sources import INDEX_NAME
+
+
+@dataclass
+class MergeReport:
+    output: str
+    device: str
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_budget_bytes: int = 0
+    stage_seconds: dict = field(default_factory=dict)
+    shards_written: int = 0
+    shards_resumed: int = 0
+    already_complete: bool = False
+    dry_run: bool = False
+    ranks: int = 1
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return "dry run: nothing written"
+        if self.already_complete:
+            return f"{self.output}: already complete for this plan; verified, nothing to redo"
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+        return (f"merged into {self.output} in {self.seconds:.1f}s: {self.tensors_merged} tensors merged, "
+                f"{self.tensors_copied} copied, {self.bytes_written / 1e9:.2f} GB written, "
+                f"{self.shards_written} shards written, {self.shards_resumed} resumed; peak RSS "
+                f"{self.peak_rss_bytes / 2**20:.0f} MiB; busy: {stages}")
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> str:
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    available = torch.cuda.is_available()
+    if requested == "auto":
+        return f"cuda:{local_rank % torch.cuda.device_count()}" if available else "cpu"
+    if not available:
+        raise ShardmergeError(f"device {requested!r} was asked for but CUDA is not available here; use device: cpu")
+    index = int(requested.split(":")[1]) if ":" in requested else local_rank % torch.cuda.device_count()
+    if index >= torch.cuda.device_count():
+        raise ShardmergeError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return f"cuda:{index}"
+
+
+def _gpu_budget(plan: Plan, device: str) -> Plan:
+    """On CUDA the tiles also live in GPU memory: size them by the smaller of the two budgets."""
+    if not device.startswith("cuda"):
+        return plan
+    import dataclasses
+
+    import torch
+
+    gpu = plan.max_gpu_memory
+    if gpu == "auto":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        gpu = int(free * 0.8)
+    return dataclasses.replace(plan, max_memory=min(plan.max_memory, gpu))
+
+
+def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> MergeReport:
+    started = time.monotonic()
+    topo = topology()
+    device = resolve_device(plan.device, topo.local_rank)
+    with tempfile.TemporaryDirectory(prefix="shardmerge-") as scratch:
+        merge_plan = build_plan(_gpu_budget(plan, device), Path(scratch), device)
+        merge_plan.plan = plan
+        if dry_run:
+            print(describe(merge_plan))
+            return MergeReport(output=plan.output, device=device, dry_run=True)
+        check_not_inputs(Path(plan.output), [merge_plan.base.directory] + [a.weights.parent for a in merge_plan.adapters])
+        group = Group(topo)
+        try:
+            report = _run_ranks(merge_plan, topo, group, progress)
+        finally:
+            group.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _agree(group: Group, topo: Topology, step) -> object:
+    """Run one step on every rank; if any rank failed, every rank raises, naming the failed rank."""
+    value, error = None, None
+    try:
+        value = step()
+    except ShardmergeError as e:
+        error = e
+    except BaseException as e:  # noqa: BLE001 - reported to the other ranks, then re-raised
+        error = e
+    outcomes = group.gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, message in enumerate(outcomes):
+        if message is not None:
+            raise ShardmergeError(f"rank {rank} of {topo.world_size} failed: {message}")
+    return value
+
+
+def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bool | None) -> MergeReport:
+    plan, output = merge_plan.plan, Path(merge_plan.plan.output)
+    sizes = {s.name: s.size for s in merge_plan.shards}
+    state: OutputState | None = None
+
+    def claim():
+        nonlocal state
+        if topo.rank == 0:
+            state = open_output(output, merge_plan.fingerprint, plan.overwrite)
+            if state.complete:
+                bad = verify_finished(state, sizes)
+                if not bad and _finalized(output, merge_plan):
+                    finish(state)
+                    return "complete"
+                state.complete = False
+                (output / MANIFEST_NAME).unlink(missing_ok=True)
+            else:
+                verify_finished(state, sizes)
+            clean_tmp(state)
+            return sorted(state.finished)
+        return None
+
+    try:
+        finished = _agree(group, topo, claim)
+        finished = group.gather(finished)[0]
+        if finished == "complete":
+            return MergeReport(output=str(output), device=merge_plan.device, already_complete=True,
+                               ranks=topo.world_size)
+        if topo.rank != 0:
+            state = open_output(output, merge_plan.fingerprint, overwrite=False, lock=False)
+        todo = {name: size for name, size in sizes.items() if name not in finished}
+        mine = set(assign(todo, topo.world_size)[topo.rank])
+        shards = [s for s in merge_plan.shards if s.name in mine]
+        result = _agree(group, topo, lambda: _execute(merge_plan, state, topo, shards, progress))
+        results = group.gather(result)
+        report = _report(merge_plan, results, len(finished), topo)
+        if topo.rank == 0:
+            all_shards = dict(state.finished)
+            for r in results:
+                all_shards.update(r["shards"])
+            _finalize(merge_plan, state, all_shards)
+        group.barrier()
+        return report
+    finally:
+        if state is not None:
+            state.release()
+
+
+def _execute(merge_plan: MergePlan, state: OutputState, topo: Topology, shards, progress_enabled) -> dict:
+    from .executor import Executor
+
+    total = sum(s.size for s in shards)
+    progress = Progress(total, sum(len(s.tasks) for s in shards), progress_enabled)
+    executor = Executor(merge_plan, state, topo.rank, progress)
+    received: list[int] = []
+    previous = _install_signal_handlers(executor, received)
+    try:
+        result = executor.run(shards)
+    finally:
+        progress.close()
+        _restore_signal_handlers(previous)
+    if received:
+        raise InterruptedMerge(received[0])
+    out = asdict(result)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def _install_signal_handlers(executor, received: list[int]):
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, _frame):
+        received.append(signum)
+        executor.stop.set()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, old in (previous or {}).items():
+        signal.signal(sig, old)
+
+
+def _report(merge_plan: MergePlan, results: list[dict], resumed: int, topo: Topology) -> MergeReport:
+    report = MergeReport(output=merge_plan.plan.output, device=merge_plan.device, shards_resumed=resumed,
+                         ranks=topo.world_size)
+    stages: dict[str, float] = {}
+    for r in results:
+        report.tensors_merged += r["tensors_merged"]
+        report.tensors_copied += r["tensors_copied"]
+        report.bytes_read += r["bytes_read"]
+        report.bytes_written += r["bytes_written"]
+        report.shards_written += len(r["shards"])
+        report.peak_rss_bytes = max(report.peak_rss_bytes, r["peak_rss_bytes"])
+        report.peak_budget_bytes = max(report.peak_budget_bytes, r["peak_budget"])
+        for k, v in r["stages"].items():
+            stages[k] = stages.get(k, 0.0) + v
+    report.stage_seconds = stages
+    return report
+
+
+def _finalized(output: Path, merge_plan: MergePlan) -> bool:
+    names = [p.name for p in merge_plan.base.other_files] + ([INDEX_NAME] if merge_plan.write_index else [])
+    return all((output / n).is_file() for n in names)
+
+
+def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]) -> None:
+    """After every shard is in: the base's other files, then the index, then the manifest, each atomic."""
+    output = state.directory
+    missing = [s.name for s in merge_plan.shards if s.name not in shards]
+    if missing:
+        raise ShardmergeError(f"{output}: shards {', '.join(missing[:3])} were not written; re-run to finish")
+    files = {}
+    for path in merge_plan.base.other_files:
+        tmp = state.tmp_dir / path.name
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(output / path.name)
+        files[path.name] = path.stat().st_size
+    fsync_dir(output)
+    if merge_plan.write_index:
+        atomic_write(output / INDEX_NAME, (json.dumps(merge_plan.index(), indent=2) + "\n").encode())
+    plan = merge_plan.plan
+    manifest = {
+        "shardmerge_version": __version__,
+        "fingerprint": merge_plan.fingerprint,
+        "base": str(merge_plan.base.directory),
+        "adapters": [{"path": a.path, "weight": a.weight} for a in merge_plan.adapters],
+        "options": {"dtype": plan.dtype, "max_shard_size": plan.max_shard_size, "device": merge_plan.device},
+        "shards": {name: shards[name] for name in sorted(shards) if name in {s.name for s in merge_plan.shards}},
+        "index": INDEX_NAME if merge_plan.write_index else None,
+        "total_size": merge_plan.total_tensor_bytes,
+        "copied_files": files,
+    }
+    atomic_write(output / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    finish(state)
+
+
+def report_json(report: MergeReport) -> str:
+    return json.dumps(asdict(report), indent=2)

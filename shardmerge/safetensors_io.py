@@ -1,0 +1,229 @@
+"""The safetensors format, read and written by byte range.
+
+A file is an 8-byte little-endian header length N, N bytes of JSON
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`, then the data;
+offsets are relative to the first byte after the header. We parse and validate headers ourselves so
+that a hostile or truncated file is refused before any allocation it could drive, and we read and
+write tensors with pread/pwrite at known offsets so no shard is ever loaded or mapped whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ShardmergeError
+
+# Bytes per element of each dtype safetensors defines with a whole-byte size.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+# The reference implementation refuses headers above 100 MB; a 405B model's largest is ~100 KB.
+MAX_HEADER_BYTES = 100 * 1000 * 1000
+ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie: `offset` is absolute in `path`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes in one slice along dim 0 (the unit a tile is made of)."""
+        if not self.shape or self.shape[0] == 0:
+            return self.nbytes
+        return self.nbytes // self.shape[0]
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    file_size: int
+    data_start: int
+    metadata: dict[str, str] | None
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # in data order
+
+
+def _fail(path: Path, why: str) -> ShardmergeError:
+    return ShardmergeError(f"{path}: not a valid safetensors file: {why}")
+
+
+def _reject_duplicates(path: Path):
+    def hook(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise _fail(path, f"tensor {key!r} appears twice in the header")
+            seen[key] = value
+        return seen
+
+    return hook
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_header(path: str | os.PathLike) -> ShardHeader:
+    """Parse and validate the header of a safetensors file without reading its data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _fail(path, f"file is {file_size} bytes, shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + header_len > file_size:
+                raise _fail(path, f"header length {header_len} runs past the end of the {file_size}-byte file "
+                            "(truncated?)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ShardmergeError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(path, "header is not UTF-8") from None
+    if not text.startswith("{"):
+        raise _fail(path, "header is not a JSON object")
+    try:
+        parsed = json.loads(text, object_pairs_hook=_reject_duplicates(path))
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, ShardmergeError):
+            raise
+        raise _fail(path, f"header is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(parsed, dict):
+        raise _fail(path, "header is not a JSON object")
+    return _validate(path, parsed, file_size, 8 + header_len)
+
+
+def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> ShardHeader:
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    data_size = file_size - data_start
+    entries = []
+    for name, entry in parsed.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _fail(path, f"{where}: entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise _fail(path, f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _fail(path, f"{where}: shape must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise _fail(path, f"{where}: data_offsets must be two integers")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise _fail(path, f"{where}: data_offsets {offsets} are not an increasing range")
+        if end > data_size:
+            raise _fail(path, f"{where}: data_offsets {offsets} run past the end of the data "
+                        f"({data_size} bytes; truncated file?)")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if expected != end - begin:
+            raise _fail(path, f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets "
+                        f"span {end - begin}")
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    entries.sort()
+    header = ShardHeader(path=path, file_size=file_size, data_start=data_start, metadata=metadata)
+    previous_end, previous_name = 0, None
+    for begin, end, name, dtype, shape in entries:
+        if begin < previous_end:
+            raise _fail(path, f"tensors {previous_name!r} and {name!r} overlap")
+        if end > begin:
+            previous_end, previous_name = end, name
+        header.tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    return header
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> tuple[bytes, list[int]]:
+    """Header bytes for tensors laid out back to back in the given order.
+
+    `entries` are (name, dtype, shape, nbytes). Returns the full prefix (length + JSON, padded with spaces
+    to 8 bytes as the reference writer does) and each tensor's absolute offset in the file.
+    """
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offsets, cursor = [], 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
+        offsets.append(cursor)
+        cursor += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, [len(prefix) + o for o in offsets]
+
+
+def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
+    """Fill `buffer` (a writable buffer) from `fd` at `offset`; a short file is an error naming `path`."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise ShardmergeError(f"{path}: file ended at byte {offset + done} while reading; truncated or "
+                                  "changed during the merge")
+        done += n
+
+
+def pwrite_all(fd: int, buffer, offset: int) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int, scratch: memoryview | None) -> None:
+    """Copy bytes file to file, in the kernel where it can (copy_file_range), else through `scratch`."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < length:
+                n = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
+                if n == 0:
+                    break
+                done += n
+            if done == length:
+                return
+        except OSError as e:
+            # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP: this pair of filesystems cannot do it; fall back.
+            import errno
+
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+    if scratch is None:
+        scratch = memoryview(bytearray(min(length - done, 8 << 20)))
+    while done < length:
+        chunk = scratch[: min(len(scratch), length - done)]
+        n = os.preadv(src_fd, [chunk], src_offset + done)
+        if n == 0:
+            raise ShardmergeError(f"source ended at byte {src_offset + done} while copying; truncated input?")
+        pwrite_all(dst_fd, chunk[:n], dst_offset + done)
+        done += n

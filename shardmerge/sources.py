@@ -1,0 +1,208 @@
+"""Finding the inputs: a base model's shards and an adapter's files, on disk or in the Hub cache.
+
+Only headers are read here. Every path that comes from a file we did not write (an index's shard names)
+is checked to stay inside the model directory, so a hostile index cannot make us read elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import looks_like_repo_id
+from .errors import ShardmergeError
+from .safetensors_io import ShardHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weight formats the output must not carry over from the base: they would shadow or contradict our shards.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_HUB_BASE_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
+_HUB_ADAPTER_PATTERNS = ["*.safetensors", "*.json", "adapter_model.bin", "*/adapter_model.safetensors"]
+
+
+@dataclass
+class BaseModel:
+    directory: Path
+    shards: list[ShardHeader]  # in file-name order
+    tensors: dict[str, TensorInfo]
+    has_index: bool
+    index_metadata: dict
+    other_files: list[Path]
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class AdapterFiles:
+    directory: Path
+    config: dict
+    weights: Path  # adapter_model.safetensors, or a legacy adapter_model.bin
+    header: ShardHeader | None  # None until a legacy .bin has been converted
+
+
+def _json_file(path: Path, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * 2**20 + 1)
+    except OSError as e:
+        raise ShardmergeError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if len(raw) > 64 * 2**20:
+        raise ShardmergeError(f"{path}: {what} is larger than 64 MiB; refusing to parse it")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ShardmergeError(f"{path}: {what} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(value, dict):
+        raise ShardmergeError(f"{path}: {what} must be a JSON object")
+    return value
+
+
+def resolve_input(spec: str, what: str) -> tuple[Path, Path]:
+    """(directory, containment root) for a local path or a Hub repo id resolved through the local cache.
+
+    The root is the directory that symlinks may point into: the model directory itself, or for the Hub cache
+    the repo's cache folder (snapshots link into its blobs/).
+    """
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise ShardmergeError(f"{spec}: the {what} must be a directory, not a file")
+        real = path.resolve()
+        return real, real
+    if looks_like_repo_id(spec):
+        return _from_hub(spec, what)
+    raise ShardmergeError(f"{spec}: {what} directory not found")
+
+
+def _from_hub(spec: str, what: str) -> tuple[Path, Path]:
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ShardmergeError(f"{spec}: not a local directory, and huggingface_hub is not installed to fetch it "
+                              "(pip install huggingface_hub)") from None
+    patterns = _HUB_BASE_PATTERNS if what == "base model" else _HUB_ADAPTER_PATTERNS
+    try:
+        local = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
+    except Exception as e:  # huggingface_hub raises many types; all mean "not available"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = ("it is not in the local cache and HF_HUB_OFFLINE is set; download it once online or unset "
+                "HF_HUB_OFFLINE") if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ShardmergeError(f"{spec}: cannot get the {what} from the Hugging Face Hub: {hint}") from None
+    local = Path(local).resolve()
+    # .../models--org--name/snapshots/<commit>: links point into .../models--org--name/blobs
+    return local, local.parent.parent
+
+
+def _inside(path: Path, root: Path, name: str, directory: Path) -> Path:
+    if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+        raise ShardmergeError(f"{directory / INDEX_NAME}: shard name {name!r} leaves the model directory")
+    real = (directory / name).resolve()
+    if not real.is_relative_to(root):
+        raise ShardmergeError(f"{directory / name}: links outside the model directory ({real}); refusing to read it")
+    return path
+
+
+def read_base(spec: str) -> BaseModel:
+    directory, root = resolve_input(spec, "base model")
+    index_path = directory / INDEX_NAME
+    if index_path.exists():
+        index = _json_file(index_path, "index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ShardmergeError(f"{index_path}: index has no weight_map")
+        metadata = index.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ShardmergeError(f"{index_path}: index metadata must be a JSON object")
+        names = {}
+        for tensor, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise ShardmergeError(f"{index_path}: tensor {tensor!r} maps to {shard!r}, not a file name")
+            names.setdefault(shard, []).append(tensor)
+        shard_files = sorted(names)
+        has_index = True
+    elif (directory / SINGLE_NAME).exists():
+        shard_files, names, metadata, has_index = [SINGLE_NAME], None, {}, False
+    else:
+        found = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+        hint = (f"found {', '.join(found[:4])} but no {INDEX_NAME}" if found
+                else "no model.safetensors or model.safetensors.index.json")
+        raise ShardmergeError(f"{directory}: not a safetensors model directory ({hint})")
+
+    shards, tensors = [], {}
+    for name in shard_files:
+        path = directory / name
+        _inside(path, root, name, directory)
+        if not path.is_file():
+            raise ShardmergeError(f"{path}: shard named in {INDEX_NAME} is missing")
+        header = read_header(path)
+        for tensor in header.tensors.values():
+            if tensor.name in tensors:
+                raise ShardmergeError(f"{path}: tensor {tensor.name!r} is also stored in "
+                                      f"{tensors[tensor.name].path.name}")
+            tensors[tensor.name] = tensor
+        if names is not None:
+            for tensor in names[name]:
+                if tensor not in header.tensors:
+                    raise ShardmergeError(f"{index_path}: tensor {tensor!r} is mapped to {name}, which does not "
+                                          "contain it")
+        shards.append(header)
+    config = _json_file(directory / "config.json", "model config") if (directory / "config.json").is_file() else {}
+    return BaseModel(directory, shards, tensors, has_index, metadata, _other_files(directory, root), config)
+
+
+def _other_files(directory: Path, root: Path) -> list[Path]:
+    """Config, tokenizer and generation files to copy; weights in other formats are left behind."""
+    files = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or path.name == INDEX_NAME or path.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if path.is_file() and path.resolve().is_relative_to(root):
+            files.append(path)
+    return files
+
+
+def find_adapter(spec: str) -> AdapterFiles:
+    directory, root = resolve_input(spec, "adapter")
+    if not (directory / "adapter_config.json").is_file():
+        # save_pretrained writes a non-default adapter name into a sub-directory of that name.
+        named = sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file())
+        if len(named) == 1:
+            directory = named[0]
+        elif named:
+            choices = ", ".join(str(p) for p in named)
+            raise ShardmergeError(f"{spec}: holds several adapters ({choices}); give one of them as the path")
+        else:
+            raise ShardmergeError(f"{spec}: no adapter_config.json (not a PEFT adapter directory)")
+    config = _json_file(directory / "adapter_config.json", "adapter config")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        weights = directory / name
+        if weights.is_file():
+            if not weights.resolve().is_relative_to(root):
+                raise ShardmergeError(f"{weights}: links outside the adapter directory; refusing to read it")
+            header = read_header(weights) if name.endswith(".safetensors") else None
+            return AdapterFiles(directory, config, weights, header)
+    raise ShardmergeError(f"{directory}: no adapter_model.safetensors (or legacy adapter_model.bin)")
+
+
+def convert_legacy_adapter(adapter: AdapterFiles, scratch_dir: Path) -> AdapterFiles:
+    """A pickled adapter_model.bin, read safely (weights_only) and rewritten as safetensors in scratch_dir."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(adapter.weights, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShardmergeError(f"{adapter.weights}: refused to load this pickle safely (only plain tensors are "
+                              f"allowed; it may try to run code): {first[:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ShardmergeError(f"{adapter.weights}: expected a mapping of tensor names to tensors")
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    out = scratch_dir / f"legacy-{abs(hash(str(adapter.weights))):x}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return AdapterFiles(adapter.directory, adapter.config, out, read_header(out))
