@@ -6,10 +6,10 @@ checksums overlap:
     reader --tiles--> merger --tiles--> writer --+
        \\--copy runs--> copier -----------------+--> finisher (fsync, checksum, rename, journal)
 
-One byte budget bounds every host buffer in flight. Only the reader acquires from it, reserving a
-tile's whole cost (read buffer, float32 work, output buffer) before reading; the merger and writer
-release their parts. Since every reservation can run to completion without taking more, the
-pipeline cannot deadlock, and peak memory does not grow with model size.
+Every host buffer is fixed by the plan (planner.Buffers) before anything runs: a few tile slabs that
+circulate reader -> merger -> writer (each tile's output is rounded back into its own slab), one
+float32 scratch for the merger, and two small fixed buffers. The reader blocks when no slab is free,
+so memory does not grow with model size, and reusing slabs means the steady state faults in no pages.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from . import mergemath
 from .errors import ShardmergeError
 from .journal import OutputState, file_sha256, fsync_dir
-from .planner import LoraTerm, MergePlan, OutputShard, TensorTask, fixed_cost, scratch_bytes, tile_cost
+from .planner import LoraTerm, MergePlan, OutputShard, TensorTask
 from .progress import Progress
 from .safetensors_io import copy_range, pread_into, pwrite_all
 
@@ -62,25 +62,28 @@ class Stopped(Exception):
     """Raised inside a stage when another stage failed or a signal asked us to stop."""
 
 
-class Budget:
-    def __init__(self, limit: int, stop: threading.Event):
-        self.limit, self.used, self.peak = limit, 0, 0
-        self._cond = threading.Condition()
-        self._stop = stop
+class SlabPool:
+    """The tile buffers: at most `count` slabs of `size` bytes, made on first use and then reused, so
+    the steady state allocates nothing (fresh pages cost more than the merge math) and memory is capped."""
 
-    def acquire(self, n: int) -> None:
-        with self._cond:
-            while self.used + n > self.limit and self.used > 0:
-                if self._stop.is_set():
-                    raise Stopped
-                self._cond.wait(_POLL)
-            self.used += n
-            self.peak = max(self.peak, self.used)
+    def __init__(self, count: int, size: int, pin: bool, stop: threading.Event):
+        self.count, self.size, self.pin, self.stop = count, size, pin, stop
+        self.made = 0
+        self.free: queue.Queue = queue.Queue()
 
-    def release(self, n: int) -> None:
-        with self._cond:
-            self.used -= n
-            self._cond.notify_all()
+    def take(self) -> torch.Tensor:
+        if self.free.empty() and self.made < self.count:
+            self.made += 1
+            return torch.empty(self.size, dtype=torch.uint8, pin_memory=self.pin)
+        while True:
+            try:
+                return self.free.get(timeout=_POLL)
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise Stopped from None
+
+    def give(self, slab: torch.Tensor) -> None:
+        self.free.put(slab)
 
 
 class _ShardFile:
@@ -112,9 +115,8 @@ class _Tile:
     r1: int
     prepass: bool
     last: bool
-    buffer: torch.Tensor | None = None
-    cost: int = 0
-    out: torch.Tensor | None = None
+    slab: torch.Tensor | None = None
+    out_bytes: int = 0
     ready: object = None  # a CUDA event the writer waits on
 
 
@@ -125,11 +127,11 @@ class Executor:
         self.cuda = self.device.type == "cuda"
         self.stop = threading.Event()
         self.failure: BaseException | None = None
-        budget = merge_plan.plan.max_memory
-        scratch = scratch_bytes(budget)
-        self.budget = Budget(budget - 2 * scratch, self.stop)
-        self.copy_scratch = memoryview(bytearray(scratch))
-        self.hash_scratch = memoryview(bytearray(scratch))
+        buffers = merge_plan.buffers
+        self.pool = SlabPool(buffers.slabs, buffers.slab_bytes, self.cuda, self.stop)
+        self.work_elems = buffers.work_elems
+        self.copy_scratch = memoryview(bytearray(buffers.scratch))
+        self.hash_scratch = memoryview(bytearray(buffers.scratch))
         self.result = ExecutionResult()
         self._inputs: dict[Path, int] = {}
         self._inputs_lock = threading.Lock()
@@ -210,23 +212,18 @@ class Executor:
         self._put(self.copies, None)
 
     def _read_task(self, out: _ShardFile, task: TensorTask) -> None:
-        fixed = fixed_cost(task)
-        self.budget.acquire(fixed)
-        factors = self._factors(task)
-        self._put(self.tiles, ("task", task, factors, fixed))
+        self._put(self.tiles, ("task", task, self._factors(task)))
         blocks = _row_blocks(task)
-        passes = [True, False] if task.column_norms else [False]
-        for prepass in passes:
+        src = task.source
+        for prepass in [True, False] if task.column_norms else [False]:
             for i, (r0, r1) in enumerate(blocks):
                 tile = _Tile(out, task, r0, r1, prepass, last=not prepass and i == len(blocks) - 1)
-                tile.cost = tile_cost(task, r1 - r0)
-                self.budget.acquire(tile.cost)
+                tile.slab = self.pool.take()
                 start = time.perf_counter()
-                src = task.source
-                tile.buffer = torch.empty((r1 - r0) * src.row_bytes, dtype=torch.uint8, pin_memory=self.cuda)
-                pread_into(self._fd(src.path), tile.buffer.numpy(), src.offset + r0 * src.row_bytes, src.path)
+                nbytes = (r1 - r0) * src.row_bytes
+                pread_into(self._fd(src.path), tile.slab[:nbytes].numpy(), src.offset + r0 * src.row_bytes, src.path)
                 self.result.stages.read += time.perf_counter() - start
-                self._count(bytes_read=tile.buffer.numel())
+                self._count(bytes_read=nbytes)
                 self._put(self.tiles, tile)
 
     def _factors(self, task: TensorTask) -> list:
@@ -250,33 +247,39 @@ class Executor:
         return tensor.to(self.device, torch.float32)
 
     def merger(self) -> None:
-        factors, fixed = [], 0
+        factors: list = []
+        work = None
         while (item := self._get(self.tiles)) is not None:
             if isinstance(item, tuple):
-                _, task, factors, fixed = item
+                _, task, factors = item
                 continue
+            if work is None:
+                work = torch.empty(self.work_elems, dtype=torch.float32, device=self.device)
             start = time.perf_counter()
-            self._merge_tile(item, factors)
+            self._merge_tile(item, factors, work)
             self.result.stages.merge += time.perf_counter() - start
+            if item.prepass:
+                self.pool.give(item.slab)
+                continue
             if item.last:
-                self.budget.release(fixed)
                 self._count(tensors_merged=1 if item.task.terms else 0)
-                factors = []
+            self._put(self.writes, item)
         self._put(self.writes, None)
 
-    def _merge_tile(self, tile: _Tile, factors: list) -> None:
+    def _merge_tile(self, tile: _Tile, factors: list, work_buffer: torch.Tensor) -> None:
+        """Merge one tile in float32 and write the rounded result back into the tile's own slab."""
         task, src = tile.task, tile.task.source
         rows = tile.r1 - tile.r0
-        raw = tile.buffer.view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
+        raw = tile.slab[: rows * src.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
+        work = work_buffer[: raw.numel()].view(raw.shape)
+        stream = contextlib.nullcontext()
         if self.cuda:
+            stream = torch.cuda.stream(self.compute_stream)
             with torch.cuda.stream(self.h2d_stream):
                 raw = raw.to(self.device, non_blocking=True)
             self.compute_stream.wait_stream(self.h2d_stream)
-            context = torch.cuda.stream(self.compute_stream)
-        else:
-            context = contextlib.nullcontext()
-        with context:
-            work = raw.to(torch.float32, copy=True)
+        with stream:
+            work.copy_(raw)
             if tile.prepass:
                 for f in factors:
                     if isinstance(f, mergemath.LoraFactors) and f.magnitude is not None and f.transposed:
@@ -284,46 +287,35 @@ class Executor:
                         f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
                         if tile.r1 == src.shape[0]:
                             f.column_norm.sqrt_()
-                self._release_tile(tile, tile.cost)
                 return
-            work = mergemath.merge_tile(work, factors, tile.r0, tile.r1)
-            if self.plan.plan.safe_merge and not bool(torch.isfinite(work).all()):
+            result = mergemath.merge_tile(work, factors, tile.r0, tile.r1)
+            if self.plan.plan.safe_merge and not bool(torch.isfinite(result).all()):
                 raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); "
                                       f"the adapter {', '.join(t.origin for t in task.terms)} looks broken")
-            out = work.to(mergemath.TORCH_DTYPES[task.out_dtype])
+            tile.out_bytes = rows * _out_row_bytes(task)
+            out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
             if self.cuda:
-                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                host.copy_(out, non_blocking=True)
+                rounded = result.to(out.dtype)
+                out.copy_(rounded, non_blocking=True)
                 tile.ready = torch.cuda.Event()
                 tile.ready.record(self.compute_stream)
-                out = host
-        tile.out = out
-        tile.buffer = None
-        out_bytes = rows * _out_row_bytes(task)
-        self._release_tile(tile, tile.cost - out_bytes)
-        tile.cost = out_bytes
-        self._put(self.writes, tile)
-
-    def _release_tile(self, tile: _Tile, n: int) -> None:
-        tile.buffer = None
-        self.budget.release(n)
+            else:
+                out.copy_(result)
 
     def writer(self) -> None:
         while (tile := self._get(self.writes)) is not None:
             if tile.ready is not None:
                 tile.ready.synchronize()
             start = time.perf_counter()
-            data = tile.out.contiguous().view(torch.uint8).numpy()
-            offset = tile.task.out_offset + tile.r0 * _out_row_bytes(tile.task)
             try:
-                pwrite_all(tile.shard.fd, data, offset)
+                pwrite_all(tile.shard.fd, tile.slab[: tile.out_bytes].numpy(),
+                           tile.task.out_offset + tile.r0 * _out_row_bytes(tile.task))
             except OSError as e:
                 raise _write_error(tile.shard.shard.name, e) from None
             self.result.stages.write += time.perf_counter() - start
-            tile.out = None
-            self.budget.release(tile.cost)
-            self._count(bytes_written=len(data))
-            self.progress.advance(len(data), 1 if tile.last else 0)
+            self.pool.give(tile.slab)
+            self._count(bytes_written=tile.out_bytes)
+            self.progress.advance(tile.out_bytes, 1 if tile.last else 0)
             if tile.shard.piece_done():
                 self._put(self.finished, tile.shard)
         self._put(self.finished, None)
@@ -381,7 +373,7 @@ class Executor:
                 t.join()
             for fd in self._inputs.values():
                 os.close(fd)
-        self.result.peak_budget = self.budget.peak
+        self.result.peak_budget = self.pool.made * self.pool.size + 4 * self.work_elems
         if self.failure is not None:
             self._remove_partials()
             raise self.failure

@@ -94,6 +94,7 @@ class MergePlan:
     write_index: bool
     device: str
     fingerprint: str = ""
+    buffers: Buffers | None = None
 
     @property
     def total_tensor_bytes(self) -> int:
@@ -243,7 +244,7 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu") -> MergePlan:
         shard.size = len(shard.header) + sum(t.out_nbytes for t in shard.tasks)
     write_index = base.has_index or len(shards) > 1
     merge_plan = MergePlan(plan, base, adapters, shards, write_index, device)
-    _tile(merge_plan)
+    merge_plan.buffers = _tile(merge_plan)
     merge_plan.fingerprint = fingerprint(merge_plan)
     return merge_plan
 
@@ -268,18 +269,8 @@ def scratch_bytes(budget: int) -> int:
     return min(_SCRATCH_MAX, budget // 16)
 
 
-def tile_cost(task: TensorTask, rows: int) -> int:
-    """Host bytes one tile of `rows` rows holds in flight: the read buffer, float32 work, the output
-    buffer, and per DoRA term the base copy and norm scratch."""
-    src = task.source
-    row_elems = src.numel // src.shape[0] if src.shape and src.shape[0] else src.numel
-    dora = sum(1 for t in task.terms if isinstance(t, LoraTerm) and t.magnitude is not None)
-    per_row = src.row_bytes + row_elems * DTYPE_SIZES[task.out_dtype] + row_elems * 4 * (1 + 2 * bool(dora))
-    return rows * per_row
-
-
 def fixed_cost(task: TensorTask) -> int:
-    """Bytes held for the whole task: every term's factors in float32, and column-norm accumulators."""
+    """Bytes held for a whole task: every term's factors in float32 (DoRA: magnitude and column norms)."""
     total = 0
     for t in task.terms:
         if isinstance(t, LoraTerm):
@@ -289,23 +280,60 @@ def fixed_cost(task: TensorTask) -> int:
     return total
 
 
-def _tile(merge_plan: MergePlan) -> None:
+@dataclass(frozen=True)
+class Buffers:
+    """Every host buffer the executor may hold, fixed before it starts, so that max_memory is a bound.
+
+    `slabs` tile buffers of `slab_bytes` circulate reader -> merger -> writer (a tile's output is written
+    back into its own slab); the merger owns one float32 scratch of `work_elems` (x5 with DoRA for its
+    temporaries); two tasks' factors may be alive at once; and two fixed `scratch` buffers serve fallback
+    copies and checksum reads."""
+
+    slabs: int
+    slab_bytes: int
+    work_elems: int
+    work_factor: int
+    factor_bytes: int
+    scratch: int
+
+    @property
+    def total(self) -> int:
+        return self.slabs * self.slab_bytes + 4 * self.work_elems * self.work_factor + self.factor_bytes + 2 * self.scratch
+
+
+SLABS = 4  # one being read, one merging, one being written, one spare for jitter
+
+
+def _row_elems(task: TensorTask) -> int:
+    shape = task.source.shape
+    return task.source.numel // shape[0] if shape and shape[0] else max(task.source.numel, 1)
+
+
+def _tile(merge_plan: MergePlan) -> Buffers:
+    """Choose rows per tile for every tensor that is not a plain copy, and the buffers that implies."""
     budget = merge_plan.plan.max_memory
-    usable = budget - 2 * scratch_bytes(budget)
-    for shard in merge_plan.shards:
-        for t in shard.tasks:
-            if t.is_copy:
-                continue
-            rows = t.source.shape[0] if t.source.shape else 1
-            fixed, one_row = fixed_cost(t), tile_cost(t, 1)
-            if fixed + one_row > usable:
-                need = fixed + one_row + 2 * scratch_bytes(budget)
-                raise ShardmergeError(
-                    f"max_memory {_fmt(budget)} is too small for tensor {t.name!r}: one row block needs "
-                    f"{_fmt(need)}; raise max_memory to at least {_fmt(int(need * 1.1) + 2**20)}")
-            # A quarter of the budget per tile keeps several tiles in flight, so stages overlap.
-            target = max(one_row, min(usable - fixed, usable // 4 - fixed))
-            t.rows_per_tile = max(1, min(rows, target // one_row))
+    scratch = scratch_bytes(budget)
+    tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]
+    if not tasks:
+        return Buffers(0, 0, 0, 1, 0, scratch)
+    itemsize = max(max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks)
+    work_factor = 5 if any(isinstance(x, LoraTerm) and x.magnitude is not None for t in tasks for x in t.terms) else 1
+    factors = 2 * max(fixed_cost(t) for t in tasks)
+    per_elem = SLABS * itemsize + 4 * work_factor
+    elems = (budget - 2 * scratch - factors) // per_elem
+    for t in tasks:
+        row = _row_elems(t)
+        if row > elems:
+            need = factors + 2 * scratch + row * per_elem
+            raise ShardmergeError(
+                f"max_memory {_fmt(budget)} is too small for tensor {t.name!r}: one row block needs "
+                f"{_fmt(need)} in all; raise max_memory to at least {_fmt(int(need * 1.1) + 2**20)}")
+        rows = t.source.shape[0] if t.source.shape else 1
+        t.rows_per_tile = max(1, min(rows, elems // row))
+    tile_elems = max(t.rows_per_tile * _row_elems(t) for t in tasks)
+    slab = max(t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype])
+               for t in tasks)
+    return Buffers(SLABS, slab, tile_elems, work_factor, factors, scratch)
 
 
 def _fmt(n: int) -> str:
