@@ -1,0 +1,50 @@
+"""max_memory is a bound: a merge whose tensors are several times the budget stays within it, and is exact."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from synth import lora_pair, write_adapter, write_base, write_plan
+
+MiB = 2**20
+
+
+def idle_rss() -> int:
+    code = "import resource, torch, shardmerge; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_tensors_larger_than_budget_merge_exactly_within_budget(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 4096, 2048  # 16 MiB each in bf16, 32 MiB as float32 work: 4x the budget
+    tensors = {f"layers.{i}.proj.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16) for i in range(3)}
+    tensors["embed.weight"] = torch.randn(1024, cols, generator=g).to(torch.bfloat16)
+    write_base(tmp_path / "base", tensors, shards=2)
+    adapter = {}
+    for i in range(3):
+        adapter.update(lora_pair(f"layers.{i}.proj", rows, cols, r=8, seed=i))
+    write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
+    budget = 8 * MiB
+    plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory=budget)
+    result = subprocess.run([sys.executable, "-m", "shardmerge", str(plan), "-q", "--report-json",
+                             str(tmp_path / "report.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    above_idle = report["peak_rss_bytes"] - idle_rss()
+    assert above_idle <= budget, f"peak RSS {above_idle / MiB:.1f} MiB above idle, budget {budget / MiB:.0f} MiB"
+
+    merged = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(str(shard)))
+    for i in range(3):
+        a = adapter[f"base_model.model.layers.{i}.proj.lora_A.weight"].double()
+        b = adapter[f"base_model.model.layers.{i}.proj.lora_B.weight"].double()
+        exact = tensors[f"layers.{i}.proj.weight"].double() + 2.0 * (b @ a)
+        # Rounded once from float32: within one bf16 rounding step of the exact value.
+        error = (merged[f"layers.{i}.proj.weight"].double() - exact).abs()
+        assert (error <= exact.abs() * 2**-8 + 1e-6).all()
+    assert torch.equal(merged["embed.weight"], tensors["embed.weight"])
