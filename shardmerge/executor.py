@@ -202,6 +202,7 @@ class Executor:
                 os.ftruncate(out.fd, shard.size)
             except OSError as e:
                 raise _write_error(shard.name, e) from None
+            self.progress.advance(len(shard.header))
             for run in runs:
                 self._put(self.copies, (out, run))
             for task in work:
@@ -278,6 +279,7 @@ class Executor:
             with torch.cuda.stream(self.h2d_stream):
                 raw = raw.to(self.device, non_blocking=True)
             self.compute_stream.wait_stream(self.h2d_stream)
+            raw.record_stream(self.compute_stream)  # allocated on the copy stream, consumed on the compute one
         with stream:
             work.copy_(raw)
             if tile.prepass:
@@ -287,6 +289,8 @@ class Executor:
                         f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
                         if tile.r1 == src.shape[0]:
                             f.column_norm.sqrt_()
+                if self.cuda:  # the slab goes back to the reader: its copy to the device must be done
+                    self.compute_stream.synchronize()
                 return
             result = mergemath.merge_tile(work, factors, tile.r0, tile.r1)
             if self.plan.plan.safe_merge and not bool(torch.isfinite(result).all()):

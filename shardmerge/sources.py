@@ -6,6 +6,7 @@ is checked to stay inside the model directory, so a hostile index cannot make us
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -96,13 +97,13 @@ def _from_hub(spec: str, what: str) -> tuple[Path, Path]:
     return local, local.parent.parent
 
 
-def _inside(path: Path, root: Path, name: str, directory: Path) -> Path:
+def _check_inside(root: Path, name: str, directory: Path) -> None:
+    """A shard name from the index must stay inside the model directory, links included."""
     if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
         raise ShardmergeError(f"{directory / INDEX_NAME}: shard name {name!r} leaves the model directory")
     real = (directory / name).resolve()
     if not real.is_relative_to(root):
         raise ShardmergeError(f"{directory / name}: links outside the model directory ({real}); refusing to read it")
-    return path
 
 
 def read_base(spec: str) -> BaseModel:
@@ -134,7 +135,7 @@ def read_base(spec: str) -> BaseModel:
     shards, tensors = [], {}
     for name in shard_files:
         path = directory / name
-        _inside(path, root, name, directory)
+        _check_inside(root, name, directory)
         if not path.is_file():
             raise ShardmergeError(f"{path}: shard named in {INDEX_NAME} is missing")
         header = read_header(path)
@@ -203,6 +204,7 @@ def convert_legacy_adapter(adapter: AdapterFiles, scratch_dir: Path) -> AdapterF
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ShardmergeError(f"{adapter.weights}: expected a mapping of tensor names to tensors")
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    out = scratch_dir / f"legacy-{abs(hash(str(adapter.weights))):x}.safetensors"
+    digest = hashlib.sha256(str(adapter.weights).encode()).hexdigest()[:16]
+    out = scratch_dir / f"legacy-{digest}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     return AdapterFiles(adapter.directory, adapter.config, out, read_header(out))
