@@ -6,10 +6,12 @@ Errors the user can fix print one line on stderr and exit non-zero; never a trac
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .config import OPTIONS
-from .errors import ShardmergeError
+from .errors import InterruptedMerge, ShardmergeError
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,13 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+
+    def terminated(signum, _frame):
+        raise InterruptedMerge(signum)
+
+    # Outside the executor (planning, finalizing) SIGTERM still ends with one line and exit 143.
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if on_main else None
     try:
         if argv and argv[0] == "verify":
             return _verify(_verify_parser().parse_args(argv[1:]))
@@ -50,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardmerge: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("shardmerge: interrupted", file=sys.stderr)
+        print("shardmerge: error: interrupted by SIGINT; re-run the same plan to resume", file=sys.stderr)
         return 130
     except MemoryError:
         print("shardmerge: error: out of memory; lower max_memory or free memory on this node", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -36,11 +36,15 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write a small file so that readers see the old contents or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -123,21 +127,30 @@ def open_output(output: Path, fingerprint: str, overwrite: bool, lock: bool = Tr
     """Claim the output directory for this plan: fresh, resumed, already complete, or refused."""
     output.mkdir(parents=True, exist_ok=True)
     state = OutputState(output, fingerprint)
-    manifest = _load_json(output / MANIFEST_NAME)
-    recorded = _load_json(state.state_dir / "state.json")
-    ours = (manifest or recorded or {}).get("fingerprint")
-    entries = [p for p in output.iterdir() if p.name != STATE_DIR or recorded is not None]
-    if entries and ours != fingerprint:
-        if not overwrite:
+
+    def inspect():
+        manifest = _load_json(output / MANIFEST_NAME)
+        recorded = _load_json(state.state_dir / "state.json")
+        ours = (manifest or recorded or {}).get("fingerprint")
+        entries = [p for p in output.iterdir() if p.name != STATE_DIR or recorded is not None]
+        foreign = bool(entries) and ours != fingerprint
+        if foreign and not overwrite:
+            state.release()
             what = ("the finished output of a different plan" if manifest else
                     "a partial output of a different plan" if recorded else "files shardmerge did not write")
             raise ShardmergeError(f"{output}: directory is not empty and holds {what}; choose an empty output "
                                   "directory or set overwrite: true (--overwrite) to replace its contents")
-        _clear(output)
-        manifest = recorded = None
+        return manifest, recorded, foreign
+
+    inspect()  # refuse before writing anything
     state.state_dir.mkdir(exist_ok=True)
     if lock:
         state.lock_fd = _lock(state.state_dir, output)
+    manifest, recorded, foreign = inspect()  # again, now that no other run can change it
+    if foreign:
+        _clear(output, keep=state.state_dir / "lock")
+        state.state_dir.mkdir(exist_ok=True)
+        manifest = recorded = None
     if manifest and manifest.get("fingerprint") == fingerprint:
         state.complete = True
         state.finished = dict(manifest.get("shards", {}))
@@ -157,9 +170,13 @@ def _load_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _clear(output: Path) -> None:
+def _clear(output: Path, keep: Path) -> None:
     for path in output.iterdir():
-        if path.is_dir() and not path.is_symlink():
+        if path == keep.parent:
+            _clear(path, keep)
+        elif path == keep:
+            continue
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
@@ -181,8 +198,12 @@ def verify_finished(state: OutputState, expected_sizes: dict[str, int]) -> list[
 
 def clean_tmp(state: OutputState) -> None:
     """Remove shards a killed run left half-written; they were never journaled."""
+    state.tmp_dir.mkdir(exist_ok=True)
     for path in state.tmp_dir.iterdir():
         path.unlink()
+    for directory in (state.directory, state.state_dir):
+        for path in directory.glob(".*.tmp-*"):
+            path.unlink(missing_ok=True)
 
 
 def finish(state: OutputState) -> None:
@@ -191,8 +212,8 @@ def finish(state: OutputState) -> None:
     for path in state.state_dir.glob("journal-r*.jsonl"):
         path.unlink()
     (state.state_dir / "state.json").unlink(missing_ok=True)
+    (state.state_dir / "lock").unlink(missing_ok=True)  # while still held: no run can lock the old file after us
     state.release()
-    (state.state_dir / "lock").unlink(missing_ok=True)
     try:
         state.state_dir.rmdir()
     except OSError:

@@ -7,6 +7,7 @@ has reported success.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -143,6 +144,11 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
                     finish(state)
                     return "complete"
                 state.complete = False
+                state.tmp_dir.mkdir(exist_ok=True)
+                atomic_write(state.state_dir / "state.json",
+                             json.dumps({"fingerprint": merge_plan.fingerprint}).encode())
+                for name, entry in sorted(state.finished.items()):
+                    state.journal(0, name, entry["size"], entry["sha256"])
                 (output / MANIFEST_NAME).unlink(missing_ok=True)
             else:
                 verify_finished(state, sizes)
@@ -236,6 +242,15 @@ def _finalized(output: Path, merge_plan: MergePlan) -> bool:
 
 
 def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]) -> None:
+    try:
+        _finalize_files(merge_plan, state, shards)
+    except OSError as e:
+        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise ShardmergeError(f"{e.filename or state.directory}: finishing the output failed: {reason}; every shard "
+                              "is in, and re-running the same plan finishes it") from None
+
+
+def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]) -> None:
     """After every shard is in: the base's other files, then the index, then the manifest, each atomic."""
     output = state.directory
     missing = [s.name for s in merge_plan.shards if s.name not in shards]

@@ -37,6 +37,12 @@ def verify(output: str, plan: str | None = None, samples: int = 8) -> list[str]:
             headers[name] = read_header(path)
         except ShardmergeError as e:
             problems.append(str(e))
+    for name, size in sorted((manifest.get("copied_files") or {}).items()):
+        path = out / name
+        if not path.is_file():
+            problems.append(f"{path}: copied from the base but missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path}: size {path.stat().st_size} differs from the manifest's {size}")
     stray = sorted(p.name for p in out.glob("*.safetensors") if p.name not in shards)
     problems += [f"{out / name}: shard not listed in the manifest" for name in stray]
     if manifest.get("index"):

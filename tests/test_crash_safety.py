@@ -1,0 +1,569 @@
+"""Crash safety, resume and refusal: a killed, interrupted or failed merge leaves a resumable output, and
+re-running the same plan produces exactly the bytes of an uninterrupted run; the inputs are never touched.
+
+Fault injection. Starting `python -m shardmerge` costs ~4 s here (importing torch), so the kill-point sweep
+forks the test process instead: each child runs the CLI entry point (`shardmerge.cli.main`, what
+`python -m shardmerge` calls) with one hook that SIGKILLs the child at the N-th call of a write-layer
+function (tile/header writes, kernel copies, renames, fsyncs, journal appends, unlinks). Counting calls
+makes every kill point exact and reproducible, unlike kill-after-a-delay. A few behaviours that depend on
+the real interpreter (signals, exit codes, stderr, an external SIGKILL) run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models as tm  # noqa: E402
+
+import shardmerge  # noqa: E402
+import shardmerge.executor as executor_mod  # noqa: E402
+import shardmerge.journal as journal_mod  # noqa: E402
+from shardmerge.cli import main as cli_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- fixtures and helpers -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Inputs shared by every test, the reference output of an uninterrupted run, and the inputs' hashes."""
+    root = tmp_path_factory.mktemp("model")
+    base = tm.write_base(root / "base")
+    adapter = tm.write_adapter(root / "adapter")
+    plan = tm.write_plan(root / "reference.yaml", base, adapter, root / "reference")
+    rc, err = run_cli(plan)
+    assert rc == 0, err
+    reference = tm.tree_bytes(root / "reference")
+    assert tm.MANIFEST_NAME in reference and tm.INDEX_NAME in reference
+    assert not any(name.startswith(tm.STATE_DIR) for name in reference)
+    return {"root": root, "base": base, "adapter": adapter, "reference": reference,
+            "inputs": tm.tree_hashes(base, adapter)}
+
+
+@pytest.fixture(autouse=True)
+def inputs_untouched(model):
+    """After every test, whatever it did (kills, failures, refusals): the inputs are byte for byte and
+    mtime for mtime what they were."""
+    yield
+    assert tm.tree_hashes(model["base"], model["adapter"]) == model["inputs"], "an input file was modified"
+
+
+def make_plan(model, tmp_path: Path, name: str = "plan.yaml", output: Path | None = None, **kw) -> Path:
+    return tm.write_plan(tmp_path / name, model["base"], model["adapter"], output or tmp_path / "out", **kw)
+
+
+def run_cli(plan: Path, *args: str) -> tuple[int, str]:
+    """`python -m shardmerge PLAN -q`, in this process; returns (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli_main([str(plan), "-q", *args])
+    return rc, err.getvalue()
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
+    assert lines[0].startswith("shardmerge: error: "), lines[0]
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def killing_hook(real, n: int, after: bool):
+    """`real`, except that its n-th call (counted across threads) SIGKILLs this process, before the call
+    or just after it returns."""
+    lock, count = threading.Lock(), [0]
+
+    def hook(*args, **kwargs):
+        with lock:
+            count[0] += 1
+            hit = count[0] == n
+        if hit and not after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = real(*args, **kwargs)
+        if hit and after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    return hook
+
+
+HOOK_TARGETS = {
+    "pwrite": (executor_mod, "pwrite_all"),  # shard headers and merged tiles
+    "copy": (executor_mod, "copy_range"),  # untouched tensors, copied in the kernel
+    "replace": (os, "replace"),  # state.json, shard renames, copied config files, index, manifest
+    "fsync": (os, "fsync"),
+    "journal": (journal_mod.OutputState, "journal"),  # before = after the rename, before the journal line
+    "unlink": (os, "unlink"),  # the bookkeeping removal in finish()
+}
+
+
+def killed_run(plan: Path, target: str, n: int, after: bool = False) -> int:
+    """Fork; the child runs the CLI with the hook installed and is expected to die by SIGKILL. Returns the
+    child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 99
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            obj, attr = HOOK_TARGETS[target]
+            setattr(obj, attr, killing_hook(getattr(obj, attr), n, after))
+            code = cli_main([str(plan), "-q"])
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def assert_killed(status: int) -> None:
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+        f"the child was not killed at the hook (wait status {status:#x}); the kill point is out of range")
+
+
+def assert_no_incomplete_shard(out: Path, reference: dict[str, bytes]) -> None:
+    """Whatever moment a run stopped at, a shard under its final name is complete and correct."""
+    for path in out.glob("*.safetensors"):
+        assert path.read_bytes() == reference[path.name], f"{path.name} is under its final name but incomplete"
+
+
+def assert_resumes_to_reference(plan: Path, out: Path, reference: dict[str, bytes], context: str) -> None:
+    rc, err = run_cli(plan)
+    assert rc == 0, f"resume failed ({context}): {err}"
+    tm.assert_same_tree(out, reference, context)
+    assert not (out / tm.STATE_DIR).exists()
+
+
+# -- fault injection: SIGKILL at exact points, then resume ---------------------------------------------------
+# A clean run of the test model makes 107 pwrite_all calls (7 headers + 100 tiles), 11 kernel copies,
+# 13 renames (state.json, 7 shards, 3 config files, index, manifest), 7 journal lines, 31 fsyncs and a few
+# unlinks (finish()). Each point is (function, N-th call, kill before or after the call).
+KILL_POINTS = [
+    *[("pwrite", n, False) for n in (1, 2, 8, 15, 30, 50, 70, 90, 107)],
+    *[("pwrite", n, True) for n in (20, 60, 100)],
+    *[("copy", n, False) for n in (1, 6, 11)],
+    *[("replace", n, False) for n in range(1, 14)],  # every rename, incl. inside atomic_write (index, manifest)
+    *[("replace", n, True) for n in (2, 8, 13)],  # renamed, directory not yet fsynced / journaled
+    *[("journal", n, False) for n in (1, 4, 7)],  # between a shard's rename and its journal line
+    ("journal", 7, True),  # every shard journaled, finalization not started
+    *[("fsync", n, False) for n in (3, 20, 31)],
+    *[("unlink", n, False) for n in (1, 2, 3)],  # during finish(), after the manifest
+]
+
+
+@pytest.mark.parametrize("target,n,after", KILL_POINTS,
+                         ids=[f"{t}-{'after' if a else 'before'}-{n}" for t, n, a in KILL_POINTS])
+def test_sigkill_at_kill_point_then_rerun_is_byte_identical_to_uninterrupted_run(model, tmp_path, target, n, after):
+    plan = make_plan(model, tmp_path)
+    out = tmp_path / "out"
+    assert_killed(killed_run(plan, target, n, after))
+    assert_no_incomplete_shard(out, model["reference"])
+    assert_resumes_to_reference(plan, out, model["reference"], f"killed {'after' if after else 'before'} {target} #{n}")
+
+
+def test_repeated_sigkills_then_rerun_is_byte_identical(model, tmp_path):
+    """Killed again and again while resuming, each time a little further on (each kill point is counted
+    from the start of that run, so all five are reached): still the same bytes."""
+    plan = make_plan(model, tmp_path)
+    out = tmp_path / "out"
+    for target, n in [("pwrite", 10), ("journal", 2), ("pwrite", 40), ("replace", 3), ("journal", 1)]:
+        assert_killed(killed_run(plan, target, n))
+        assert_no_incomplete_shard(out, model["reference"])
+    assert_resumes_to_reference(plan, out, model["reference"], "after five successive kills")
+
+
+# -- real subprocesses: SIGINT, SIGTERM and an external SIGKILL of `python -m shardmerge` --------------------
+# The wrapper is `python -m shardmerge PLAN -q` (run through runpy, exactly as -m does) with a hook on the
+# N-th tile write (or rename) that sends the signal to the process itself (SIGINT/SIGTERM), or for SIGKILL
+# writes a marker and stalls so that the test kills it from outside at a known point.
+WRAPPER = r"""
+import os, runpy, signal, sys, threading, time
+import shardmerge.executor as ex
+sig, at, marker = int(os.environ["SM_SIGNAL"]), int(os.environ["SM_AT"]), os.environ["SM_MARKER"]
+obj, attr = (os, "replace") if os.environ["SM_TARGET"] == "replace" else (ex, "pwrite_all")
+real, lock, count = getattr(obj, attr), threading.Lock(), [0]
+def hook(*args, **kwargs):
+    with lock:
+        count[0] += 1
+        hit = count[0] == at
+    if hit:
+        if sig == signal.SIGKILL:
+            open(marker, "w").close()
+            time.sleep(60)
+        else:
+            os.kill(os.getpid(), sig)
+    return real(*args, **kwargs)
+setattr(obj, attr, hook)
+sys.argv = ["shardmerge"] + sys.argv[1:]
+runpy.run_module("shardmerge", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def signalled_runs(model, tmp_path_factory):
+    """Four `python -m shardmerge` subprocesses, started together to share the interpreter start-up time:
+    one sends itself SIGINT, one SIGTERM, one is SIGKILLed from here, each mid-write; and one sends itself
+    SIGTERM during finalization (at the 10th rename: a copied config file, after every shard is in)."""
+    runs = {}
+    for key, sig, target, at in (("SIGINT", signal.SIGINT, "pwrite", 30), ("SIGTERM", signal.SIGTERM, "pwrite", 55),
+                                 ("SIGKILL", signal.SIGKILL, "pwrite", 80),
+                                 ("SIGTERM-finalizing", signal.SIGTERM, "replace", 10)):
+        d = tmp_path_factory.mktemp(key)
+        plan = tm.write_plan(d / "plan.yaml", model["base"], model["adapter"], d / "out")
+        env = dict(os.environ, SM_SIGNAL=str(int(sig)), SM_AT=str(at), SM_MARKER=str(d / "marker"), SM_TARGET=target,
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(plan), "-q"], env=env, cwd=d,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs[key] = {"proc": proc, "plan": plan, "out": d / "out", "marker": d / "marker"}
+    killer = runs["SIGKILL"]
+    deadline = time.monotonic() + 120
+    while not killer["marker"].exists() and killer["proc"].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert killer["marker"].exists(), "the SIGKILL subprocess never reached its kill point"
+    os.kill(killer["proc"].pid, signal.SIGKILL)
+    for run in runs.values():
+        stdout, stderr = run["proc"].communicate(timeout=120)
+        run["rc"], run["stderr"] = run["proc"].returncode, stderr
+    return runs
+
+
+@pytest.mark.parametrize("key,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGTERM-finalizing", 143)])
+def test_signal_mid_run_exits_128_plus_signum_with_one_line_and_no_traceback(signalled_runs, key, code):
+    run = signalled_runs[key]
+    assert run["rc"] == code, f"exit status {run['rc']}, stderr: {run['stderr']!r}"
+    line = one_error_line(run["stderr"])
+    assert key.split("-")[0] in line and "resum" in line
+    assert not (run["out"] / tm.MANIFEST_NAME).exists()
+    assert not (run["out"] / tm.INDEX_NAME).exists()
+
+
+@pytest.mark.parametrize("key", ["SIGINT", "SIGTERM", "SIGTERM-finalizing"])
+def test_signal_mid_run_leaves_output_resumable_to_identical_bytes(model, signalled_runs, key):
+    run = signalled_runs[key]
+    assert (run["out"] / tm.STATE_DIR / "state.json").is_file(), "the interrupted run left no resumable state"
+    assert not (run["out"] / tm.MANIFEST_NAME).exists()
+    assert_no_incomplete_shard(run["out"], model["reference"])
+    assert_resumes_to_reference(run["plan"], run["out"], model["reference"], f"after {key}")
+
+
+def test_external_sigkill_of_python_m_shardmerge_resumes_to_identical_bytes(model, signalled_runs):
+    run = signalled_runs["SIGKILL"]
+    assert run["rc"] == -signal.SIGKILL
+    assert not (run["out"] / tm.MANIFEST_NAME).exists()
+    assert_no_incomplete_shard(run["out"], model["reference"])
+    assert_resumes_to_reference(run["plan"], run["out"], model["reference"], "after an external SIGKILL")
+
+
+# -- a different plan over an existing output ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def half_weight_reference(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("half")
+    plan = tm.write_plan(d / "plan.yaml", model["base"], model["adapter"], d / "out", weight=0.5)
+    rc, err = run_cli(plan)
+    assert rc == 0, err
+    reference = tm.tree_bytes(d / "out")
+    assert reference != model["reference"]
+    return reference
+
+
+def _partial_output(model, tmp_path) -> Path:
+    plan = make_plan(model, tmp_path)
+    assert_killed(killed_run(plan, "pwrite", 50))
+    return tmp_path / "out"
+
+
+def _finished_output(model, tmp_path) -> Path:
+    rc, err = run_cli(make_plan(model, tmp_path))
+    assert rc == 0, err
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("existing", [_partial_output, _finished_output], ids=["partial", "finished"])
+def test_changed_plan_over_existing_output_is_refused_naming_the_directory(model, tmp_path, existing):
+    out = existing(model, tmp_path)
+    before = tm.tree_bytes(out)
+    plan = make_plan(model, tmp_path, "changed.yaml", weight=0.5)
+    rc, err = run_cli(plan)
+    assert rc != 0
+    line = one_error_line(err)
+    assert str(out) in line and "overwrite" in line
+    assert tm.tree_bytes(out) == before, "a refused run changed the output directory"
+
+
+@pytest.mark.parametrize("existing", [_partial_output, _finished_output], ids=["partial", "finished"])
+def test_changed_plan_with_overwrite_replaces_output_with_the_new_plans_bytes(model, tmp_path, half_weight_reference,
+                                                                             existing):
+    out = existing(model, tmp_path)
+    plan = make_plan(model, tmp_path, "changed.yaml", weight=0.5, overwrite=True)
+    rc, err = run_cli(plan)
+    assert rc == 0, err
+    tm.assert_same_tree(out, half_weight_reference, "overwrite with weight 0.5")
+
+
+def test_foreign_files_in_output_are_refused_without_overwrite(model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc, err = run_cli(make_plan(model, tmp_path))
+    assert rc != 0
+    assert str(out) in one_error_line(err)
+    assert tm.tree_listing(out) == ["notes.txt"]
+
+
+# -- the lock --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def concurrent_run(plan: Path, at: int = 2):
+    """A real first run of `plan`, forked and stalled in its `at`-th journal append (mid-run, holding whatever
+    lock shardmerge takes) for as long as the block lasts; SIGKILLed afterwards. While it stalls, no shard is
+    renamed or journaled; only its half-written .partial files under .shardmerge/tmp may still grow."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 99
+        try:
+            os.close(r)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            real, lock, count = journal_mod.OutputState.journal, threading.Lock(), [0]
+
+            def stall(*args, **kwargs):
+                with lock:
+                    count[0] += 1
+                    hit = count[0] == at
+                if hit:
+                    os.write(w, b"x")
+                    time.sleep(300)
+                return real(*args, **kwargs)
+
+            journal_mod.OutputState.journal = stall
+            code = cli_main([str(plan), "-q"])
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 60)
+        assert ready and os.read(r, 1) == b"x", "the concurrent run never reached its stall point"
+        yield pid
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def settled(out: Path) -> dict[str, bytes]:
+    """The output as another run may rely on it: everything but the stalled run's in-flight .partial files."""
+    return {k: v for k, v in tm.tree_bytes(out).items() if not k.startswith(f"{tm.STATE_DIR}/tmp/")}
+
+
+def test_second_concurrent_run_on_same_output_is_refused_naming_the_directory(model, tmp_path):
+    plan = make_plan(model, tmp_path)
+    out = tmp_path / "out"
+    with concurrent_run(plan):
+        before = settled(out)
+        rc, err = run_cli(plan)
+        after = settled(out)
+    assert rc != 0
+    line = one_error_line(err)
+    assert str(out) in line and "another shardmerge run" in line
+    assert after == before, "the refused run changed the output"
+    assert_resumes_to_reference(plan, out, model["reference"], "after the first run was killed")
+
+
+def test_overwrite_run_is_refused_while_another_run_is_writing(model, tmp_path):
+    """overwrite: true must not clear a directory another run is writing: the lock comes first."""
+    plan = make_plan(model, tmp_path)
+    out = tmp_path / "out"
+    changed = make_plan(model, tmp_path, "changed.yaml", weight=0.5, overwrite=True)
+    with concurrent_run(plan):
+        before = settled(out)
+        rc, err = run_cli(changed)
+        after = settled(out)
+    assert rc != 0, "a second run cleared and wrote a directory another run was writing"
+    assert "another shardmerge run" in one_error_line(err)
+    assert after == before, "the overwrite run deleted the files of the run holding the lock"
+
+
+# -- a full disk --------------------------------------------------------------------------------------------
+def enospc_on_call(real, n: int):
+    lock, count = threading.Lock(), [0]
+
+    def hook(*args, **kwargs):
+        with lock:
+            count[0] += 1
+            hit = count[0] == n
+        if hit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    return hook
+
+
+@pytest.mark.parametrize("attr,n", [("pwrite_all", 1), ("pwrite_all", 45), ("copy_range", 6)],
+                         ids=["first-header-write", "tile-write", "kernel-copy"])
+def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(model, tmp_path, monkeypatch, attr, n):
+    plan = make_plan(model, tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setattr(executor_mod, attr, enospc_on_call(getattr(executor_mod, attr), n))
+    with pytest.raises(shardmerge.ShardmergeError) as failure:
+        shardmerge.merge(str(plan))
+    message = str(failure.value)
+    assert "no space left on device" in message
+    assert any(tm.shard_name(i) in message for i in range(tm.N_SHARDS)), message
+    assert "\n" not in message
+    assert not (out / tm.MANIFEST_NAME).exists()
+    assert not (out / tm.INDEX_NAME).exists()
+    assert not list(out.rglob("*.partial")), "a failed run left partial shards holding the disk"
+    assert_no_incomplete_shard(out, model["reference"])
+    monkeypatch.undo()
+    assert_resumes_to_reference(plan, out, model["reference"], "after ENOSPC")
+
+
+def test_enospc_through_cli_is_one_error_line(model, tmp_path, monkeypatch):
+    plan = make_plan(model, tmp_path)
+    monkeypatch.setattr(executor_mod, "pwrite_all", enospc_on_call(executor_mod.pwrite_all, 30))
+    rc, err = run_cli(plan)
+    assert rc == 1
+    assert "no space left on device" in one_error_line(err)
+
+
+def test_enospc_while_writing_the_index_is_one_error_line_and_resumable(model, tmp_path, monkeypatch):
+    """The disk can also fill up during finalization (copied config files, index, manifest)."""
+    import shardmerge.runner as runner_mod
+
+    plan = make_plan(model, tmp_path)
+    out = tmp_path / "out"
+    real = runner_mod.atomic_write
+
+    def atomic_write(path, data):
+        if Path(path).name == tm.INDEX_NAME:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(runner_mod, "atomic_write", atomic_write)
+    try:
+        rc, err = run_cli(plan)
+    except OSError as e:
+        pytest.fail(f"a raw OSError escaped the CLI (the user sees a traceback): {e!r}")
+    assert rc == 1
+    assert "no space left on device" in one_error_line(err)
+    assert not (out / tm.MANIFEST_NAME).exists()
+    monkeypatch.undo()
+    assert_resumes_to_reference(plan, out, model["reference"], "after ENOSPC on the index")
+
+
+# -- a damaged partial output ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["deleted", "flipped", "truncated"])
+def test_journaled_shard_damaged_before_resume_is_redone(model, tmp_path, damage):
+    plan = make_plan(model, tmp_path)
+    out = tmp_path / "out"
+    assert_killed(killed_run(plan, "journal", 4, after=True))
+    shard = out / tm.shard_name(1)
+    data = bytearray(shard.read_bytes())
+    if damage == "deleted":
+        shard.unlink()
+    elif damage == "flipped":
+        data[len(data) // 2] ^= 0x40
+        shard.write_bytes(bytes(data))
+    else:
+        shard.write_bytes(bytes(data[:-8]))
+    assert_resumes_to_reference(plan, out, model["reference"], f"journaled shard {damage}")
+
+
+# -- inputs are never touched, even by failed runs --------------------------------------------------------------
+def test_failed_run_with_a_bad_adapter_touches_no_input_and_writes_no_output(model, tmp_path):
+    bad = tmp_path / "bad-adapter"
+    shutil.copytree(model["adapter"], bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj"]
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    tensors["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = tensors.popitem()[1]
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    before = tm.tree_hashes(bad)
+    plan = tm.write_plan(tmp_path / "plan.yaml", model["base"], bad, tmp_path / "out")
+    rc, err = run_cli(plan)
+    assert rc != 0
+    one_error_line(err)
+    assert tm.tree_hashes(bad) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_adapter_file_fails_without_touching_inputs(model, tmp_path):
+    bad = tmp_path / "bad-adapter"
+    shutil.copytree(model["adapter"], bad)
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    before = tm.tree_hashes(bad)
+    rc, err = run_cli(tm.write_plan(tmp_path / "plan.yaml", model["base"], bad, tmp_path / "out"))
+    assert rc != 0
+    assert "adapter_model.safetensors" in one_error_line(err)
+    assert tm.tree_hashes(bad) == before
+    assert not (tmp_path / "out").exists()
+
+
+# -- the output may not overlap an input ----------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["inside-base", "the-adapter-dir", "contains-base"])
+def test_output_overlapping_an_input_is_refused_and_nothing_is_written(model, tmp_path, where):
+    output = {"inside-base": model["base"] / "merged", "the-adapter-dir": model["adapter"],
+              "contains-base": model["root"]}[where]
+    watched = model["root"]
+    before = tm.tree_listing(watched)
+    rc, err = run_cli(make_plan(model, tmp_path, output=output))
+    assert rc != 0
+    line = one_error_line(err)
+    assert str(output) in line and "overlap" in line
+    assert tm.tree_listing(watched) == before, "a refused run created files"
+    assert not list(tmp_path.glob("out*"))
+
+
+# -- re-running a finished output ---------------------------------------------------------------------------
+def test_rerun_over_finished_output_exits_0_reports_complete_and_rewrites_nothing(model, tmp_path):
+    plan = make_plan(model, tmp_path)
+    out = _finished_output(model, tmp_path)
+    stamps = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli_main([str(plan)])  # not quiet: the summary says what happened
+    assert rc == 0, err.getvalue()
+    assert "already complete" in err.getvalue()
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")} == stamps
+    tm.assert_same_tree(out, model["reference"])
+
+
+@pytest.mark.parametrize("damage", ["flipped-shard-byte", "deleted-config"])
+def test_rerun_over_damaged_finished_output_repairs_it(model, tmp_path, damage):
+    """A finished output that no longer matches its manifest (a shard changed, a copied file gone) is checked
+    on re-run (runner.claim) and repaired, not crashed on."""
+    plan = make_plan(model, tmp_path)
+    out = _finished_output(model, tmp_path)
+    if damage == "deleted-config":
+        (out / "config.json").unlink()
+    else:
+        shard = out / tm.shard_name(2)
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    try:
+        rc, err = run_cli(plan)
+    except OSError as e:
+        pytest.fail(f"a raw OSError escaped the CLI (the user sees a traceback): {e!r}")
+    assert rc == 0, err
+    tm.assert_same_tree(out, model["reference"], f"repaired finished output ({damage})")
