@@ -152,7 +152,7 @@ class Group:
                                f"store at {self.where}, hosted by rank 0 (or by torchrun's agent): {_first_line(e)}; "
                                "rank 0 or its node probably failed, see its log; re-run to resume")
 
-    def _wait_for(self, keys: dict[int, str], what: str, left_is_error: bool = True) -> None:
+    def _wait_for(self, keys: dict[int, str], left_is_error: bool = True) -> None:
         """Wait until every rank in `keys` has set its key, as long as those ranks are alive.
 
         A rank that has left (closed its group, usually after failing) or whose heartbeat has not moved for
@@ -171,15 +171,15 @@ class Group:
                         if not left_is_error:
                             del pending[rank]
                             continue
-                        raise ShardmergeError(f"rank {rank} of {self.topo.world_size} stopped before {what} (it "
-                                              "failed: see its error); nothing was marked complete, re-run to resume")
+                        raise ShardmergeError(f"rank {rank} of {self.topo.world_size} stopped early (it failed: see its "
+                                              "error); nothing was marked complete, re-run to resume")
                     beat = self.store.get(f"hb/{rank}") if self.store.check([f"hb/{rank}"]) else None
                     if rank not in seen or seen[rank][0] != beat:
                         seen[rank] = (beat, now)
                     elif now - seen[rank][1] > self.timeout:
                         state = "never joined" if beat is None else f"no heartbeat for {self.timeout:.0f}s"
                         raise ShardmergeError(
-                            f"rank {rank} of {self.topo.world_size} stopped responding before {what} ({state}: "
+                            f"rank {rank} of {self.topo.world_size} stopped responding ({state}: "
                             "killed, out of memory, or its node failed; see its log); nothing was marked "
                             "complete, re-run to resume")
             except ShardmergeError:
@@ -204,7 +204,7 @@ class Group:
             self.store.set(keys[me], pickle.dumps(value))
         except Exception as e:  # noqa: BLE001
             raise self._lost(e) from None
-        self._wait_for({r: k for r, k in keys.items() if r != me}, f"step {seq + 1}")
+        self._wait_for({r: k for r, k in keys.items() if r != me})
         try:
             # Values come from the other ranks of this job over the job's own store: trusted like the plan.
             return [value if r == me else pickle.loads(self.store.get(keys[r])) for r in range(world)]
@@ -226,10 +226,21 @@ class Group:
             if self.topo.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
                 others = {r: f"left/{r}" for r in range(1, self.topo.world_size)}
                 try:
-                    self._wait_for(others, "leaving", left_is_error=False)
+                    self._wait_for(others, left_is_error=False)
                 except ShardmergeError:
                     pass  # a dead rank needs no store
         except Exception:  # noqa: BLE001 - leaving must not mask the error that brought us here
             pass
         finally:
             self._stop.set()
+
+
+def describe_assignment(sizes: dict[str, int], world_size: int) -> str:
+    """What each rank writes, for a dry run under several ranks."""
+    lines = []
+    for rank, names in enumerate(assign(sizes, world_size)):
+        total = sum(sizes[n] for n in names)
+        shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        lines.append(f"  rank {rank}: {len(names)} shard(s), {total / 2**20:.1f} MiB" + (f": {shown}" if names else
+                                                                                         " (idle: more ranks than shards)"))
+    return f"ranks: {world_size}\n" + "\n".join(lines)

@@ -30,7 +30,7 @@ from .errors import ShardmergeError
 from .journal import OutputState, file_sha256, fsync_dir
 from .planner import LoraTerm, MergePlan, OutputShard, TensorTask
 from .progress import Progress
-from .safetensors_io import copy_range, pread_into, pwrite_all
+from .safetensors_io import DTYPE_SIZES, copy_range, pread_into, pwrite_all
 
 _QUEUE_DEPTH = 4
 _POLL = 0.1
@@ -272,39 +272,56 @@ class Executor:
         task, src = tile.task, tile.task.source
         rows = tile.r1 - tile.r0
         raw = tile.slab[: rows * src.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
-        work = work_buffer[: raw.numel()].view(raw.shape)
-        stream = contextlib.nullcontext()
+        tile.out_bytes = rows * _out_row_bytes(task)
+        out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
         if self.cuda:
-            stream = torch.cuda.stream(self.compute_stream)
             with torch.cuda.stream(self.h2d_stream):
                 raw = raw.to(self.device, non_blocking=True)
             self.compute_stream.wait_stream(self.h2d_stream)
             raw.record_stream(self.compute_stream)  # allocated on the copy stream, consumed on the compute one
-        with stream:
-            work.copy_(raw)
-            if tile.prepass:
-                for f in factors:
-                    if isinstance(f, mergemath.LoraFactors) and f.magnitude is not None and f.transposed:
-                        part = mergemath.dora_column_sq(work, f, tile.r0, tile.r1)
-                        f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
-                        if tile.r1 == src.shape[0]:
-                            f.column_norm.sqrt_()
-                if self.cuda:  # the slab goes back to the reader: its copy to the device must be done
+            with torch.cuda.stream(self.compute_stream):
+                result = self._merge_rows(tile, factors, raw, work_buffer, 0, rows)
+                if result is None:  # the DoRA pre-pass: the slab goes back once its copy to the device is done
                     self.compute_stream.synchronize()
-                return
-            result = mergemath.merge_tile(work, factors, tile.r0, tile.r1)
-            if self.plan.plan.safe_merge and not bool(torch.isfinite(result).all()):
-                raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); "
-                                      f"the adapter {', '.join(t.origin for t in task.terms)} looks broken")
-            tile.out_bytes = rows * _out_row_bytes(task)
-            out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
-            if self.cuda:
-                rounded = result.to(out.dtype)
-                out.copy_(rounded, non_blocking=True)
+                    return
+                out.copy_(result.to(out.dtype), non_blocking=True)
                 tile.ready = torch.cuda.Event()
                 tile.ready.record(self.compute_stream)
-            else:
-                out.copy_(result)
+            return
+        # Chunks in order; the output of a chunk may overwrite input bytes only of chunks already read,
+        # since output rows are never wider than input rows at the same position... unless the output
+        # dtype is wider, in which case the tile is widened through the scratch from the last chunk back.
+        step = task.chunk_rows
+        starts = list(range(0, rows, step))
+        if DTYPE_SIZES[task.out_dtype] > DTYPE_SIZES[src.dtype]:
+            starts.reverse()
+        for c0 in starts:
+            c1 = min(c0 + step, rows)
+            result = self._merge_rows(tile, factors, raw, work_buffer, c0, c1)
+            if result is not None:
+                out[c0:c1].copy_(result)
+
+    def _merge_rows(self, tile: _Tile, factors: list, raw: torch.Tensor, work_buffer: torch.Tensor,
+                    c0: int, c1: int) -> torch.Tensor | None:
+        """Rows c0:c1 of a tile merged in float32, or None for the DoRA column-norm pre-pass."""
+        task = tile.task
+        chunk = raw[c0:c1]
+        work = work_buffer[: chunk.numel()].view(chunk.shape)
+        work.copy_(chunk)
+        r0, r1 = tile.r0 + c0, tile.r0 + c1
+        if tile.prepass:
+            for f in factors:
+                if isinstance(f, mergemath.LoraFactors) and f.magnitude is not None and f.transposed:
+                    part = mergemath.dora_column_sq(work, f, r0, r1)
+                    f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
+                    if r1 == task.source.shape[0]:
+                        f.column_norm.sqrt_()
+            return None
+        result = mergemath.merge_tile(work, factors, r0, r1)
+        if self.plan.plan.safe_merge and not bool(torch.isfinite(result).all()):
+            raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); "
+                                  f"the adapter {', '.join(t.origin for t in task.terms)} looks broken")
+        return result
 
     def writer(self) -> None:
         while (tile := self._get(self.writes)) is not None:
@@ -365,6 +382,11 @@ class Executor:
     def run(self, shards: list[OutputShard]) -> ExecutionResult:
         threads = [self._stage(lambda: self.reader(shards)), self._stage(self.merger), self._stage(self.writer),
                    self._stage(self.copier), self._stage(self.finisher)]
+        # One math thread: the merge is memory-bound and chunked to stay in cache, and the other cores are
+        # the reader's, writer's and checksummer's. OpenMP workers fighting them for a core cost far more.
+        math_threads = torch.get_num_threads()
+        if not self.cuda:
+            torch.set_num_threads(1)
         for t in threads:
             t.start()
         try:
@@ -377,6 +399,7 @@ class Executor:
                 t.join()
             for fd in self._inputs.values():
                 os.close(fd)
+            torch.set_num_threads(math_threads)
         self.result.peak_budget = self.pool.made * self.pool.size + 4 * self.work_elems
         if self.failure is not None:
             self._remove_partials()

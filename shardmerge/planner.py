@@ -62,6 +62,7 @@ class TensorTask:
     out_offset: int = 0  # absolute, in the output shard
     terms: list = field(default_factory=list)  # LoraTerm / BiasTerm, applied in order
     rows_per_tile: int = 0
+    chunk_rows: int = 0
 
     @property
     def out_nbytes(self) -> int:
@@ -285,9 +286,9 @@ class Buffers:
     """Every host buffer the executor may hold, fixed before it starts, so that max_memory is a bound.
 
     `slabs` tile buffers of `slab_bytes` circulate reader -> merger -> writer (a tile's output is written
-    back into its own slab); the merger owns one float32 scratch of `work_elems` (x5 with DoRA for its
-    temporaries); two tasks' factors may be alive at once; and two fixed `scratch` buffers serve fallback
-    copies and checksum reads."""
+    back into its own slab); the merger owns one float32 scratch of `work_elems` (one chunk on the CPU, a
+    whole tile on the GPU; x5 with DoRA for its temporaries); two tasks' factors may be alive at once; and
+    two fixed `scratch` buffers serve fallback copies and checksum reads."""
 
     slabs: int
     slab_bytes: int
@@ -302,6 +303,9 @@ class Buffers:
 
 
 SLABS = 4  # one being read, one merging, one being written, one spare for jitter
+# The CPU merge walks a tile in chunks of about 1 MiB of float32, so that widening, the low-rank update
+# and rounding all happen while the chunk is in cache: memory traffic drops from ~20 to ~4 bytes per weight.
+CHUNK_ELEMS = 256 * 1024
 
 
 def _row_elems(task: TensorTask) -> int:
@@ -310,7 +314,8 @@ def _row_elems(task: TensorTask) -> int:
 
 
 def _tile(merge_plan: MergePlan) -> Buffers:
-    """Choose rows per tile for every tensor that is not a plain copy, and the buffers that implies."""
+    """Choose rows per tile (and per cache-sized chunk) for every tensor that is not a plain copy, and
+    the buffers that implies."""
     budget = merge_plan.plan.max_memory
     scratch = scratch_bytes(budget)
     tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]
@@ -318,22 +323,36 @@ def _tile(merge_plan: MergePlan) -> Buffers:
         return Buffers(0, 0, 0, 1, 0, scratch)
     itemsize = max(max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks)
     work_factor = 5 if any(isinstance(x, LoraTerm) and x.magnitude is not None for t in tasks for x in t.terms) else 1
+    on_cuda = merge_plan.device.startswith("cuda")
     factors = 2 * max(fixed_cost(t) for t in tasks)
-    per_elem = SLABS * itemsize + 4 * work_factor
-    elems = (budget - 2 * scratch - factors) // per_elem
+    # A tiny budget shrinks the chunk too (then a chunk is a whole tile).
+    chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // (SLABS * itemsize + 4 * work_factor)))
+    for t in tasks:
+        rows = t.source.shape[0] if t.source.shape else 1
+        t.chunk_rows = rows if on_cuda else max(1, min(rows, chunk_elems // _row_elems(t)))
+    # On the CPU the float32 scratch is one chunk; on CUDA it lives on the device, outside max_memory.
+    work_elems = 0 if on_cuda else max(t.chunk_rows * _row_elems(t) for t in tasks)
+    fixed = factors + 2 * scratch + 4 * work_elems * work_factor
+    per_elem = SLABS * itemsize
+    elems = (budget - fixed) // per_elem
     for t in tasks:
         row = _row_elems(t)
         if row > elems:
-            need = factors + 2 * scratch + row * per_elem
+            need = fixed + row * per_elem
             raise ShardmergeError(
                 f"max_memory {_fmt(budget)} is too small for tensor {t.name!r}: one row block needs "
                 f"{_fmt(need)} in all; raise max_memory to at least {_fmt(int(need * 1.1) + 2**20)}")
         rows = t.source.shape[0] if t.source.shape else 1
         t.rows_per_tile = max(1, min(rows, elems // row))
+        if t.rows_per_tile > t.chunk_rows:
+            # Whole chunks per tile: the same chunks, so the same bytes, whatever the budget.
+            t.rows_per_tile -= t.rows_per_tile % t.chunk_rows
+        else:
+            t.chunk_rows = t.rows_per_tile
     tile_elems = max(t.rows_per_tile * _row_elems(t) for t in tasks)
     slab = max(t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype])
                for t in tasks)
-    return Buffers(SLABS, slab, tile_elems, work_factor, factors, scratch)
+    return Buffers(SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors, scratch)
 
 
 def _fmt(n: int) -> str:

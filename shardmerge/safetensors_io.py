@@ -132,7 +132,7 @@ def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> Shar
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _fail(path, f"{where}: entry must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _fail(path, f"{where}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise _fail(path, f"{where}: shape must be a list of non-negative integers")
@@ -144,9 +144,13 @@ def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> Shar
         if end > data_size:
             raise _fail(path, f"{where}: data_offsets {offsets} run past the end of the data "
                         f"({data_size} bytes; truncated file?)")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        expected = DTYPE_SIZES[dtype]
+        for d in shape:  # capped as the reference's checked_mul: a huge shape must not cost big-int time
+            expected *= d
+            if expected >= 2**64:
+                raise _fail(path, f"{where}: shape {str(shape)[:100]} is too large")
         if expected != end - begin:
-            raise _fail(path, f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets "
+            raise _fail(path, f"{where}: shape {str(shape)[:100]} of {dtype} needs {expected} bytes but data_offsets "
                         f"span {end - begin}")
         entries.append((begin, end, name, dtype, tuple(shape)))
     entries.sort()

@@ -101,7 +101,10 @@ def _check_inside(root: Path, name: str, directory: Path) -> None:
     """A shard name from the index must stay inside the model directory, links included."""
     if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
         raise ShardmergeError(f"{directory / INDEX_NAME}: shard name {name!r} leaves the model directory")
-    real = (directory / name).resolve()
+    try:
+        real = (directory / name).resolve()
+    except (OSError, ValueError, RuntimeError):  # NUL byte, symlink loop, name too long
+        raise ShardmergeError(f"{directory / INDEX_NAME}: bad shard name {name!r}") from None
     if not real.is_relative_to(root):
         raise ShardmergeError(f"{directory / name}: links outside the model directory ({real}); refusing to read it")
 
@@ -136,8 +139,13 @@ def read_base(spec: str) -> BaseModel:
     for name in shard_files:
         path = directory / name
         _check_inside(root, name, directory)
-        if not path.is_file():
-            raise ShardmergeError(f"{path}: shard named in {INDEX_NAME} is missing")
+        try:
+            present = path.is_file()
+        except OSError:
+            present = False
+        if not present:
+            where = f"named in {INDEX_NAME}" if names is not None else "model.safetensors"
+            raise ShardmergeError(f"{path}: shard {where} is missing or not a file")
         header = read_header(path)
         for tensor in header.tensors.values():
             if tensor.name in tensors:
@@ -206,5 +214,8 @@ def convert_legacy_adapter(adapter: AdapterFiles, scratch_dir: Path) -> AdapterF
     scratch_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(str(adapter.weights).encode()).hexdigest()[:16]
     out = scratch_dir / f"legacy-{digest}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    try:  # clone: a state dict may legally hold tied entries sharing storage, which save_file refuses
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise ShardmergeError(f"{adapter.weights}: cannot convert: {str(e).strip().splitlines()[0][:200]}") from None
     return AdapterFiles(adapter.directory, adapter.config, out, read_header(out))
