@@ -27,7 +27,7 @@ import torch
 
 from . import mergemath
 from .errors import ShardmergeError
-from .journal import OutputState, file_sha256, fsync_dir
+from .journal import OutputState, file_checksum, fsync_dir
 from .planner import LoraTerm, MergePlan, OutputShard, TensorTask
 from .progress import Progress
 from .safetensors_io import DTYPE_SIZES, copy_range, pread_into, pwrite_all
@@ -50,7 +50,7 @@ class StageTimes:
 @dataclass
 class ExecutionResult:
     stages: StageTimes = field(default_factory=StageTimes)
-    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"size", "sha256"}
+    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"size", "xxh3_128"}
     tensors_merged: int = 0
     tensors_copied: int = 0
     bytes_read: int = 0
@@ -369,13 +369,13 @@ class Executor:
                 os.fsync(out.fd)
                 os.close(out.fd)
                 out.fd = -1
-                digest = file_sha256(out.tmp_path, self.hash_scratch)
+                digest = file_checksum(out.tmp_path, self.hash_scratch, mapped=True)
                 os.replace(out.tmp_path, self.state.directory / name)
                 fsync_dir(self.state.directory)
                 self.state.journal(self.rank, name, out.shard.size, digest)
             except OSError as e:
                 raise _write_error(name, e) from None
-            self.result.shards[name] = {"size": out.shard.size, "sha256": digest}
+            self.result.shards[name] = {"size": out.shard.size, "xxh3_128": digest}
             self.result.stages.hash += time.perf_counter() - start
 
     # -- driver ------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
                 atomic_write(state.state_dir / "state.json",
                              json.dumps({"fingerprint": merge_plan.fingerprint}).encode())
                 for name, entry in sorted(state.finished.items()):
-                    state.journal(0, name, entry["size"], entry["sha256"])
+                    state.journal(0, name, entry["size"], entry["xxh3_128"])
                 (output / MANIFEST_NAME).unlink(missing_ok=True)
             else:
                 verify_finished(state, sizes)

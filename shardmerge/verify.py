@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ShardmergeError
-from .journal import MANIFEST_NAME, file_sha256
+from .journal import MANIFEST_NAME, file_checksum
 from .safetensors_io import read_header
 from .sources import INDEX_NAME
 
@@ -31,7 +31,7 @@ def verify(output: str, plan: str | None = None, samples: int = 8) -> list[str]:
             continue
         if path.stat().st_size != entry["size"]:
             problems.append(f"{path}: size {path.stat().st_size} differs from the manifest's {entry['size']}")
-        elif file_sha256(path, buffer) != entry["sha256"]:
+        elif file_checksum(path, buffer) != entry["xxh3_128"]:
             problems.append(f"{path}: checksum differs from the manifest (corrupted or modified)")
         try:
             headers[name] = read_header(path)

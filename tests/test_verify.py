@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 
 from shardmerge.cli import main as cli_main  # noqa: E402
+from shardmerge.journal import file_checksum  # noqa: E402
 from shardmerge.safetensors_io import read_header  # noqa: E402
 from shardmerge.verify import verify  # noqa: E402
 
@@ -187,7 +188,7 @@ def alter_consistently(out: Path, tensors: list[str]) -> None:
         values[: values.numel() // 8] += 0.01  # the first rows, by far more than rounding
         data[info.offset: info.offset + info.nbytes] = values.view(torch.uint8).numpy().tobytes()
         shard.write_bytes(bytes(data))
-        manifest["shards"][shard.name]["sha256"] = tm.sha256(shard)
+        manifest["shards"][shard.name]["xxh3_128"] = file_checksum(shard)
     (out / tm.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
 
