@@ -1,0 +1,52 @@
+"""The CUDA path: its planning is tested everywhere; the GPU run itself only where a GPU is visible."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import shardmerge
+from shardmerge.config import load_plan
+from shardmerge.planner import build_plan
+from synth import lora_pair, write_adapter, write_base
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.proj.weight": torch.randn(512, 256, generator=g).to(torch.bfloat16) for i in range(2)}
+    tensors["embed.weight"] = torch.randn(300, 256, generator=g).to(torch.bfloat16)
+    write_base(tmp_path / "base", tensors, shards=2)
+    adapter = {}
+    for i in range(2):
+        adapter.update(lora_pair(f"layers.{i}.proj", 512, 256, r=8, seed=i))
+    write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
+    return tmp_path
+
+
+def test_cuda_plan_stages_whole_tiles_and_keeps_float32_work_off_the_host(inputs, tmp_path):
+    plan = load_plan({"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")],
+                      "output": str(tmp_path / "out"), "max_memory": "1MiB"})
+    cpu = build_plan(plan, Path(tmp_path / "s1"), "cpu")
+    gpu = build_plan(plan, Path(tmp_path / "s2"), "cuda:0")
+    merged = [t for s in gpu.shards for t in s.tasks if t.terms]
+    assert all(t.chunk_rows == t.rows_per_tile or t.chunk_rows >= t.source.shape[0] for t in merged)
+    assert gpu.buffers.work_elems >= max(t.rows_per_tile * 256 for t in merged)
+    assert gpu.buffers.total - 4 * gpu.buffers.work_elems * gpu.buffers.work_factor <= plan.max_memory
+    assert cpu.buffers.total <= plan.max_memory
+
+
+@needs_cuda
+def test_gpu_merge_matches_cpu_within_float32_rounding_of_the_delta(inputs, tmp_path):
+    for device in ("cpu", "cuda"):
+        shardmerge.merge({"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")],
+                          "output": str(tmp_path / device), "device": device, "max_memory": "1MiB"})
+    for shard in (tmp_path / "cpu").glob("*.safetensors"):
+        cpu, gpu = load_file(str(shard)), load_file(str(tmp_path / "cuda" / shard.name))
+        for name in cpu:
+            # Both round a float32 sum once; they may differ by one bf16 step where float32 deltas differ.
+            step = cpu[name].float().abs() * 2**-7 + 1e-6
+            assert ((cpu[name].float() - gpu[name].float()).abs() <= step).all(), name
