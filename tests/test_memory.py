@@ -48,3 +48,21 @@ def test_tensors_larger_than_budget_merge_exactly_within_budget(tmp_path):
         error = (merged[f"layers.{i}.proj.weight"].double() - exact).abs()
         assert (error <= exact.abs() * 2**-8 + 1e-6).all()
     assert torch.equal(merged["embed.weight"], tensors["embed.weight"])
+
+
+def test_output_bytes_do_not_depend_on_the_budget(tmp_path):
+    # The merge arithmetic runs in fixed-size chunks, so tiles of different sizes give the same bytes.
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"layers.{i}.proj.weight": torch.randn(2048, 512, generator=g).to(torch.bfloat16) for i in range(2)}
+    write_base(tmp_path / "base", tensors, shards=2)
+    adapter = {}
+    for i in range(2):
+        adapter.update(lora_pair(f"layers.{i}.proj", 2048, 512, r=8, seed=i))
+    write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
+    import shardmerge
+
+    for budget in ("5MiB", "512MiB"):
+        shardmerge.merge({"base": str(tmp_path / "base"), "adapters": [str(tmp_path / "adapter")],
+                          "output": str(tmp_path / budget), "max_memory": budget, "device": "cpu"})
+    for shard in (tmp_path / "5MiB").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "512MiB" / shard.name).read_bytes()
