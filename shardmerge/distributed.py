@@ -17,8 +17,8 @@ the others stop waiting for it at once.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -98,7 +98,10 @@ def _first_line(e: BaseException) -> str:
 
 
 class Group:
-    """The ranks of one merge, exchanging control messages; a no-op for a single process."""
+    """The ranks of one merge, exchanging control messages; a no-op for a single process.
+
+    Messages are JSON (dicts, lists, strings, numbers): the store is an unauthenticated TCP port, so nothing
+    read from it is unpickled."""
 
     def __init__(self, topo: Topology):
         self.topo = topo
@@ -116,35 +119,32 @@ class Group:
             raise ShardmergeError(f"MASTER_PORT={port!r} is not a TCP port number")
         self.where = f"{addr}:{port}"
         self.timeout = dist_timeout()
+        self.interval = min(max(self.timeout / 10, 0.2), 5.0)  # heartbeat period, and how often liveness is checked
         import torch.distributed as dist
 
         try:
             store, _, _ = next(dist.rendezvous(f"env://?rank={topo.rank}&world_size={topo.world_size}",
                                                timeout=timedelta(seconds=self.timeout)))
+            self.store = dist.PrefixStore(_PREFIX, store)
+            self.store.set(f"hb/{topo.rank}", b"0")
+            beat_store = dist.PrefixStore(_PREFIX, store.clone())  # its own connection, for the heartbeat thread
         except Exception as e:  # noqa: BLE001 - torch raises several types here; all mean "could not join"
             raise ShardmergeError(
                 f"rank {topo.rank} of {topo.world_size}: could not join the other ranks at {self.where} within "
                 f"{self.timeout:.0f}s ({_first_line(e)}); check that all {topo.world_size} ranks were started "
                 "and that MASTER_ADDR/MASTER_PORT name rank 0's node and a free port") from None
-        self._raw = store
-        self.store = dist.PrefixStore(_PREFIX, store)
-        self._beats = 0
         self._stop = threading.Event()
-        self._beat_error: BaseException | None = None
-        self.store.set(f"hb/{topo.rank}", b"0")
-        self._heart = threading.Thread(target=self._heartbeat, args=(dist.PrefixStore(_PREFIX, store.clone()),),
-                                       name="shardmerge-heartbeat", daemon=True)
+        self._heart = threading.Thread(target=self._heartbeat, args=(beat_store,), name="shardmerge-heartbeat",
+                                       daemon=True)
         self._heart.start()
 
     # -- liveness ---------------------------------------------------------------------------------------
     def _heartbeat(self, store) -> None:
-        interval = min(max(self.timeout / 10, 0.2), 5.0)
         key = f"hb/{self.topo.rank}"
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.interval):
             try:
                 store.add(key, 1)
-            except Exception as e:  # noqa: BLE001 - the main thread reports the lost store
-                self._beat_error = e
+            except Exception:  # noqa: BLE001 - the store is gone; the main thread reports it on its next call
                 return
 
     def _lost(self, e: BaseException) -> ShardmergeError:
@@ -153,46 +153,52 @@ class Group:
                                "rank 0 or its node probably failed, see its log; re-run to resume")
 
     def _wait_for(self, keys: dict[int, str], left_is_error: bool = True) -> None:
-        """Wait until every rank in `keys` has set its key, as long as those ranks are alive.
+        """Wait until every rank in `keys` has set its key, for as long as those ranks are alive.
 
-        A rank that has left (closed its group, usually after failing) or whose heartbeat has not moved for
-        the timeout is reported by number."""
+        Cheap while waiting (one store call per poll); every `interval`, or when a rank has left, each pending
+        rank is looked at: one that left (closed its group: it failed) or whose heartbeat has not moved for the
+        timeout is reported by number."""
         pending = dict(keys)
         seen: dict[int, tuple[bytes | None, float]] = {}
-        poll = 0.01
-        while pending:
-            now = time.monotonic()
-            try:
-                for rank in list(pending):
-                    if self.store.check([pending[rank]]):
-                        del pending[rank]
-                        continue
-                    if self.store.check([f"left/{rank}"]):
-                        if not left_is_error:
-                            del pending[rank]
-                            continue
-                        raise ShardmergeError(f"rank {rank} of {self.topo.world_size} stopped early (it failed: see its "
-                                              "error); nothing was marked complete, re-run to resume")
-                    beat = self.store.get(f"hb/{rank}") if self.store.check([f"hb/{rank}"]) else None
-                    if rank not in seen or seen[rank][0] != beat:
-                        seen[rank] = (beat, now)
-                    elif now - seen[rank][1] > self.timeout:
-                        state = "never joined" if beat is None else f"no heartbeat for {self.timeout:.0f}s"
-                        raise ShardmergeError(
-                            f"rank {rank} of {self.topo.world_size} stopped responding ({state}: "
-                            "killed, out of memory, or its node failed; see its log); nothing was marked "
-                            "complete, re-run to resume")
-            except ShardmergeError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a broken store connection
-                raise self._lost(e) from None
-            if pending:
+        poll, next_sweep, left_seen = 0.01, 0.0, None
+        try:
+            while pending and not self.store.check(list(pending.values())):
+                now = time.monotonic()
+                left = self.store.add("left", 0)
+                if left != left_seen or now >= next_sweep:
+                    left_seen, next_sweep = left, now + self.interval
+                    for rank in list(pending):
+                        self._look_at(rank, pending, seen, now, left_is_error)
+                    continue
                 time.sleep(poll)
                 poll = min(poll * 2, 0.25)
+        except ShardmergeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken store connection
+            raise self._lost(e) from None
+
+    def _look_at(self, rank: int, pending: dict, seen: dict, now: float, left_is_error: bool) -> None:
+        if self.store.check([pending[rank]]):
+            del pending[rank]
+            return
+        if self.store.check([f"left/{rank}"]):
+            if not left_is_error:
+                del pending[rank]
+                return
+            raise ShardmergeError(f"rank {rank} of {self.topo.world_size} stopped early (it failed: see its error); "
+                                  "nothing was marked complete, re-run to resume")
+        beat = self.store.get(f"hb/{rank}") if self.store.check([f"hb/{rank}"]) else None
+        if rank not in seen or seen[rank][0] != beat:
+            seen[rank] = (beat, now)
+        elif now - seen[rank][1] > self.timeout:
+            state = "never joined" if beat is None else f"no heartbeat for {self.timeout:.0f}s"
+            raise ShardmergeError(f"rank {rank} of {self.topo.world_size} stopped responding ({state}: killed, out "
+                                  "of memory, or its node failed; see its log); nothing was marked complete, re-run "
+                                  "to resume")
 
     # -- messages ---------------------------------------------------------------------------------------
     def gather(self, value) -> list:
-        """Every rank's value, on every rank (control messages only: small)."""
+        """Every rank's value, on every rank, in rank order (control messages only: small, JSON)."""
         if not self.active:
             return [value]
         if self._closed:
@@ -200,14 +206,14 @@ class Group:
         seq, self._seq = self._seq, self._seq + 1
         me, world = self.topo.rank, self.topo.world_size
         keys = {r: f"v/{seq}/{r}" for r in range(world)}
+        data = json.dumps(value).encode()
         try:
-            self.store.set(keys[me], pickle.dumps(value))
+            self.store.set(keys[me], data)
         except Exception as e:  # noqa: BLE001
             raise self._lost(e) from None
         self._wait_for({r: k for r, k in keys.items() if r != me})
         try:
-            # Values come from the other ranks of this job over the job's own store: trusted like the plan.
-            return [value if r == me else pickle.loads(self.store.get(keys[r])) for r in range(world)]
+            return [json.loads(data if r == me else self.store.get(keys[r])) for r in range(world)]
         except Exception as e:  # noqa: BLE001
             raise self._lost(e) from None
 
@@ -216,17 +222,17 @@ class Group:
             self.gather(None)
 
     def close(self) -> None:
-        """Leave the group. The rank that hosts the store (rank 0, unless torchrun's agent does) waits, within
-        the timeout, until every other rank has left or died, so none loses the store while reading from it."""
+        """Leave the group. The rank that hosts the store (rank 0, unless torchrun's agent does) waits until
+        every other rank has left or died, so that none loses the store while still reading from it."""
         if not self.active or self._closed:
             return
         self._closed = True
         try:
             self.store.set(f"left/{self.topo.rank}", b"1")
+            self.store.add("left", 1)
             if self.topo.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-                others = {r: f"left/{r}" for r in range(1, self.topo.world_size)}
                 try:
-                    self._wait_for(others, left_is_error=False)
+                    self._wait_for({r: f"left/{r}" for r in range(1, self.topo.world_size)}, left_is_error=False)
                 except ShardmergeError:
                     pass  # a dead rank needs no store
         except Exception:  # noqa: BLE001 - leaving must not mask the error that brought us here
@@ -237,10 +243,10 @@ class Group:
 
 def describe_assignment(sizes: dict[str, int], world_size: int) -> str:
     """What each rank writes, for a dry run under several ranks."""
-    lines = []
+    lines = [f"ranks: {world_size}"]
     for rank, names in enumerate(assign(sizes, world_size)):
         total = sum(sizes[n] for n in names)
         shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
-        lines.append(f"  rank {rank}: {len(names)} shard(s), {total / 2**20:.1f} MiB" + (f": {shown}" if names else
-                                                                                         " (idle: more ranks than shards)"))
-    return f"ranks: {world_size}\n" + "\n".join(lines)
+        what = f": {shown}" if names else " (idle: more ranks than shards)"
+        lines.append(f"  rank {rank}: {len(names)} shard(s), {total / 2**20:.1f} MiB{what}")
+    return "\n".join(lines)

@@ -288,9 +288,9 @@ class Executor:
                 tile.ready = torch.cuda.Event()
                 tile.ready.record(self.compute_stream)
             return
-        # Chunks in order; the output of a chunk may overwrite input bytes only of chunks already read,
-        # since output rows are never wider than input rows at the same position... unless the output
-        # dtype is wider, in which case the tile is widened through the scratch from the last chunk back.
+        # The output is rounded into the same slab. Walking chunks forward, a chunk's output lands only on
+        # input already consumed when the output dtype is no wider than the input; when it is wider (bf16 ->
+        # float32), walking backward keeps every chunk's output beyond the input still to be read.
         step = task.chunk_rows
         starts = list(range(0, rows, step))
         if DTYPE_SIZES[task.out_dtype] > DTYPE_SIZES[src.dtype]:
