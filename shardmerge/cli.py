@@ -71,15 +71,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from .config import load_plan
+    from .distributed import topology
     from .runner import report_json, run
 
     overrides = {o.key: getattr(args, o.key) for o in OPTIONS}
     plan = load_plan(args.plan, **overrides)
     report = run(plan, dry_run=args.dry_run, progress=False if args.quiet else None)
-    if args.report_json:
+    if args.report_json and topology().rank == 0:  # one report for the job (it is gathered from every rank)
         with open(args.report_json, "w", encoding="utf-8") as f:
             f.write(report_json(report))
-    if not args.quiet and not args.dry_run:
+    if not args.quiet and not args.dry_run and topology().rank == 0:
         print(report.summary(), file=sys.stderr)
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Plan
-from .distributed import Group, Topology, assign, topology
+from .distributed import Group, Topology, assign, describe_assignment, topology
 from .errors import InterruptedMerge, ShardmergeError
 from .journal import (MANIFEST_NAME, OutputState, atomic_write, check_not_inputs, clean_tmp, finish, fsync_dir,
                       open_output, verify_finished)
@@ -96,14 +96,28 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
     topo = topology()
     device = resolve_device(plan.device, topo.local_rank)
     with tempfile.TemporaryDirectory(prefix="shardmerge-") as scratch:
-        merge_plan = build_plan(_gpu_budget(plan, device), Path(scratch), device)
-        merge_plan.plan = plan
         if dry_run:
-            print(describe(merge_plan))
-            return MergeReport(output=plan.output, device=device, dry_run=True)
-        check_not_inputs(Path(plan.output), [merge_plan.base.directory] + [a.weights.parent for a in merge_plan.adapters])
+            merge_plan = build_plan(_gpu_budget(plan, device), Path(scratch), device)
+            if topo.rank == 0:  # every rank checks the plan; one prints it
+                print(describe(merge_plan))
+                if topo.world_size > 1:
+                    print(describe_assignment({s.name: s.size for s in merge_plan.shards}, topo.world_size))
+            return MergeReport(output=plan.output, device=device, dry_run=True, ranks=topo.world_size)
         group = Group(topo)
         try:
+            def prepare() -> MergePlan:
+                merge_plan = build_plan(_gpu_budget(plan, device), Path(scratch), device)
+                merge_plan.plan = plan
+                check_not_inputs(Path(plan.output),
+                                 [merge_plan.base.directory] + [a.weights.parent for a in merge_plan.adapters])
+                return merge_plan
+
+            merge_plan = _agree(group, topo, prepare)  # a rank that cannot plan (inputs not visible) fails all
+            fingerprints = group.gather(merge_plan.fingerprint)
+            differ = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
+            if differ:
+                raise ShardmergeError(f"rank {differ[0]} of {topo.world_size} planned a different merge than rank 0 "
+                                      "(its inputs or device differ); every rank must see the same input files")
             report = _run_ranks(merge_plan, topo, group, progress)
         finally:
             group.close()
@@ -162,20 +176,28 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
         if finished == "complete":
             return MergeReport(output=str(output), device=merge_plan.device, already_complete=True,
                                ranks=topo.world_size)
-        if topo.rank != 0:
-            state = open_output(output, merge_plan.fingerprint, overwrite=False, lock=False)
         todo = {name: size for name, size in sizes.items() if name not in finished}
         mine = set(assign(todo, topo.world_size)[topo.rank])
         shards = [s for s in merge_plan.shards if s.name in mine]
-        result = _agree(group, topo, lambda: _execute(merge_plan, state, topo, shards, progress))
+
+        def execute():
+            nonlocal state
+            if topo.rank != 0:
+                state = open_output(output, merge_plan.fingerprint, overwrite=False, lock=False)
+            return _execute(merge_plan, state, topo, shards, progress)
+
+        result = _agree(group, topo, execute)
         results = group.gather(result)
         report = _report(merge_plan, results, len(finished), topo)
-        if topo.rank == 0:
-            all_shards = dict(state.finished)
-            for r in results:
-                all_shards.update(r["shards"])
-            _finalize(merge_plan, state, all_shards)
-        group.barrier()
+
+        def finalize():
+            if topo.rank == 0:
+                all_shards = dict(state.finished)
+                for r in results:
+                    all_shards.update(r["shards"])
+                _finalize(merge_plan, state, all_shards)
+
+        _agree(group, topo, finalize)  # the others exit 0 only once the index and manifest are in
         return report
     finally:
         if state is not None:

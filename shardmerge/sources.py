@@ -20,7 +20,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Weight formats the output must not carry over from the base: they would shadow or contradict our shards.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-_HUB_BASE_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
+# Metadata first (config, index, tokenizer, generation config, remote code); then only the weight files the
+# index names: repos often carry the same weights again (Mistral's consolidated.safetensors, variants in
+# sub-folders) and a pattern like *.safetensors would download all of them.
+_HUB_BASE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
 _HUB_ADAPTER_PATTERNS = ["*.safetensors", "*.json", "adapter_model.bin", "*/adapter_model.safetensors"]
 
 
@@ -84,17 +87,57 @@ def _from_hub(spec: str, what: str) -> tuple[Path, Path]:
     except ImportError:
         raise ShardmergeError(f"{spec}: not a local directory, and huggingface_hub is not installed to fetch it "
                               "(pip install huggingface_hub)") from None
-    patterns = _HUB_BASE_PATTERNS if what == "base model" else _HUB_ADAPTER_PATTERNS
-    try:
-        local = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
-    except Exception as e:  # huggingface_hub raises many types; all mean "not available"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = ("it is not in the local cache and HF_HUB_OFFLINE is set; download it once online or unset "
-                "HF_HUB_OFFLINE") if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise ShardmergeError(f"{spec}: cannot get the {what} from the Hugging Face Hub: {hint}") from None
-    local = Path(local).resolve()
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    quiet = _quiet_tqdm() if offline else None  # offline nothing is downloaded: a progress bar is only noise
+
+    def fetch(patterns: list[str], rev: str | None) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=rev, allow_patterns=patterns, tqdm_class=quiet)).resolve()
+        except Exception as e:  # huggingface_hub raises many types; all mean "not available"
+            raise ShardmergeError(f"{spec}: cannot get the {what} from the Hugging Face Hub: "
+                                  f"{_hub_hint(e, repo_id)}") from None
+
+    if what != "base model":
+        local = fetch(_HUB_ADAPTER_PATTERNS, revision or None)
+    else:
+        local = fetch(_HUB_BASE_PATTERNS, revision or None)
+        try:
+            with open(local / INDEX_NAME, "rb") as f:
+                shards = sorted({s for s in json.load(f)["weight_map"].values()
+                                 if isinstance(s, str) and not any(c in s for c in "*?[]")})
+        except FileNotFoundError:
+            shards = [SINGLE_NAME]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = []  # a broken index: read_base names the problem
+        if shards:  # the same commit as the metadata (local.name), even if the branch moved meanwhile
+            local = fetch(_HUB_BASE_PATTERNS + shards, local.name)
     # .../models--org--name/snapshots/<commit>: links point into .../models--org--name/blobs
     return local, local.parent.parent
+
+
+def _quiet_tqdm():
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Quiet(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Quiet
+
+
+def _hub_hint(e: Exception, repo_id: str) -> str:
+    name = type(e).__name__
+    first = str(e).strip().splitlines()[0] if str(e).strip() else name
+    if name == "IncompleteSnapshotError":
+        return (f"the cached copy is incomplete ({first[:200]}); download it again with network access "
+                f"(hf download {repo_id})")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline and name == "LocalEntryNotFoundError":
+        return ("it (or this revision) is not in the local cache and HF_HUB_OFFLINE is set; download it once "
+                f"online (hf download {repo_id}) or unset HF_HUB_OFFLINE")
+    return f"{name}: {first[:300]}"
 
 
 def _check_inside(root: Path, name: str, directory: Path) -> None:
