@@ -130,8 +130,7 @@ class Executor:
         buffers = merge_plan.buffers
         self.pool = SlabPool(buffers.slabs, buffers.slab_bytes, self.cuda, self.stop)
         self.work_elems = buffers.work_elems
-        self.copy_scratch = memoryview(bytearray(buffers.scratch))
-        self.hash_scratch = memoryview(bytearray(buffers.scratch))
+        self.scratch_bytes = buffers.scratch  # the fallback copy buffer and the checksum window
         self.result = ExecutionResult()
         self._inputs: dict[Path, int] = {}
         self._inputs_lock = threading.Lock()
@@ -346,7 +345,7 @@ class Executor:
             out, (src_path, src_offset, dst_offset, length, count) = item
             start = time.perf_counter()
             try:
-                copy_range(self._fd(src_path), out.fd, src_offset, dst_offset, length, self.copy_scratch)
+                copy_range(self._fd(src_path), out.fd, src_offset, dst_offset, length, None, self.scratch_bytes)
             except OSError as e:
                 raise _write_error(out.shard.name, e) from None
             self.result.stages.copy += time.perf_counter() - start
@@ -369,7 +368,7 @@ class Executor:
                 os.fsync(out.fd)
                 os.close(out.fd)
                 out.fd = -1
-                digest = file_checksum(out.tmp_path, self.hash_scratch, mapped=True)
+                digest = file_checksum(out.tmp_path, self.scratch_bytes, mapped=True)
                 os.replace(out.tmp_path, self.state.directory / name)
                 fsync_dir(self.state.directory)
                 self.state.journal(self.rank, name, out.shard.size, digest)

@@ -204,8 +204,10 @@ def pwrite_all(fd: int, buffer, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int, scratch: memoryview | None) -> None:
-    """Copy bytes file to file, in the kernel where it can (copy_file_range), else through `scratch`."""
+def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int, scratch: memoryview | None,
+               scratch_size: int = 8 << 20) -> None:
+    """Copy bytes file to file, in the kernel where it can (copy_file_range), else through `scratch`
+    (allocated, of at most `scratch_size` bytes, only when the fallback is needed)."""
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
@@ -223,7 +225,7 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, lengt
             if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
                 raise
     if scratch is None:
-        scratch = memoryview(bytearray(min(length - done, 8 << 20)))
+        scratch = memoryview(bytearray(min(length - done, scratch_size)))
     while done < length:
         chunk = scratch[: min(len(scratch), length - done)]
         n = os.preadv(src_fd, [chunk], src_offset + done)
