@@ -149,6 +149,7 @@ class Executor:
             if path not in self._inputs:
                 try:
                     self._inputs[path] = os.open(path, os.O_RDONLY)
+                    os.posix_fadvise(self._inputs[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
                 except OSError as e:
                     raise ShardmergeError(f"{path}: cannot open: {e.strerror}") from None
             return self._inputs[path]
@@ -366,9 +367,12 @@ class Executor:
             name = out.shard.name
             try:
                 os.fsync(out.fd)
+                digest = file_checksum(out.tmp_path, self.scratch_bytes, mapped=True)
+                # Written, synced and checksummed: its pages need not crowd out the next shard's (on a node
+                # merging 140 GB, reclaiming our own clean pages is cheaper than the kernel scanning for them).
+                os.posix_fadvise(out.fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(out.fd)
                 out.fd = -1
-                digest = file_checksum(out.tmp_path, self.scratch_bytes, mapped=True)
                 os.replace(out.tmp_path, self.state.directory / name)
                 fsync_dir(self.state.directory)
                 self.state.journal(self.rank, name, out.shard.size, digest)
