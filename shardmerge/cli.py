@@ -6,6 +6,7 @@ Errors the user can fix print one line on stderr and exit non-zero; never a trac
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -64,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("shardmerge: error: out of memory; lower max_memory or free memory on this node", file=sys.stderr)
         return 1
+    except OSError as e:  # an output path that is a file, a read-only or full filesystem, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"shardmerge: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug of ours: still one line, with the way to get the details
+        if os.environ.get("SHARDMERGE_TRACEBACK"):
+            raise
+        print(f"shardmerge: error: internal error {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+              "(please report it; set SHARDMERGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 70
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

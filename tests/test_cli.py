@@ -165,3 +165,30 @@ def test_library_call_returns_report(inputs):
     assert report.tensors_copied == 4
     assert report.bytes_written > 0 and report.seconds > 0 and report.peak_rss_bytes > 0
     assert set(report.stage_seconds) == {"read", "merge", "write", "copy", "hash"}
+
+
+def test_output_path_that_is_a_file_is_one_line_error(inputs):
+    tmp, _, _ = inputs
+    (tmp / "out").write_text("not a directory")
+    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="out")
+    assert_one_line_error(run_cli(plan), "out")
+    assert (tmp / "out").read_text() == "not a directory"
+
+
+def test_max_shard_size_reshards_with_index_and_same_tensors(inputs):
+    tmp, base, _ = inputs
+    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="keep")
+    assert run_cli(plan, "-q").returncode == 0
+    assert run_cli(plan, "-q", "--output", tmp / "resharded", "--max-shard-size", "600").returncode == 0
+    shards = sorted((tmp / "resharded").glob("*.safetensors"))
+    assert len(shards) > 3 and all(s.name.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+    index = json.loads((tmp / "resharded" / "model.safetensors.index.json").read_text())
+    resharded, kept = {}, {}
+    for shard in shards:
+        part = load_file(str(shard))
+        assert all(index["weight_map"][name] == shard.name for name in part)
+        resharded.update(part)
+    for shard in (tmp / "keep").glob("*.safetensors"):
+        kept.update(load_file(str(shard)))
+    assert resharded.keys() == kept.keys()
+    assert all(torch.equal(resharded[k], kept[k]) for k in kept)
