@@ -284,7 +284,9 @@ class Executor:
                 if result is None:  # the DoRA pre-pass: the slab goes back once its copy to the device is done
                     self.compute_stream.synchronize()
                     return
-                out.copy_(result.to(out.dtype), non_blocking=True)
+                rounded = result.to(out.dtype)
+                self._check_finite(task, rounded)
+                out.copy_(rounded, non_blocking=True)
                 tile.ready = torch.cuda.Event()
                 tile.ready.record(self.compute_stream)
             return
@@ -300,6 +302,7 @@ class Executor:
             result = self._merge_rows(tile, factors, raw, work_buffer, c0, c1)
             if result is not None:
                 out[c0:c1].copy_(result)
+                self._check_finite(task, out[c0:c1])
 
     def _merge_rows(self, tile: _Tile, factors: list, raw: torch.Tensor, work_buffer: torch.Tensor,
                     c0: int, c1: int) -> torch.Tensor | None:
@@ -317,11 +320,14 @@ class Executor:
                     if r1 == task.source.shape[0]:
                         f.column_norm.sqrt_()
             return None
-        result = mergemath.merge_tile(work, factors, r0, r1)
-        if self.plan.plan.safe_merge and not bool(torch.isfinite(result).all()):
+        return mergemath.merge_tile(work, factors, r0, r1)
+
+    def _check_finite(self, task: TensorTask, rounded: torch.Tensor) -> None:
+        """safe_merge: checked after rounding, so an overflow to the output dtype's Inf is caught too."""
+        if self.plan.plan.safe_merge and rounded.is_floating_point() and not bool(torch.isfinite(rounded).all()):
+            origin = ", ".join(t.origin for t in task.terms) or "dtype conversion"
             raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); "
-                                  f"the adapter {', '.join(t.origin for t in task.terms)} looks broken")
-        return result
+                                  f"from {origin}")
 
     def writer(self) -> None:
         while (tile := self._get(self.writes)) is not None:

@@ -192,3 +192,12 @@ def test_max_shard_size_reshards_with_index_and_same_tensors(inputs):
         kept.update(load_file(str(shard)))
     assert resharded.keys() == kept.keys()
     assert all(torch.equal(resharded[k], kept[k]) for k in kept)
+
+
+def test_safe_merge_catches_overflow_when_rounding_to_float16(inputs):
+    tmp, _, _ = inputs
+    pair = lora_pair("model.layers.0.self_attn.q_proj", 16, 16)
+    pair["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] *= 1e5  # finite in float32, not in fp16
+    write_adapter(tmp / "loud", pair)
+    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["loud"], output="out", safe_merge=True, dtype="float16")
+    assert_one_line_error(run_cli(plan), "model.layers.0.self_attn.q_proj.weight", "NaN or Inf")
