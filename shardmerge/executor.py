@@ -14,7 +14,6 @@ so memory does not grow with model size, and reusing slabs means the steady stat
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import queue

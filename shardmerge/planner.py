@@ -7,7 +7,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
