@@ -24,7 +24,7 @@ _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora
 # would silently produce a wrong model, so they are refused by name.
 _UNSUPPORTED_VARIANTS = (
     "use_qalora", "use_bdlora", "arrow_config", "velora_config", "monteclora_config", "kasa_config",
-    "alora_invocation_tokens", "mica", "target_parameters", "layer_replication", "trainable_token_indices",
+    "alora_invocation_tokens", "mica", "target_parameters", "layer_replication",
 )  # fmt: skip
 
 
@@ -48,6 +48,7 @@ class Adapter:
     weights: Path  # the adapter's safetensors file
     modules: list[LoraModule] = field(default_factory=list)
     replacements: dict[str, TensorInfo] = field(default_factory=dict)  # target name -> tensor
+    token_rows: dict[str, tuple[tuple[int, ...], TensorInfo]] = field(default_factory=dict)  # module -> rows, values
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -111,12 +112,35 @@ def _replacement_target(key: str) -> str:
     return key
 
 
+_TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_indices(files: AdapterFiles, module: str, values: TensorInfo) -> tuple[int, ...]:
+    """The embedding rows a trainable-tokens delta replaces: `trainable_token_indices` is a list (for the
+    input embedding) or a mapping from module-name patterns to lists, as in PEFT's LoraConfig."""
+    spec = files.config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        matches = [v for k, v in spec.items() if re.match(rf"(.*\.)?({k})$", module)]
+        spec = matches[0] if len(matches) == 1 else (list(spec.values())[0] if len(spec) == 1 else None)
+    if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
+        raise ShardmergeError(f"{files.directory / 'adapter_config.json'}: trainable_token_indices gives no list of "
+                              f"token ids for {module!r}")
+    if len(values.shape) != 2 or values.shape[0] != len(spec):
+        raise ShardmergeError(f"{files.weights}: {values.name!r} {list(values.shape)} does not hold one row for each "
+                              f"of the {len(spec)} trainable_token_indices")
+    return tuple(spec)
+
+
 def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
     check_config(files)
     adapter = Adapter(path=path, weight=weight, config=files.config, weights=files.weights)
     modules: dict[str, LoraModule] = {}
     for key, tensor in files.header.tensors.items():
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        if name.endswith(_TOKEN_DELTA):
+            module_name = name[: -len(_TOKEN_DELTA)]
+            adapter.token_rows[module_name] = (_token_indices(files, module_name, tensor), tensor)
+            continue
         split = _split_key(name)
         if split is None:
             if any(part in name.split(".") for part in _LORA_PARTS) or ".original_module." in name:
@@ -148,6 +172,6 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
                 f"{files.weights}: module {module.module!r} has rank {module.rank} (lora_A {list(module.a.shape)}, "
                 f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}")
         adapter.modules.append(module)
-    if not adapter.modules and not adapter.replacements:
+    if not adapter.modules and not adapter.replacements and not adapter.token_rows:
         raise ShardmergeError(f"{files.weights}: adapter holds no tensors")
     return adapter

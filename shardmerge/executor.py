@@ -27,7 +27,7 @@ import torch
 from . import mergemath
 from .errors import ShardmergeError
 from .journal import OutputState, file_checksum, fsync_dir
-from .planner import LoraTerm, MergePlan, OutputShard, TensorTask
+from .planner import LoraTerm, MergePlan, OutputShard, RowsTerm, TensorTask
 from .progress import Progress
 from .safetensors_io import DTYPE_SIZES, copy_range, pread_into, pwrite_all
 
@@ -235,6 +235,9 @@ class Executor:
                     self._load(term.a), self._load(term.b), scaling=term.scaling, weight=term.weight,
                     transposed=term.transposed,
                     magnitude=None if term.magnitude is None else self._load(term.magnitude).float().flatten()))
+            elif isinstance(term, RowsTerm):
+                indices = torch.tensor(term.indices, dtype=torch.int64, device=self.device)
+                factors.append(mergemath.RowsFactors(indices, self._load(term.values), term.weight))
             else:
                 factors.append(mergemath.BiasFactors(self._load(term.vector).float().flatten(), term.scale))
         return factors

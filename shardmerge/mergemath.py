@@ -39,6 +39,15 @@ class BiasFactors:
     scale: float
 
 
+@dataclass
+class RowsFactors:
+    """Trainable tokens: rows `indices` of the weight are replaced by `values` (weight 1; else interpolated)."""
+
+    indices: torch.Tensor  # int64
+    values: torch.Tensor  # (len(indices), row), float32
+    weight: float
+
+
 def lora_factors(a: torch.Tensor, b: torch.Tensor, **kwargs) -> LoraFactors:
     """Factors from PEFT's stored shapes: conv A (r, in, *k) and B (out, r, 1...) reduce to 2-D."""
     r = a.shape[0]
@@ -87,6 +96,10 @@ def merge_tile(work: torch.Tensor, terms: list, r0: int, r1: int) -> torch.Tenso
     for t in terms:
         if isinstance(t, BiasFactors):
             work.add_(t.vector[r0:r1].reshape(work.shape), alpha=t.scale)
+        elif isinstance(t, RowsFactors):
+            inside = (t.indices >= r0) & (t.indices < r1)
+            rows, values = t.indices[inside] - r0, t.values[inside]
+            work[rows] = values if t.weight == 1.0 else work[rows] + t.weight * (values - work[rows])
         elif t.magnitude is None:
             add_lora(work, t, r0, r1)
         else:

@@ -53,13 +53,23 @@ class BiasTerm:
     origin: str
 
 
+@dataclass(frozen=True)
+class RowsTerm:
+    """Trainable tokens: the listed embedding rows become the adapter's values (weight interpolates)."""
+
+    indices: tuple[int, ...]
+    values: TensorInfo
+    weight: float
+    origin: str
+
+
 @dataclass
 class TensorTask:
     name: str
     source: TensorInfo  # the base tensor, or the adapter tensor replacing it
     out_dtype: str
     out_offset: int = 0  # absolute, in the output shard
-    terms: list = field(default_factory=list)  # LoraTerm / BiasTerm, applied in order
+    terms: list = field(default_factory=list)  # LoraTerm / BiasTerm / RowsTerm, applied in order
     rows_per_tile: int = 0
     chunk_rows: int = 0
 
@@ -223,6 +233,13 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu") -> MergePlan:
                                           f"{bias_name!r} {list(base.tensors[bias_name].shape)}")
                 terms.setdefault(bias_name, []).append(
                     BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}"))
+        for module_name, (indices, values) in adapter.token_rows.items():
+            name = targets.require(module_name + ".weight", weights_file, values.name)
+            target = base.tensors[name]
+            if len(target.shape) != 2 or values.shape[1] != target.shape[1] or max(indices, default=0) >= target.shape[0]:
+                raise ShardmergeError(f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
+                                      f"{max(indices, default=0)} does not fit base tensor {name!r} {list(target.shape)}")
+            terms.setdefault(name, []).append(RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}"))
 
     def task(tensor: TensorInfo) -> TensorTask:
         out_dtype = tensor.dtype
@@ -275,6 +292,8 @@ def fixed_cost(task: TensorTask) -> int:
     for t in task.terms:
         if isinstance(t, LoraTerm):
             total += 4 * (t.a.numel + t.b.numel + 2 * (t.magnitude.numel if t.magnitude else 0))
+        elif isinstance(t, RowsTerm):
+            total += 4 * t.values.numel + 8 * len(t.indices)
         else:
             total += 4 * t.vector.numel
     return total
@@ -417,6 +436,8 @@ def describe(merge_plan: MergePlan) -> str:
                     lines.append(f"  merge {t.name} {list(t.source.shape)} {t.source.dtype}->{t.out_dtype}: "
                                  f"{term.origin} r={term.a.shape[0]} scale={term.scale:.6g} {kind}, "
                                  f"tiles of {t.rows_per_tile} rows")
+                elif isinstance(term, RowsTerm):
+                    lines.append(f"  rows  {t.name}: {term.origin} {len(term.indices)} trainable tokens")
                 else:
                     lines.append(f"  bias  {t.name}: {term.origin} scale={term.scale:.6g}")
     written = sum(s.size for s in merge_plan.shards)
@@ -432,4 +453,4 @@ def describe(merge_plan: MergePlan) -> str:
 def _term_tensors(term) -> list[TensorInfo]:
     if isinstance(term, LoraTerm):
         return [term.a, term.b] + ([term.magnitude] if term.magnitude is not None else [])
-    return [term.vector]
+    return [term.values] if isinstance(term, RowsTerm) else [term.vector]

@@ -78,7 +78,7 @@ def _recompute(out: Path, plan_path: str, samples: int) -> list[str]:
 
     from . import mergemath
     from .config import load_plan
-    from .planner import LoraTerm, build_plan
+    from .planner import build_plan
 
     plan = load_plan(plan_path)
     with tempfile.TemporaryDirectory() as scratch:
@@ -87,7 +87,7 @@ def _recompute(out: Path, plan_path: str, samples: int) -> list[str]:
         step = max(1, len(tasks) // max(samples, 1))
         problems = []
         for shard, task in tasks[::step][:samples]:
-            expected = _reference(task, mergemath, LoraTerm)
+            expected = _reference(task)
             with safe_open(str(out / shard.name), "pt") as f:
                 actual = f.get_tensor(task.name).to(torch.float64)
             tolerance = 2 * torch.finfo(mergemath.TORCH_DTYPES[task.out_dtype]).eps
@@ -98,8 +98,12 @@ def _recompute(out: Path, plan_path: str, samples: int) -> list[str]:
         return problems
 
 
-def _reference(task, mergemath, LoraTerm):
+def _reference(task):
+    """The merged tensor recomputed whole, in float64, straight from the input files."""
     import torch
+
+    from . import mergemath
+    from .planner import LoraTerm, RowsTerm
 
     def load(info):
         with open(info.path, "rb") as f:
@@ -119,6 +123,8 @@ def _reference(task, mergemath, LoraTerm):
             if f.magnitude is not None and f.transposed:
                 f.column_norm = mergemath.dora_column_sq(work, f, 0, rows).sqrt()
             factors.append(f)
+        elif isinstance(term, RowsTerm):
+            factors.append(mergemath.RowsFactors(torch.tensor(term.indices), load(term.values), term.weight))
         else:
             factors.append(mergemath.BiasFactors(load(term.vector).flatten(), term.scale))
     return mergemath.merge_tile(work, factors, 0, rows).reshape(task.source.shape)

@@ -120,3 +120,13 @@ def test_float32_merge_rounds_once_to_bfloat16():
     mergemath.merge_tile(work, [mergemath.lora_factors(a, b, scaling=0.01, weight=1.0, transposed=False)], 0, 64)
     exact = (w.double() + 0.01 * (b.double() @ a.double())).to(torch.bfloat16)
     assert (work.to(torch.bfloat16).float() - exact.float()).abs().max() <= torch.finfo(torch.bfloat16).eps * exact.float().abs().max()
+
+
+@pytest.mark.parametrize("rows_per_tile", [1, 4, 50])
+def test_trainable_token_rows_are_replaced_across_tiles(rows_per_tile):
+    w, values = torch.randn(20, 6), torch.randn(3, 6)
+    indices = torch.tensor([0, 7, 19])
+    expected = w.double().clone()
+    expected[indices] = w.double()[indices] + 0.5 * (values.double() - w.double()[indices])
+    got = tiled(w, lambda: [mergemath.RowsFactors(indices, values.double(), 0.5)], rows_per_tile)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
