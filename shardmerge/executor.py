@@ -228,19 +228,7 @@ class Executor:
 
     def _factors(self, task: TensorTask) -> list:
         """Every term's tensors, read whole (they are small) and made float32 on the merge device."""
-        factors = []
-        for term in task.terms:
-            if isinstance(term, LoraTerm):
-                factors.append(mergemath.lora_factors(
-                    self._load(term.a), self._load(term.b), scaling=term.scaling, weight=term.weight,
-                    transposed=term.transposed,
-                    magnitude=None if term.magnitude is None else self._load(term.magnitude).float().flatten()))
-            elif isinstance(term, RowsTerm):
-                indices = torch.tensor(term.indices, dtype=torch.int64, device=self.device)
-                factors.append(mergemath.RowsFactors(indices, self._load(term.values), term.weight))
-            else:
-                factors.append(mergemath.BiasFactors(self._load(term.vector).float().flatten(), term.scale))
-        return factors
+        return term_factors(task.terms, self._load)
 
     def _load(self, info) -> torch.Tensor:
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
@@ -315,12 +303,7 @@ class Executor:
         work.copy_(chunk)
         r0, r1 = tile.r0 + c0, tile.r0 + c1
         if tile.prepass:
-            for f in factors:
-                if isinstance(f, mergemath.LoraFactors) and f.magnitude is not None and f.transposed:
-                    part = mergemath.dora_column_sq(work, f, r0, r1)
-                    f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
-                    if r1 == task.source.shape[0]:
-                        f.column_norm.sqrt_()
+            mergemath.accumulate_column_norms(work, factors, r0, r1, task.source.shape[0])
             return None
         return mergemath.merge_tile(work, factors, r0, r1)
 
@@ -421,6 +404,24 @@ class Executor:
         """A failed run frees the disk it held (a full disk is the usual cause) and leaves no partial file."""
         for path in self.state.tmp_dir.glob("*.partial"):
             path.unlink(missing_ok=True)
+
+
+def term_factors(terms: list, load) -> list:
+    """The merge-math form of a task's terms; `load(TensorInfo)` gives a tensor in the wanted precision
+    and device (float32 on the merge device here; float64 on the CPU for verify)."""
+    factors = []
+    for term in terms:
+        if isinstance(term, LoraTerm):
+            magnitude = None if term.magnitude is None else load(term.magnitude).flatten()
+            factors.append(mergemath.lora_factors(load(term.a), load(term.b), scaling=term.scaling, weight=term.weight,
+                                                  transposed=term.transposed, magnitude=magnitude))
+        elif isinstance(term, RowsTerm):
+            values = load(term.values)
+            indices = torch.tensor(term.indices, dtype=torch.int64, device=values.device)
+            factors.append(mergemath.RowsFactors(indices, values, term.weight))
+        else:
+            factors.append(mergemath.BiasFactors(load(term.vector).flatten(), term.scale))
+    return factors
 
 
 def _row_blocks(task: TensorTask) -> list[tuple[int, int]]:

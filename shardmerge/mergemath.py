@@ -49,9 +49,10 @@ class RowsFactors:
 
 
 def lora_factors(a: torch.Tensor, b: torch.Tensor, **kwargs) -> LoraFactors:
-    """Factors from PEFT's stored shapes: conv A (r, in, *k) and B (out, r, 1...) reduce to 2-D."""
+    """Factors from PEFT's stored shapes: conv A (r, in, *k) and B (out, r, 1...) reduce to 2-D.
+    The caller picks the precision (float32 to merge, float64 to check)."""
     r = a.shape[0]
-    return LoraFactors(a.reshape(r, -1).float(), b.reshape(b.shape[0], r).float(), **kwargs)
+    return LoraFactors(a.reshape(r, -1), b.reshape(b.shape[0], r), **kwargs)
 
 
 def delta_rows(f: LoraFactors, r0: int, r1: int) -> torch.Tensor:
@@ -73,6 +74,17 @@ def add_lora(work: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> None:
 def dora_column_sq(base: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> torch.Tensor:
     """Per-column sum of squares of rows r0:r1 of (W0 + s * delta): one tile's share of a column norm."""
     return (base + f.scaling * delta_rows(f, r0, r1)).square().sum(dim=0)
+
+
+def accumulate_column_norms(base: torch.Tensor, factors: list, r0: int, r1: int, rows: int) -> None:
+    """The DoRA pre-pass for transposed kinds: add rows r0:r1's share to each column norm, and take the
+    square root once the last of the tensor's `rows` rows is in."""
+    for f in factors:
+        if isinstance(f, LoraFactors) and f.magnitude is not None and f.transposed:
+            part = dora_column_sq(base, f, r0, r1)
+            f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
+            if r1 == rows:
+                f.column_norm.sqrt_()
 
 
 def apply_dora(work: torch.Tensor, base: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> torch.Tensor:

@@ -103,7 +103,7 @@ def _reference(task):
     import torch
 
     from . import mergemath
-    from .planner import LoraTerm, RowsTerm
+    from .executor import term_factors
 
     def load(info):
         with open(info.path, "rb") as f:
@@ -113,18 +113,6 @@ def _reference(task):
 
     rows = task.source.shape[0]
     work = load(task.source).reshape(rows, -1)
-    factors = []
-    for term in task.terms:
-        if isinstance(term, LoraTerm):
-            f = mergemath.lora_factors(load(term.a), load(term.b), scaling=term.scaling, weight=term.weight,
-                                       transposed=term.transposed,
-                                       magnitude=None if term.magnitude is None else load(term.magnitude).flatten())
-            f.a, f.b = f.a.double(), f.b.double()
-            if f.magnitude is not None and f.transposed:
-                f.column_norm = mergemath.dora_column_sq(work, f, 0, rows).sqrt()
-            factors.append(f)
-        elif isinstance(term, RowsTerm):
-            factors.append(mergemath.RowsFactors(torch.tensor(term.indices), load(term.values), term.weight))
-        else:
-            factors.append(mergemath.BiasFactors(load(term.vector).flatten(), term.scale))
+    factors = term_factors(task.terms, load)
+    mergemath.accumulate_column_norms(work, factors, 0, rows, rows)
     return mergemath.merge_tile(work, factors, 0, rows).reshape(task.source.shape)
