@@ -12,7 +12,7 @@ import sys
 import threading
 
 from .config import OPTIONS
-from .errors import InterruptedMerge, ShardmergeError
+from .errors import InterruptedMerge, ShardmergeError, os_reason
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # an output path that is a file, a read-only or full filesystem, ...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"shardmerge: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"shardmerge: error: {where}{os_reason(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # a bug of ours: still one line, with the way to get the details
         if os.environ.get("SHARDMERGE_TRACEBACK"):

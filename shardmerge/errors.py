@@ -5,6 +5,13 @@ Every message names the file, tensor or key at fault and, where there is one, wh
 """
 
 
+def os_reason(e: OSError) -> str:
+    """What an OSError means, in the words a user needs (a full disk said plainly)."""
+    import errno
+
+    return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+
+
 class ShardmergeError(Exception):
     """Bad input, a refused output directory, or a failed write. `exit_code` is what the CLI returns."""
 

@@ -14,7 +14,6 @@ so memory does not grow with model size, and reusing slabs means the steady stat
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import mergemath
-from .errors import ShardmergeError
+from .errors import ShardmergeError, os_reason
 from .journal import OutputState, file_checksum, fsync_dir
 from .planner import LoraTerm, MergePlan, OutputShard, RowsTerm, TensorTask
 from .progress import Progress
@@ -101,8 +100,7 @@ class _ShardFile:
 
 
 def _write_error(shard_name: str, e: OSError) -> ShardmergeError:
-    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return ShardmergeError(f"{shard_name}: writing the output shard failed: {reason}; nothing was marked complete, "
+    return ShardmergeError(f"{shard_name}: writing the output shard failed: {os_reason(e)}; nothing was marked complete, "
                            "and re-running the same plan resumes")
 
 

@@ -172,9 +172,24 @@ def open_output(output: Path, fingerprint: str, overwrite: bool, lock: bool = Tr
         return state
     state.tmp_dir.mkdir(exist_ok=True)
     if recorded is None:
-        atomic_write(state.state_dir / "state.json", json.dumps({"fingerprint": fingerprint}).encode())
+        _record_plan(state)
     state.finished = _read_journals(state.state_dir, fingerprint)
     return state
+
+
+def _record_plan(state: OutputState) -> None:
+    atomic_write(state.state_dir / "state.json", json.dumps({"fingerprint": state.fingerprint}).encode())
+
+
+def reopen_finished(state: OutputState) -> None:
+    """A finished output that no longer checks out becomes a partial one again: its good shards are
+    journaled, then the manifest goes, so a kill at any point still leaves a resumable directory."""
+    state.complete = False
+    state.tmp_dir.mkdir(exist_ok=True)
+    _record_plan(state)
+    for name, entry in sorted(state.finished.items()):
+        state.journal(0, name, entry["size"], entry["xxh3_128"])
+    (state.directory / MANIFEST_NAME).unlink(missing_ok=True)
 
 
 def _load_json(path: Path) -> dict | None:

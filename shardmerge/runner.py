@@ -7,7 +7,6 @@ has reported success.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import resource
@@ -22,9 +21,9 @@ from pathlib import Path
 from . import __version__
 from .config import Plan
 from .distributed import Group, Topology, assign, describe_assignment, topology
-from .errors import InterruptedMerge, ShardmergeError
+from .errors import InterruptedMerge, ShardmergeError, os_reason
 from .journal import (MANIFEST_NAME, OutputState, atomic_write, check_not_inputs, clean_tmp, finish, fsync_dir,
-                      open_output, verify_finished)
+                      open_output, reopen_finished, verify_finished)
 from .planner import MergePlan, build_plan, describe
 from .progress import Progress
 from .sources import INDEX_NAME
@@ -96,8 +95,13 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
     topo = topology()
     device = resolve_device(plan.device, topo.local_rank)
     with tempfile.TemporaryDirectory(prefix="shardmerge-") as scratch:
-        if dry_run:
+        def plan_merge() -> MergePlan:
             merge_plan = build_plan(_gpu_budget(plan, device), Path(scratch), device)
+            merge_plan.plan = plan  # the user's plan, not its GPU-budgeted copy, goes into reports and the manifest
+            return merge_plan
+
+        if dry_run:
+            merge_plan = plan_merge()
             if topo.rank == 0:  # every rank checks the plan; one prints it
                 print(describe(merge_plan))
                 if topo.world_size > 1:
@@ -106,8 +110,7 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
         group = Group(topo)
         try:
             def prepare() -> MergePlan:
-                merge_plan = build_plan(_gpu_budget(plan, device), Path(scratch), device)
-                merge_plan.plan = plan
+                merge_plan = plan_merge()
                 check_not_inputs(Path(plan.output),
                                  [merge_plan.base.directory] + [a.weights.parent for a in merge_plan.adapters])
                 return merge_plan
@@ -157,13 +160,7 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
                 if not bad and _finalized(output, merge_plan):
                     finish(state)
                     return "complete"
-                state.complete = False
-                state.tmp_dir.mkdir(exist_ok=True)
-                atomic_write(state.state_dir / "state.json",
-                             json.dumps({"fingerprint": merge_plan.fingerprint}).encode())
-                for name, entry in sorted(state.finished.items()):
-                    state.journal(0, name, entry["size"], entry["xxh3_128"])
-                (output / MANIFEST_NAME).unlink(missing_ok=True)
+                reopen_finished(state)
             else:
                 verify_finished(state, sizes)
             clean_tmp(state)
@@ -267,8 +264,7 @@ def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]
     try:
         _finalize_files(merge_plan, state, shards)
     except OSError as e:
-        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise ShardmergeError(f"{e.filename or state.directory}: finishing the output failed: {reason}; every shard "
+        raise ShardmergeError(f"{e.filename or state.directory}: finishing the output failed: {os_reason(e)}; every shard "
                               "is in, and re-running the same plan finishes it") from None
 
 
