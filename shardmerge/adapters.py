@@ -119,9 +119,8 @@ def _token_indices(files: AdapterFiles, module: str, values: TensorInfo) -> tupl
     """The embedding rows a trainable-tokens delta replaces: `trainable_token_indices` is a list (for the
     input embedding) or a mapping from module-name patterns to lists, as in PEFT's LoraConfig."""
     spec = files.config.get("trainable_token_indices")
-    if isinstance(spec, dict):
-        matches = [v for k, v in spec.items() if re.match(rf"(.*\.)?({k})$", module)]
-        spec = matches[0] if len(matches) == 1 else (list(spec.values())[0] if len(spec) == 1 else None)
+    if isinstance(spec, dict):  # PEFT's pattern rule; a single entry stands for the one embedding saved
+        spec = pattern_value(spec, module, next(iter(spec.values())) if len(spec) == 1 else None)
     if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
         raise ShardmergeError(f"{files.directory / 'adapter_config.json'}: trainable_token_indices gives no list of "
                               f"token ids for {module!r}")

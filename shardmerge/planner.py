@@ -306,7 +306,8 @@ class Buffers:
     `slabs` tile buffers of `slab_bytes` circulate reader -> merger -> writer (a tile's output is written
     back into its own slab); the merger owns one float32 scratch of `work_elems` (one chunk on the CPU, a
     whole tile on the GPU; x5 with DoRA for its temporaries); two tasks' factors may be alive at once; and
-    two fixed `scratch` buffers serve fallback copies and checksum reads."""
+    two `scratch` shares cover the fallback copy buffer (made only if the kernel copy fails) and the
+    checksum's mmap window."""
 
     slabs: int
     slab_bytes: int
