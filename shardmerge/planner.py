@@ -4,7 +4,6 @@ how, in what tiles, and where every output byte goes. No tensor data is read her
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -13,14 +12,12 @@ from pathlib import Path
 from .adapters import Adapter, LoraModule, load_adapter
 from .config import Plan
 from .errors import ShardmergeError
+from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
 from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
 
 FORMAT_VERSION = 1  # bump when the same plan would produce different bytes
 _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-# Output embeddings that transformers ties to the input embedding when tie_word_embeddings is set.
-_OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
-_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 # Architectures whose linear layers are transformers' Conv1D, stored (in, out).
 _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 # Fixed buffers carved out of max_memory: the fallback copy scratch and the checksum read buffer.
@@ -116,45 +113,6 @@ class MergePlan:
         return {"metadata": {**metadata, "total_size": self.total_tensor_bytes}, "weight_map": weight_map}
 
 
-class _Targets:
-    """Finds the base tensor an adapter names, tolerating a model-class prefix that differs between the
-    checkpoint the adapter was trained on and the base (`model.` present in one and not the other)."""
-
-    def __init__(self, base: BaseModel):
-        self.base = base
-        config = base.config
-        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-        self.tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)))
-
-    def find(self, name: str) -> str | None:
-        tensors = self.base.tensors
-        if name in tensors:
-            return name
-        candidates = [n for n in tensors if n.endswith("." + name) or name.endswith("." + n)]
-        if len(candidates) > 1:
-            raise ShardmergeError(f"{name!r} matches several base tensors ({', '.join(sorted(candidates)[:6])}); "
-                                  "the adapter and base checkpoint layouts are ambiguous")
-        if candidates:
-            return candidates[0]
-        return self._tied_embedding(name)
-
-    def _tied_embedding(self, name: str) -> str | None:
-        parts = name.split(".")
-        if not self.tied or len(parts) < 2 or parts[-2] not in _OUTPUT_EMBEDDINGS or parts[-1] != "weight":
-            return None
-        inputs = [n for n in self.base.tensors if n.endswith(".weight") and n.split(".")[-2] in _INPUT_EMBEDDINGS]
-        return inputs[0] if len(inputs) == 1 else None
-
-    def require(self, name: str, adapter_file: Path, key: str) -> str:
-        found = self.find(name)
-        if found is None:
-            close = difflib.get_close_matches(name, list(self.base.tensors), n=1)
-            hint = f" (closest: {close[0]!r})" if close else ""
-            raise ShardmergeError(f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which is not in the "
-                                  f"base model {self.base.directory}{hint}")
-        return found
-
-
 def _conv1d_layout(base: BaseModel, adapters: list[Adapter]) -> bool:
     """Whether square 2-D weights are stored (in, out). Decided by the model, not by squareness: the
     architecture when config.json names it, else the adapter's fan_in_fan_out."""
@@ -210,7 +168,7 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu") -> MergePlan:
     """Read headers and configs, match every adapter tensor, lay out and tile the output."""
     base = read_base(plan.base)
     adapters = _read_adapters(plan, scratch)
-    targets = _Targets(base)
+    targets = BaseNames(base)
     conv1d = _conv1d_layout(base, adapters)
     terms: dict[str, list] = {}
     replaced: dict[str, TensorInfo] = {}
