@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from . import mergemath
+from . import mergemath, terms
 from .errors import ShardmergeError, os_reason
 from .journal import OutputState, file_checksum, fsync_dir
-from .planner import LoraTerm, MergePlan, OutputShard, RowsTerm, TensorTask
+from .planner import MergePlan, OutputShard, TensorTask
 from .progress import Progress
 from .safetensors_io import DTYPE_SIZES, copy_range, pread_into, pwrite_all
 
@@ -210,7 +210,7 @@ class Executor:
         self._put(self.copies, None)
 
     def _read_task(self, out: _ShardFile, task: TensorTask) -> None:
-        self._put(self.tiles, ("task", task, self._factors(task)))
+        self._put(self.tiles, ("task", task, terms.load_factors(task.terms, self._load)))
         blocks = _row_blocks(task)
         src = task.source
         for prepass in [True, False] if task.column_norms else [False]:
@@ -224,11 +224,8 @@ class Executor:
                 self._count(bytes_read=nbytes)
                 self._put(self.tiles, tile)
 
-    def _factors(self, task: TensorTask) -> list:
-        """Every term's tensors, read whole (they are small) and made float32 on the merge device."""
-        return term_factors(task.terms, self._load)
-
     def _load(self, info) -> torch.Tensor:
+        """An adapter tensor read whole (they are small) and made float32 on the merge device."""
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         pread_into(self._fd(info.path), buffer.numpy(), info.offset, info.path)
         self._count(bytes_read=info.nbytes)
@@ -301,9 +298,9 @@ class Executor:
         work.copy_(chunk)
         r0, r1 = tile.r0 + c0, tile.r0 + c1
         if tile.prepass:
-            mergemath.accumulate_column_norms(work, factors, r0, r1, task.source.shape[0])
+            terms.column_pass(task.terms, factors, work, r0, r1, task.source.shape[0])
             return None
-        return mergemath.merge_tile(work, factors, r0, r1)
+        return terms.merge_tile(task.terms, factors, work, r0, r1)
 
     def _check_finite(self, task: TensorTask, rounded: torch.Tensor) -> None:
         """safe_merge: checked after rounding, so an overflow to the output dtype's Inf is caught too."""
@@ -402,24 +399,6 @@ class Executor:
         """A failed run frees the disk it held (a full disk is the usual cause) and leaves no partial file."""
         for path in self.state.tmp_dir.glob("*.partial"):
             path.unlink(missing_ok=True)
-
-
-def term_factors(terms: list, load) -> list:
-    """The merge-math form of a task's terms; `load(TensorInfo)` gives a tensor in the wanted precision
-    and device (float32 on the merge device here; float64 on the CPU for verify)."""
-    factors = []
-    for term in terms:
-        if isinstance(term, LoraTerm):
-            magnitude = None if term.magnitude is None else load(term.magnitude).flatten()
-            factors.append(mergemath.lora_factors(load(term.a), load(term.b), scaling=term.scaling, weight=term.weight,
-                                                  transposed=term.transposed, magnitude=magnitude))
-        elif isinstance(term, RowsTerm):
-            values = load(term.values)
-            indices = torch.tensor(term.indices, dtype=torch.int64, device=values.device)
-            factors.append(mergemath.RowsFactors(indices, values, term.weight))
-        else:
-            factors.append(mergemath.BiasFactors(load(term.vector).flatten(), term.scale))
-    return factors
 
 
 def _row_blocks(task: TensorTask) -> list[tuple[int, int]]:

@@ -33,21 +33,6 @@ class LoraFactors:
     column_norm: torch.Tensor | None = None  # DoRA on a transposed kind, from the pre-pass
 
 
-@dataclass
-class BiasFactors:
-    vector: torch.Tensor  # flattened, float32
-    scale: float
-
-
-@dataclass
-class RowsFactors:
-    """Trainable tokens: rows `indices` of the weight are replaced by `values` (weight 1; else interpolated)."""
-
-    indices: torch.Tensor  # int64
-    values: torch.Tensor  # (len(indices), row), float32
-    weight: float
-
-
 def lora_factors(a: torch.Tensor, b: torch.Tensor, **kwargs) -> LoraFactors:
     """Factors from PEFT's stored shapes: conv A (r, in, *k) and B (out, r, 1...) reduce to 2-D.
     The caller picks the precision (float32 to merge, float64 to check)."""
@@ -76,15 +61,13 @@ def dora_column_sq(base: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> torc
     return (base + f.scaling * delta_rows(f, r0, r1)).square().sum(dim=0)
 
 
-def accumulate_column_norms(base: torch.Tensor, factors: list, r0: int, r1: int, rows: int) -> None:
-    """The DoRA pre-pass for transposed kinds: add rows r0:r1's share to each column norm, and take the
+def accumulate_column_norm(base: torch.Tensor, f: LoraFactors, r0: int, r1: int, rows: int) -> None:
+    """The DoRA pre-pass for transposed kinds: add rows r0:r1's share to the column norm, and take the
     square root once the last of the tensor's `rows` rows is in."""
-    for f in factors:
-        if isinstance(f, LoraFactors) and f.magnitude is not None and f.transposed:
-            part = dora_column_sq(base, f, r0, r1)
-            f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
-            if r1 == rows:
-                f.column_norm.sqrt_()
+    part = dora_column_sq(base, f, r0, r1)
+    f.column_norm = part if f.column_norm is None else f.column_norm.add_(part)
+    if r1 == rows:
+        f.column_norm.sqrt_()
 
 
 def apply_dora(work: torch.Tensor, base: torch.Tensor, f: LoraFactors, r0: int, r1: int) -> torch.Tensor:
@@ -102,18 +85,15 @@ def apply_dora(work: torch.Tensor, base: torch.Tensor, f: LoraFactors, r0: int, 
     return work.add_(merged.sub_(work), alpha=f.weight)
 
 
-def merge_tile(work: torch.Tensor, terms: list, r0: int, r1: int) -> torch.Tensor:
-    """Apply every term, in plan order, to a float32 tile holding rows r0:r1 of the (replaced) base."""
-    base = work.clone() if any(isinstance(t, LoraFactors) and t.magnitude is not None for t in terms) else None
-    for t in terms:
-        if isinstance(t, BiasFactors):
-            work.add_(t.vector[r0:r1].reshape(work.shape), alpha=t.scale)
-        elif isinstance(t, RowsFactors):
-            inside = (t.indices >= r0) & (t.indices < r1)
-            rows, values = t.indices[inside] - r0, t.values[inside]
-            work[rows] = values if t.weight == 1.0 else work[rows] + t.weight * (values - work[rows])
-        elif t.magnitude is None:
-            add_lora(work, t, r0, r1)
-        else:
-            work = apply_dora(work, base, t, r0, r1)
-    return work
+def add_bias(work: torch.Tensor, vector: torch.Tensor, scale: float, r0: int, r1: int) -> None:
+    """work += scale * vector[r0:r1], in place; a bias tile is (rows, 1)."""
+    work.add_(vector[r0:r1].reshape(work.shape), alpha=scale)
+
+
+def replace_rows(work: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, weight: float, r0: int,
+                 r1: int) -> None:
+    """Trainable tokens: rows `indices` (int64, of the whole tensor) become `values`, or with weight w move
+    that fraction of the way, W + w * (values - W); only the ones inside rows r0:r1 touch this tile."""
+    inside = (indices >= r0) & (indices < r1)
+    rows, values = indices[inside] - r0, values[inside]
+    work[rows] = values if weight == 1.0 else work[rows] + weight * (values - work[rows])

@@ -15,6 +15,7 @@ from .errors import ShardmergeError
 from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
 from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
+from .terms import BiasTerm, LoraTerm, RowsTerm, Term
 
 FORMAT_VERSION = 1  # bump when the same plan would produce different bytes
 _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -24,49 +25,13 @@ _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 _SCRATCH_MAX = 8 * 2**20
 
 
-@dataclass(frozen=True)
-class LoraTerm:
-    """One adapter module's contribution to one base tensor."""
-
-    a: TensorInfo
-    b: TensorInfo
-    scaling: float  # PEFT's: alpha/r or alpha/sqrt(r)
-    weight: float  # the plan's multiplier on this adapter
-    transposed: bool  # delta = (B @ A)^T: embeddings and Conv1D (fan_in_fan_out)
-    magnitude: TensorInfo | None  # DoRA
-    origin: str  # "adapter path: module", for messages
-
-    @property
-    def scale(self) -> float:
-        return self.weight * self.scaling
-
-
-@dataclass(frozen=True)
-class BiasTerm:
-    """lora_bias: the target bias gains scale * lora_B.bias."""
-
-    vector: TensorInfo
-    scale: float
-    origin: str
-
-
-@dataclass(frozen=True)
-class RowsTerm:
-    """Trainable tokens: the listed embedding rows become the adapter's values (weight interpolates)."""
-
-    indices: tuple[int, ...]
-    values: TensorInfo
-    weight: float
-    origin: str
-
-
 @dataclass
 class TensorTask:
     name: str
     source: TensorInfo  # the base tensor, or the adapter tensor replacing it
     out_dtype: str
     out_offset: int = 0  # absolute, in the output shard
-    terms: list = field(default_factory=list)  # LoraTerm / BiasTerm / RowsTerm, applied in order
+    terms: list[Term] = field(default_factory=list)  # applied in order
     rows_per_tile: int = 0
     chunk_rows: int = 0
 
@@ -80,8 +45,8 @@ class TensorTask:
 
     @property
     def column_norms(self) -> bool:
-        """DoRA on a transposed kind normalises columns, which needs a pass over all rows first."""
-        return any(isinstance(t, LoraTerm) and t.magnitude is not None and t.transposed for t in self.terms)
+        """Whether some term needs a pass over all rows before the merge (DoRA on a transposed kind)."""
+        return any(t.column_norms for t in self.terms)
 
 
 @dataclass
@@ -245,16 +210,8 @@ def scratch_bytes(budget: int) -> int:
 
 
 def fixed_cost(task: TensorTask) -> int:
-    """Bytes held for a whole task: every term's factors in float32 (DoRA: magnitude and column norms)."""
-    total = 0
-    for t in task.terms:
-        if isinstance(t, LoraTerm):
-            total += 4 * (t.a.numel + t.b.numel + 2 * (t.magnitude.numel if t.magnitude else 0))
-        elif isinstance(t, RowsTerm):
-            total += 4 * t.values.numel + 8 * len(t.indices)
-        else:
-            total += 4 * t.vector.numel
-    return total
+    """Bytes held for a whole task: every term's factors."""
+    return sum(t.fixed_bytes for t in task.terms)
 
 
 @dataclass(frozen=True)
@@ -299,7 +256,7 @@ def _tile(merge_plan: MergePlan) -> Buffers:
     if not tasks:
         return Buffers(0, 0, 0, 1, 0, scratch)
     itemsize = max(max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks)
-    work_factor = 5 if any(isinstance(x, LoraTerm) and x.magnitude is not None for t in tasks for x in t.terms) else 1
+    work_factor = max((x.work_copies for t in tasks for x in t.terms), default=1)
     on_cuda = merge_plan.device.startswith("cuda")
     factors = 2 * max(fixed_cost(t) for t in tasks)
     # A tiny budget shrinks the chunk too (then a chunk is a whole tile).
@@ -382,23 +339,14 @@ def describe(merge_plan: MergePlan) -> str:
     base_shards = {s.path for s in merge_plan.base.shards}
     for shard in merge_plan.shards:
         for t in shard.tasks:
-            read += t.source.nbytes + sum(x.nbytes for term in t.terms for x in _term_tensors(term))
+            read += t.source.nbytes + sum(x.nbytes for term in t.terms for x in term.reads())
             if t.source.path not in base_shards:
                 counts["replaced"] += 1
             elif t.terms:
                 counts["merged"] += 1
             else:
                 counts["copied byte for byte" if t.is_copy else "converted"] += 1
-            for term in t.terms:
-                if isinstance(term, LoraTerm):
-                    kind = ("DoRA " if term.magnitude is not None else "") + ("(B@A)^T" if term.transposed else "B@A")
-                    lines.append(f"  merge {t.name} {list(t.source.shape)} {t.source.dtype}->{t.out_dtype}: "
-                                 f"{term.origin} r={term.a.shape[0]} scale={term.scale:.6g} {kind}, "
-                                 f"tiles of {t.rows_per_tile} rows")
-                elif isinstance(term, RowsTerm):
-                    lines.append(f"  rows  {t.name}: {term.origin} {len(term.indices)} trainable tokens")
-                else:
-                    lines.append(f"  bias  {t.name}: {term.origin} scale={term.scale:.6g}")
+            lines += [term.describe(t) for term in t.terms]
     written = sum(s.size for s in merge_plan.shards)
     lines.append(f"output: {merge_plan.plan.output}: {len(merge_plan.shards)} shards "
                  f"({', '.join(s.name for s in merge_plan.shards[:3])}{', ...' if len(merge_plan.shards) > 3 else ''})"
@@ -408,8 +356,3 @@ def describe(merge_plan: MergePlan) -> str:
                  f", device {merge_plan.device}")
     return "\n".join(lines)
 
-
-def _term_tensors(term) -> list[TensorInfo]:
-    if isinstance(term, LoraTerm):
-        return [term.a, term.b] + ([term.magnitude] if term.magnitude is not None else [])
-    return [term.values] if isinstance(term, RowsTerm) else [term.vector]

@@ -102,8 +102,7 @@ def _reference(task):
     """The merged tensor recomputed whole, in float64, straight from the input files."""
     import torch
 
-    from . import mergemath
-    from .executor import term_factors
+    from . import mergemath, terms
 
     def load(info):
         with open(info.path, "rb") as f:
@@ -113,6 +112,6 @@ def _reference(task):
 
     rows = task.source.shape[0]
     work = load(task.source).reshape(rows, -1)
-    factors = term_factors(task.terms, load)
-    mergemath.accumulate_column_norms(work, factors, 0, rows, rows)
-    return mergemath.merge_tile(work, factors, 0, rows).reshape(task.source.shape)
+    factors = terms.load_factors(task.terms, load)
+    terms.column_pass(task.terms, factors, work, 0, rows, rows)
+    return terms.merge_tile(task.terms, factors, work, 0, rows).reshape(task.source.shape)
