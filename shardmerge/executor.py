@@ -1,6 +1,8 @@
-"""The streaming executor: read tiles, merge them on the device, write them at their planned offsets.
+"""The streaming executor's stage bodies: read tiles, merge them on the device, write them at their planned
+offsets, copy untouched tensors, finish shards. The threads and queues are pipeline.py's; the CUDA stream
+ordering is cuda.py's.
 
-Five threads joined by bounded queues, so disk reads, merge math, writes, kernel-side copies and
+Five stages joined by bounded queues, so disk reads, merge math, writes, kernel-side copies and
 checksums overlap:
 
     reader --tiles--> merger --tiles--> writer --+
@@ -24,14 +26,15 @@ from pathlib import Path
 import torch
 
 from . import mergemath, terms
+from .cuda import Streams
 from .errors import ShardmergeError, os_reason
 from .journal import OutputState, file_checksum, fsync_dir
+from .pipeline import Pipeline, SlabPool
 from .planner import MergePlan, OutputShard, TensorTask
 from .progress import Progress
 from .safetensors_io import DTYPE_SIZES, copy_range, pread_into, pwrite_all
 
 _QUEUE_DEPTH = 4
-_POLL = 0.1
 
 
 @dataclass
@@ -54,34 +57,6 @@ class ExecutionResult:
     bytes_read: int = 0
     bytes_written: int = 0
     peak_budget: int = 0
-
-
-class Stopped(Exception):
-    """Raised inside a stage when another stage failed or a signal asked us to stop."""
-
-
-class SlabPool:
-    """The tile buffers: at most `count` slabs of `size` bytes, made on first use and then reused, so
-    the steady state allocates nothing (fresh pages cost more than the merge math) and memory is capped."""
-
-    def __init__(self, count: int, size: int, pin: bool, stop: threading.Event):
-        self.count, self.size, self.pin, self.stop = count, size, pin, stop
-        self.made = 0
-        self.free: queue.Queue = queue.Queue()
-
-    def take(self) -> torch.Tensor:
-        if self.free.empty() and self.made < self.count:
-            self.made += 1
-            return torch.empty(self.size, dtype=torch.uint8, pin_memory=self.pin)
-        while True:
-            try:
-                return self.free.get(timeout=_POLL)
-            except queue.Empty:
-                if self.stop.is_set():
-                    raise Stopped from None
-
-    def give(self, slab: torch.Tensor) -> None:
-        self.free.put(slab)
 
 
 class _ShardFile:
@@ -122,8 +97,8 @@ class Executor:
         self.plan, self.state, self.rank, self.progress = merge_plan, state, rank, progress
         self.device = torch.device(merge_plan.device)
         self.cuda = self.device.type == "cuda"
-        self.stop = threading.Event()
-        self.failure: BaseException | None = None
+        self.pipeline = Pipeline()
+        self.stop = self.pipeline.stop  # set by a signal handler to stop every stage
         buffers = merge_plan.buffers
         self.pool = SlabPool(buffers.slabs, buffers.slab_bytes, self.cuda, self.stop)
         self.work_elems = buffers.work_elems
@@ -136,11 +111,9 @@ class Executor:
         self.copies: queue.Queue = queue.Queue(64)
         self.finished: queue.Queue = queue.Queue()
         self._counts = threading.Lock()
-        if self.cuda:
-            self.h2d_stream = torch.cuda.Stream(self.device)
-            self.compute_stream = torch.cuda.Stream(self.device)
+        self.streams = Streams(self.device) if self.cuda else None
 
-    # -- plumbing ---------------------------------------------------------------------------------------
+    # -- inputs and counters --------------------------------------------------------------------------
     def _fd(self, path: Path) -> int:
         with self._inputs_lock:
             if path not in self._inputs:
@@ -150,37 +123,6 @@ class Executor:
                 except OSError as e:
                     raise ShardmergeError(f"{path}: cannot open: {e.strerror}") from None
             return self._inputs[path]
-
-    def _put(self, q: queue.Queue, item) -> None:
-        while True:
-            if self.stop.is_set():
-                raise Stopped
-            try:
-                q.put(item, timeout=_POLL)
-                return
-            except queue.Full:
-                continue
-
-    def _get(self, q: queue.Queue):
-        while True:
-            try:
-                return q.get(timeout=_POLL)
-            except queue.Empty:
-                if self.stop.is_set():
-                    raise Stopped from None
-
-    def _stage(self, body):
-        def run():
-            try:
-                body()
-            except Stopped:
-                pass
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread, which re-raises it
-                if self.failure is None:
-                    self.failure = e
-                self.stop.set()
-
-        return threading.Thread(target=run, name=body.__name__, daemon=True)
 
     def _count(self, **deltas) -> None:
         with self._counts:
@@ -201,16 +143,16 @@ class Executor:
                 raise _write_error(shard.name, e) from None
             self.progress.advance(len(shard.header))
             for run in runs:
-                self._put(self.copies, (out, run))
+                self.pipeline.put(self.copies, (out, run))
             for task in work:
                 self._read_task(out, task)
             if out.piece_done():  # the header was the extra piece
-                self._put(self.finished, out)
-        self._put(self.tiles, None)
-        self._put(self.copies, None)
+                self.pipeline.put(self.finished, out)
+        self.pipeline.put(self.tiles, None)
+        self.pipeline.put(self.copies, None)
 
     def _read_task(self, out: _ShardFile, task: TensorTask) -> None:
-        self._put(self.tiles, ("task", task, terms.load_factors(task.terms, self._load)))
+        self.pipeline.put(self.tiles, ("task", task, terms.load_factors(task.terms, self._load)))
         blocks = _row_blocks(task)
         src = task.source
         for prepass in [True, False] if task.column_norms else [False]:
@@ -222,7 +164,7 @@ class Executor:
                 pread_into(self._fd(src.path), tile.slab[:nbytes].numpy(), src.offset + r0 * src.row_bytes, src.path)
                 self.result.stages.read += time.perf_counter() - start
                 self._count(bytes_read=nbytes)
-                self._put(self.tiles, tile)
+                self.pipeline.put(self.tiles, tile)
 
     def _load(self, info) -> torch.Tensor:
         """An adapter tensor read whole (they are small) and made float32 on the merge device."""
@@ -235,7 +177,7 @@ class Executor:
     def merger(self) -> None:
         factors: list = []
         work = None
-        while (item := self._get(self.tiles)) is not None:
+        while (item := self.pipeline.get(self.tiles)) is not None:
             if isinstance(item, tuple):
                 _, task, factors = item
                 continue
@@ -249,8 +191,8 @@ class Executor:
                 continue
             if item.last:
                 self._count(tensors_merged=1 if item.task.terms else 0)
-            self._put(self.writes, item)
-        self._put(self.writes, None)
+            self.pipeline.put(self.writes, item)
+        self.pipeline.put(self.writes, None)
 
     def _merge_tile(self, tile: _Tile, factors: list, work_buffer: torch.Tensor) -> None:
         """Merge one tile in float32 and write the rounded result back into the tile's own slab."""
@@ -259,22 +201,26 @@ class Executor:
         raw = tile.slab[: rows * src.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
         tile.out_bytes = rows * _out_row_bytes(task)
         out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
-        if self.cuda:
-            with torch.cuda.stream(self.h2d_stream):
-                raw = raw.to(self.device, non_blocking=True)
-            self.compute_stream.wait_stream(self.h2d_stream)
-            raw.record_stream(self.compute_stream)  # allocated on the copy stream, consumed on the compute one
-            with torch.cuda.stream(self.compute_stream):
-                result = self._merge_rows(tile, factors, raw, work_buffer, 0, rows)
-                if result is None:  # the DoRA pre-pass: the slab goes back once its copy to the device is done
-                    self.compute_stream.synchronize()
-                    return
-                rounded = result.to(out.dtype)
-                self._check_finite(task, rounded)
-                out.copy_(rounded, non_blocking=True)
-                tile.ready = torch.cuda.Event()
-                tile.ready.record(self.compute_stream)
-            return
+        if self.streams is not None:
+            tile.ready = self.streams.merge(raw, out, lambda on_device: self._rounded(tile, factors, on_device,
+                                                                                      work_buffer, out.dtype))
+        else:
+            self._merge_chunks(tile, factors, raw, out, work_buffer)
+
+    def _rounded(self, tile: _Tile, factors: list, raw: torch.Tensor, work_buffer: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+        """A whole tile merged and rounded to `dtype` (the GPU path), or None for the DoRA pre-pass."""
+        result = self._merge_rows(tile, factors, raw, work_buffer, 0, tile.r1 - tile.r0)
+        if result is None:
+            return None
+        rounded = result.to(dtype)
+        self._check_finite(tile.task, rounded)
+        return rounded
+
+    def _merge_chunks(self, tile: _Tile, factors: list, raw: torch.Tensor, out: torch.Tensor,
+                      work_buffer: torch.Tensor) -> None:
+        """The CPU path: the tile in cache-sized chunks, each rounded into the slab as soon as it is merged."""
+        task, src, rows = tile.task, tile.task.source, tile.r1 - tile.r0
         # The output is rounded into the same slab. Walking chunks forward, a chunk's output lands only on
         # input already consumed when the output dtype is no wider than the input; when it is wider (bf16 ->
         # float32), walking backward keeps every chunk's output beyond the input still to be read.
@@ -310,7 +256,7 @@ class Executor:
                                   f"from {origin}")
 
     def writer(self) -> None:
-        while (tile := self._get(self.writes)) is not None:
+        while (tile := self.pipeline.get(self.writes)) is not None:
             if tile.ready is not None:
                 tile.ready.synchronize()
             start = time.perf_counter()
@@ -324,11 +270,11 @@ class Executor:
             self._count(bytes_written=tile.out_bytes)
             self.progress.advance(tile.out_bytes, 1 if tile.last else 0)
             if tile.shard.piece_done():
-                self._put(self.finished, tile.shard)
-        self._put(self.finished, None)
+                self.pipeline.put(self.finished, tile.shard)
+        self.pipeline.put(self.finished, None)
 
     def copier(self) -> None:
-        while (item := self._get(self.copies)) is not None:
+        while (item := self.pipeline.get(self.copies)) is not None:
             out, (src_path, src_offset, dst_offset, length, count) = item
             start = time.perf_counter()
             try:
@@ -339,13 +285,13 @@ class Executor:
             self._count(tensors_copied=count, bytes_read=length, bytes_written=length)
             self.progress.advance(length, count)
             if out.piece_done():
-                self._put(self.finished, out)
-        self._put(self.finished, None)
+                self.pipeline.put(self.finished, out)
+        self.pipeline.put(self.finished, None)
 
     def finisher(self) -> None:
         producers = 2  # the writer and the copier each send one None when done
         while producers:
-            out = self._get(self.finished)
+            out = self.pipeline.get(self.finished)
             if out is None:
                 producers -= 1
                 continue
@@ -369,30 +315,20 @@ class Executor:
 
     # -- driver ------------------------------------------------------------------------------------------
     def run(self, shards: list[OutputShard]) -> ExecutionResult:
-        threads = [self._stage(lambda: self.reader(shards)), self._stage(self.merger), self._stage(self.writer),
-                   self._stage(self.copier), self._stage(self.finisher)]
         # One math thread: the merge is memory-bound and chunked to stay in cache, and the other cores are
         # the reader's, writer's and checksummer's. OpenMP workers fighting them for a core cost far more.
         math_threads = torch.get_num_threads()
         if not self.cuda:
             torch.set_num_threads(1)
-        for t in threads:
-            t.start()
         try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(_POLL)
+            self.pipeline.run([lambda: self.reader(shards), self.merger, self.writer, self.copier, self.finisher])
         finally:
-            self.stop.set()
-            for t in threads:
-                t.join()
             for fd in self._inputs.values():
                 os.close(fd)
             torch.set_num_threads(math_threads)
+            if self.pipeline.failure is not None:
+                self._remove_partials()
         self.result.peak_budget = self.pool.made * self.pool.size + 4 * self.work_elems
-        if self.failure is not None:
-            self._remove_partials()
-            raise self.failure
         return self.result
 
     def _remove_partials(self) -> None:

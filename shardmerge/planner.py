@@ -129,8 +129,9 @@ def _read_adapters(plan: Plan, scratch: Path) -> list[Adapter]:
     return adapters
 
 
-def build_plan(plan: Plan, scratch: Path, device: str = "cpu") -> MergePlan:
-    """Read headers and configs, match every adapter tensor, lay out and tile the output."""
+def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | None = None) -> MergePlan:
+    """Read headers and configs, match every adapter tensor, lay out and tile the output. `budget` is the
+    bytes tiles may fill (cuda.tile_budget: on CUDA also bounded by GPU memory); default max_memory."""
     base = read_base(plan.base)
     adapters = _read_adapters(plan, scratch)
     targets = BaseNames(base)
@@ -184,7 +185,7 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu") -> MergePlan:
         shard.size = len(shard.header) + sum(t.out_nbytes for t in shard.tasks)
     write_index = base.has_index or len(shards) > 1
     merge_plan = MergePlan(plan, base, adapters, shards, write_index, device)
-    merge_plan.buffers = _tile(merge_plan)
+    merge_plan.buffers = _tile(merge_plan, plan.max_memory if budget is None else budget)
     merge_plan.fingerprint = fingerprint(merge_plan)
     return merge_plan
 
@@ -247,10 +248,9 @@ def _row_elems(task: TensorTask) -> int:
     return task.source.numel // shape[0] if shape and shape[0] else max(task.source.numel, 1)
 
 
-def _tile(merge_plan: MergePlan) -> Buffers:
+def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     """Choose rows per tile (and per cache-sized chunk) for every tensor that is not a plain copy, and
     the buffers that implies."""
-    budget = merge_plan.plan.max_memory
     scratch = scratch_bytes(budget)
     tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]
     if not tasks:

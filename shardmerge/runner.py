@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Plan
+from .cuda import resolve_device, tile_budget
 from .distributed import Group, Topology, assign, describe_assignment, topology
 from .errors import InterruptedMerge, ShardmergeError, os_reason
 from .journal import (MANIFEST_NAME, OutputState, atomic_write, check_not_inputs, clean_tmp, finish, fsync_dir,
@@ -59,46 +60,14 @@ class MergeReport:
                 f"{self.peak_rss_bytes / 2**20:.0f} MiB; busy: {stages}")
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> str:
-    import torch
-
-    if requested == "cpu":
-        return "cpu"
-    available = torch.cuda.is_available()
-    if requested == "auto":
-        return f"cuda:{local_rank % torch.cuda.device_count()}" if available else "cpu"
-    if not available:
-        raise ShardmergeError(f"device {requested!r} was asked for but CUDA is not available here; use device: cpu")
-    index = int(requested.split(":")[1]) if ":" in requested else local_rank % torch.cuda.device_count()
-    if index >= torch.cuda.device_count():
-        raise ShardmergeError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA devices are visible")
-    return f"cuda:{index}"
-
-
-def _gpu_budget(plan: Plan, device: str) -> Plan:
-    """On CUDA the tiles also live in GPU memory: size them by the smaller of the two budgets."""
-    if not device.startswith("cuda"):
-        return plan
-    import dataclasses
-
-    import torch
-
-    gpu = plan.max_gpu_memory
-    if gpu == "auto":
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        gpu = int(free * 0.8)
-    return dataclasses.replace(plan, max_memory=min(plan.max_memory, gpu))
-
-
 def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> MergeReport:
     started = time.monotonic()
     topo = topology()
     device = resolve_device(plan.device, topo.local_rank)
+    budget = tile_budget(plan, device)
     with tempfile.TemporaryDirectory(prefix="shardmerge-") as scratch:
         def plan_merge() -> MergePlan:
-            merge_plan = build_plan(_gpu_budget(plan, device), Path(scratch), device)
-            merge_plan.plan = plan  # the user's plan, not its GPU-budgeted copy, goes into reports and the manifest
-            return merge_plan
+            return build_plan(plan, Path(scratch), device, budget)
 
         if dry_run:
             merge_plan = plan_merge()
