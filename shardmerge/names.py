@@ -1,14 +1,27 @@
 """Adapter tensor names -> base checkpoint tensor names.
 
 An adapter names tensors as the model's modules are named in memory; the base checkpoint names them as
-they are stored. `BaseNames.require(name, ...)` returns the one base tensor an adapter name stands for, or
-raises naming the adapter file and key.
+they are stored. The two differ wherever transformers renames keys at load through its checkpoint
+conversion mapping: vision-language models (`language_model.model.layers...` on disk for the LLaVA family,
+`model.language_model.layers...` in memory; `model.layers...` + `visual...` for Qwen2-VL), vision towers
+that drop a `vision_model.` level, Mixtral's `block_sparse_moe.` -> `mlp.`. PEFT renames adapter keys with
+the same rules, so shardmerge matches in the module namespace: both names go through the model's renaming
+rules (`Renames.to_module`), and the one base tensor that lands on the adapter's module name is the target.
+Output names stay the base's.
+
+`BaseNames.require(name, ...)` returns the one base tensor an adapter name stands for, or raises naming the
+adapter file and key. `checkpoint_renames(config)` gives the renaming rules of a model on their own (for
+code that maps checkpoint keys to module keys for other purposes, e.g. expert layouts).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import ShardmergeError
 from .sources import BaseModel
@@ -18,27 +31,245 @@ _OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
 _INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 
 
+class _RenameRule(Protocol):
+    """transformers' WeightRenaming interface, which the built-in `Rule` copies."""
+
+    def rename_source_key(self, source_key: str) -> tuple[str, str | None]: ...
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One checkpoint -> module renaming, applied as transformers applies a WeightRenaming: the first match
+    of `pattern` (searched, ending on a name boundary) is replaced once. A scoped rule acts only on keys under
+    one sub-model (`scope`, a module path below the base-model prefix; "" is the base model itself), and
+    only on the part of the key below it."""
+
+    pattern: str
+    replacement: str
+    scope: str | None = None
+    base_prefix: str = "model"  # the model's base_model_prefix, which a scoped key may carry or not
+
+    def rename_source_key(self, source_key: str) -> tuple[str, str | None]:
+        prefix, key = "", source_key
+        if self.scope is not None:
+            scope = f"{self.scope}." if self.scope else ""
+            for candidate in (f"{self.base_prefix}.{scope}", scope):
+                if source_key.startswith(candidate):
+                    prefix, key = candidate, source_key[len(candidate) :]
+                    break
+            else:
+                return source_key, None
+        # transformers ends a pattern on a name boundary: `lm_head` must not match `lm_head_2`
+        pattern = self.pattern + (r"(?!\w)" if re.search(r"[a-zA-Z0-9]$", self.pattern) else "")
+        renamed, n = re.subn(pattern, self.replacement, key, count=1)
+        return (prefix + renamed, self.pattern) if n else (source_key, None)
+
+
+@dataclass(frozen=True)
+class Renames:
+    """A model's checkpoint -> module key renaming: every rule applied in order, each at most once."""
+
+    family: str  # what the rules were chosen by, for messages
+    source: str  # "transformers X.Y" or "built-in table"
+    rules: Sequence[_RenameRule]
+
+    def to_module(self, key: str) -> str:
+        for rule in self.rules:
+            key, _ = rule.rename_source_key(key)
+        return key
+
+
+# ---- the built-in table: transformers 5's rules for the common families, used when transformers is absent
+# (or does not know the architecture). tests/test_names.py checks it against transformers for every family.
+
+def _llava_rules(towers: Sequence[str] = ("vision_tower", "multi_modal_projector")) -> tuple[Rule, ...]:
+    """LlavaForConditionalGeneration and the families transformers maps like it: the hub layout keeps the
+    language model's own `model.`/`lm_head` under `language_model.`; in memory the towers sit under `model.`."""
+    return (
+        Rule(r"^language_model.lm_head", "lm_head"),
+        Rule(r"^language_model", "model.language_model"),
+        *(Rule(rf"^{tower}", f"model.{tower}") for tower in towers),
+        Rule(r"^language_model.model", "language_model", scope=""),  # LlavaModel's own rule
+    )
+
+
+_QWEN2_VL = (
+    Rule(r"^visual", "model.visual"),
+    Rule(r"^model(?!\.(language_model|visual))", "model.language_model"),
+    Rule(r"^model\.(?:(?!language_model\.))(.+)", r"model.language_model.\1", scope=""),  # Qwen2VLModel's
+)
+_MIXTRAL = (Rule(r".block_sparse_moe.", ".mlp."),)
+_LLAVA_NEXT = _llava_rules(("vision_tower", "multi_modal_projector", "image_newline"))
+
+
+@dataclass(frozen=True)
+class _Family:
+    rules: tuple[Rule, ...]
+    # sub-config key -> the module path (below the base-model prefix) of the sub-model built from it
+    submodels: tuple[tuple[str, str], ...] = (("vision_config", "vision_tower"), ("text_config", "language_model"))
+
+
+_FAMILIES = {
+    "llava": _Family(_llava_rules()),
+    "vipllava": _Family(_llava_rules()),
+    "aya_vision": _Family(_llava_rules()),
+    "mistral3": _Family(_llava_rules()),
+    "gemma3": _Family(_llava_rules()),
+    "paligemma": _Family(_llava_rules()),
+    "internvl": _Family(_llava_rules()),
+    "mllama": _Family(_llava_rules(("vision_model", "multi_modal_projector")),
+                      (("vision_config", "vision_model"), ("text_config", "language_model"))),
+    "llava_next": _Family(_LLAVA_NEXT),
+    "llava_next_video": _Family(_LLAVA_NEXT),
+    "llava_onevision": _Family(_LLAVA_NEXT),
+    "Qwen2VLForConditionalGeneration": _Family(_QWEN2_VL, ()),
+    "Qwen2_5_VLForConditionalGeneration": _Family(_QWEN2_VL, ()),
+    "mixtral": _Family(_MIXTRAL, ()),
+}
+# Rules of sub-models (by their config's model_type), relative to where the family puts them.
+_SUBMODEL_RULES = {
+    "clip_vision_model": (Rule(r"^vision_model\.(.+)", r"\1"),),  # transformers 5 flattened the tower
+    "siglip_vision_model": (Rule(r"^vision_model\.(.+)", r"\1"),),
+    "mixtral": _MIXTRAL,
+}
+# transformers adds these to every model's rules (older checkpoint spellings).
+_LEGACY = (
+    Rule("LayerNorm.gamma", "LayerNorm.weight"),
+    Rule("LayerNorm.beta", "LayerNorm.bias"),
+    Rule(".weight_g", ".parametrizations.weight.original0"),
+    Rule(".weight_v", ".parametrizations.weight.original1"),
+    Rule(r"^language_model\.model\.model|^model\.language_model\.model", "model.language_model"),
+)
+
+
+def _architecture(config: dict) -> str:
+    architectures = config.get("architectures")
+    return architectures[0] if isinstance(architectures, list) and architectures and isinstance(
+        architectures[0], str) else ""
+
+
+def _table_family(config: dict) -> str | None:
+    """The config's family in the built-in table: by architecture, else by model_type."""
+    return next((n for n in (_architecture(config), config.get("model_type")) if n in _FAMILIES), None)
+
+
+def _table_renames(config: dict) -> Renames | None:
+    """The built-in rules for the config's family, with the rules of its nested sub-models (e.g. a Mixtral
+    text_config inside a LLaVA) scoped to where the family puts them."""
+    name = _table_family(config)
+    if name is None:
+        return None
+    family = _FAMILIES[name]
+    rules = list(family.rules)
+    for key, module in family.submodels:
+        sub = config.get(key)
+        sub_type = sub.get("model_type") if isinstance(sub, dict) else None
+        rules += [Rule(r.pattern, r.replacement, scope=module) for r in _SUBMODEL_RULES.get(sub_type, ())]
+    return Renames(name, "built-in table", tuple(rules) + _LEGACY)
+
+
+_NOT_KNOWN = object()  # transformers is importable but cannot build this architecture
+
+
+def _transformers_renames(config: dict):
+    """transformers' own rules for this model (None: it has none), or _NOT_KNOWN. The rules depend on
+    which sub-models the model holds and where, so the model is built on the meta device (no memory, no
+    weights read) and asked, exactly as PEFT and from_pretrained ask it."""
+    try:
+        import torch
+        import transformers
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:  # no transformers, or one older than 5 (no conversion tables): the built-in table
+        return _NOT_KNOWN
+    architecture, model_type = _architecture(config), config.get("model_type")
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None or not isinstance(model_type, str):
+        return _NOT_KNOWN
+    if all(get_checkpoint_conversion_mapping(n) is None for n in (architecture, model_type)):
+        return None
+    try:
+        model_config = CONFIG_MAPPING[model_type].from_dict(config)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            with torch.device("meta"):
+                model = model_class(model_config)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        conversions = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - a config it cannot build (remote code, another version's keys)
+        return _NOT_KNOWN
+    rules = tuple(c for c in conversions if isinstance(c, WeightRenaming))
+    return Renames(architecture, f"transformers {transformers.__version__}", rules)
+
+
+def checkpoint_renames(config: dict) -> Renames | None:
+    """The model's checkpoint -> module key renaming: transformers' own tables when transformers (5 or
+    later) is importable and knows the architecture, else the built-in table; None when there is none."""
+    found = _transformers_renames(config)
+    return _table_renames(config) if found is _NOT_KNOWN else found
+
+
+def _is_composite(config: dict) -> bool:
+    """Whether the config nests sub-model configs (text_config, vision_config, ...), as every VLM's does."""
+    return any(isinstance(v, dict) and "model_type" in v for v in config.values())
+
+
 class BaseNames:
-    """Finds the base tensor an adapter names, tolerating a model-class prefix that differs between the
-    checkpoint the adapter was trained on and the base (`model.` present in one and not the other)."""
+    """Finds the base tensor an adapter names.
+
+    In order: the adapter's module name renamed to the one base tensor that transformers loads into that
+    module (for composite models, and models with built-in rules, this is checked for every name, so a
+    checkpoint holding one tensor under two layouts is refused rather than half-merged; for others only
+    when no tensor has the exact name, since transformers is then imported), the exact name, a model-class
+    prefix that differs between the adapter's model and the base (`model.` present in one and not the
+    other), and a tied output embedding."""
 
     def __init__(self, base: BaseModel):
         self.base = base
         config = base.config
         text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         self.tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)))
+        self._eager = _is_composite(config) or _table_family(config) is not None
+        self._renames: Renames | None = None
+        self._by_module: dict[str, list[str]] | None = None
+
+    @property
+    def renames(self) -> Renames | None:
+        """The base model's renaming rules, looked up once, when first needed."""
+        if self._by_module is None:
+            self._renames = checkpoint_renames(self.base.config)
+            self._by_module = {}
+            if self._renames is not None:
+                for name in self.base.tensors:
+                    self._by_module.setdefault(self._renames.to_module(name), []).append(name)
+        return self._renames
+
+    def candidates(self, name: str) -> tuple[list[str], str]:
+        """Every base tensor `name` may stand for, and by which rule ("renamed", "exact", "prefix", "tied");
+        more than one tensor is an ambiguity the caller reports."""
+        tensors = self.base.tensors
+        if self._eager or name not in tensors:
+            renames = self.renames
+            hits = self._by_module.get(renames.to_module(name), []) if renames is not None else []
+            if hits:
+                return sorted(hits), "renamed"
+        if name in tensors:
+            return [name], "exact"
+        prefixed = [n for n in tensors if n.endswith("." + name) or name.endswith("." + n)]
+        if prefixed:
+            return sorted(prefixed), "prefix"
+        tied = self._tied_embedding(name)
+        return ([tied] if tied else []), "tied"
 
     def find(self, name: str) -> str | None:
-        tensors = self.base.tensors
-        if name in tensors:
-            return name
-        candidates = [n for n in tensors if n.endswith("." + name) or name.endswith("." + n)]
-        if len(candidates) > 1:
-            raise ShardmergeError(f"{name!r} matches several base tensors ({', '.join(sorted(candidates)[:6])}); "
+        found, _ = self.candidates(name)
+        if len(found) > 1:
+            raise ShardmergeError(f"{name!r} matches several base tensors ({', '.join(found[:6])}); "
                                   "the adapter and base checkpoint layouts are ambiguous")
-        if candidates:
-            return candidates[0]
-        return self._tied_embedding(name)
+        return found[0] if found else None
 
     def _tied_embedding(self, name: str) -> str | None:
         parts = name.split(".")
@@ -48,10 +279,18 @@ class BaseNames:
         return inputs[0] if len(inputs) == 1 else None
 
     def require(self, name: str, adapter_file: Path, key: str) -> str:
-        found = self.find(name)
-        if found is None:
+        found, how = self.candidates(name)
+        if len(found) > 1:
+            if how == "renamed":
+                why = (f"through {self.renames.family}'s checkpoint renames ({self.renames.source}): the base "
+                       "checkpoint stores that tensor under more than one layout; keep one of them")
+            else:
+                why = "by a model-class prefix: the adapter and base checkpoint layouts are ambiguous"
+            raise ShardmergeError(f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which matches several "
+                                  f"base tensors {why} ({', '.join(found[:6])})")
+        if not found:
             close = difflib.get_close_matches(name, list(self.base.tensors), n=1)
             hint = f" (closest: {close[0]!r})" if close else ""
             raise ShardmergeError(f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which is not in the "
                                   f"base model {self.base.directory}{hint}")
-        return found
+        return found[0]
