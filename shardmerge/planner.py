@@ -17,7 +17,7 @@ from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
 from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
 from .terms import BiasTerm, LoraTerm, RowsTerm, Term
 
-FORMAT_VERSION = 1  # bump when the same plan would produce different bytes
+FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
 _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Architectures whose linear layers are transformers' Conv1D, stored (in, out).
 _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
@@ -175,11 +175,14 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
     if plan.max_shard_size != "keep":
         layout = _reshard([t for _, tasks in layout for t in tasks], plan.max_shard_size)
     shards = [OutputShard(name, tasks) for name, tasks in layout]
-    metadata = {shard.path.name: shard.metadata for shard in base.shards}
+    base_shards = {shard.path.name: shard for shard in base.shards}
     for shard in shards:
-        meta = metadata.get(shard.name, base.shards[0].metadata)
+        meta = base_shards.get(shard.name, base.shards[0]).metadata
+        # A kept layout keeps the base's data start, so copied tensors stay block-aligned with their source
+        # and an extent-sharing filesystem shares their blocks instead of copying them.
+        like = base_shards[shard.name].data_start if plan.max_shard_size == "keep" else None
         entries = [(t.name, t.out_dtype, t.source.shape, t.out_nbytes) for t in shard.tasks]
-        shard.header, offsets = encode_header(entries, meta)
+        shard.header, offsets = encode_header(entries, meta, like)
         for t, offset in zip(shard.tasks, offsets):
             t.out_offset = offset
         shard.size = len(shard.header) + sum(t.out_nbytes for t in shard.tasks)

@@ -30,6 +30,10 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # The reference implementation refuses headers above 100 MB; a 405B model's largest is ~100 KB.
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 ALIGNMENT = 8
+# Extent-sharing filesystems (XFS reflink, btrfs) clone whole blocks only, at offsets that are equal modulo the
+# block size in source and destination. 4 KiB is the block of both by default; a larger block is a multiple of it
+# only when the base's data start already agrees, which padding to the base's own length gives.
+SHARE_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -165,11 +169,16 @@ def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> Shar
     return header
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> tuple[bytes, list[int]]:
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None,
+                  like: int | None = None) -> tuple[bytes, list[int]]:
     """Header bytes for tensors laid out back to back in the given order.
 
-    `entries` are (name, dtype, shape, nbytes). Returns the full prefix (length + JSON, padded with spaces
-    to 8 bytes as the reference writer does) and each tensor's absolute offset in the file.
+    `entries` are (name, dtype, shape, nbytes). Returns the full prefix (length + JSON, padded with trailing
+    spaces, which JSON readers skip, as the reference writer pads to 8 bytes) and each tensor's absolute offset
+    in the file. `like` is the data start of a base file whose layout this one keeps: the prefix is padded to
+    exactly that length when it fits, else to the next length congruent to it modulo SHARE_BLOCK, so that
+    tensors copied from the base sit at block-aligned offsets relative to their source and can share its
+    extents. The padding depends on the inputs only, never on the filesystem.
     """
     header: dict = {}
     if metadata is not None:
@@ -180,9 +189,17 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
         offsets.append(cursor)
         cursor += nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    text += b" " * _padding(8 + len(text), like)
     prefix = struct.pack("<Q", len(text)) + text
     return prefix, [len(prefix) + o for o in offsets]
+
+
+def _padding(length: int, like: int | None) -> int:
+    if like is None or like % ALIGNMENT:
+        return -length % ALIGNMENT
+    if length <= like:
+        return like - length
+    return (like - length) % SHARE_BLOCK
 
 
 def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
@@ -205,17 +222,19 @@ def pwrite_all(fd: int, buffer, offset: int) -> None:
 
 
 def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int, scratch: memoryview | None,
-               scratch_size: int = 8 << 20) -> None:
+               scratch_size: int = 8 << 20, block: int = SHARE_BLOCK) -> None:
     """Copy bytes file to file, in the kernel where it can (copy_file_range), else through `scratch`
-    (allocated, of at most `scratch_size` bytes, only when the fallback is needed)."""
+    (allocated, of at most `scratch_size` bytes, only when the fallback is needed).
+
+    Where source and destination offsets agree modulo `block`, the bytes up to the first block boundary go in
+    a call of their own: the kernel clones extents (XFS reflink, btrfs) only for ranges starting on a block,
+    and copies an unaligned range whole. The rest then starts aligned and shares every whole block."""
     done = 0
     if hasattr(os, "copy_file_range"):
+        head = (-dst_offset) % block if (src_offset - dst_offset) % block == 0 else 0
         try:
-            while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
-                if n == 0:
-                    break
-                done += n
+            for end in ([head] if 0 < head < length else []) + [length]:
+                done = _kernel_copy(src_fd, dst_fd, src_offset, dst_offset, done, end)
             if done == length:
                 return
         except OSError as e:
@@ -233,3 +252,13 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, lengt
             raise ShardmergeError(f"source ended at byte {src_offset + done} while copying; truncated input?")
         pwrite_all(dst_fd, chunk[:n], dst_offset + done)
         done += n
+
+
+def _kernel_copy(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, done: int, end: int) -> int:
+    """copy_file_range bytes done:end of a range; returns how far it got (short only at the source's end)."""
+    while done < end:
+        n = os.copy_file_range(src_fd, dst_fd, end - done, src_offset + done, dst_offset + done)
+        if n == 0:
+            break
+        done += n
+    return done

@@ -617,3 +617,56 @@ def test_pwrite_all_writes_at_offset(tmp_path):
 def test_dtype_table_matches_torch_element_sizes():
     for dtype, name in TORCH_TO_ST.items():
         assert sio.DTYPE_SIZES[name] == torch.empty((), dtype=dtype).element_size(), name
+
+
+def test_copy_range_starts_block_aligned_ranges_on_their_own_call(tmp_path, monkeypatch):
+    # Extent-sharing filesystems clone only from block-aligned offsets: the unaligned head goes first, alone.
+    real, calls = os.copy_file_range, []
+
+    def recording(src_fd, dst_fd, count, offset_src=None, offset_dst=None):
+        calls.append((offset_src, offset_dst, count))
+        return real(src_fd, dst_fd, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", recording)
+    src, dst, payload = make_pair(tmp_path, size=20_000)
+    got = do_copy(src, dst, 4096 + 100, 100, 15_000, None)
+    assert got == expected_after_copy(payload, len(payload), 4196, 100, 15_000)
+    assert calls[:2] == [(4196, 100, 3996), (8192, 4096, 11_004)]
+
+
+def test_copy_range_with_offsets_that_cannot_align_is_one_call(tmp_path, monkeypatch):
+    real, calls = os.copy_file_range, []
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+    src, dst, payload = make_pair(tmp_path, size=20_000)
+    assert do_copy(src, dst, 101, 100, 15_000, None) == expected_after_copy(payload, len(payload), 101, 100, 15_000)
+    assert calls == [15_000]
+
+
+def test_encode_header_like_a_longer_base_header_pads_to_its_data_start():
+    entries = [("a", "F32", (2, 3), 24), ("b", "BF16", (5,), 10)]
+    prefix, offsets = encode_header(entries, {"format": "pt"}, like=4096 + 8)
+    assert len(prefix) == 4096 + 8 and offsets == [4104, 4128]
+    json.loads(prefix[8:])  # trailing spaces keep it valid JSON
+
+
+def test_encode_header_longer_than_like_keeps_its_offset_modulo_the_block():
+    entries = [("x" * 300, "F32", (1,), 4)]
+    prefix, _ = encode_header(entries, None, like=64)
+    assert len(prefix) > 64 and (len(prefix) - 64) % sio.SHARE_BLOCK == 0
+
+
+def test_encode_header_like_an_unaligned_base_pads_to_8_bytes_only():
+    prefix, _ = encode_header([("a", "F32", (1,), 4)], None, like=4097)
+    assert len(prefix) % 8 == 0 and len(prefix) <= 64
+
+
+def test_padded_header_reads_back_with_the_reference_reader(tmp_path):
+    tensors = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.bfloat16)}
+    entries = [(n, sio_dtype, tuple(t.shape), t.numel() * t.element_size())
+               for (n, t), sio_dtype in zip(tensors.items(), ("F32", "BF16"))]
+    prefix, offsets = encode_header(entries, {"format": "pt"}, like=8192)
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(prefix + b"".join(t.view(torch.uint8).numpy().tobytes() for t in tensors.values()))
+    with safe_open(str(path), "pt") as f:
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
