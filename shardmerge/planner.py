@@ -23,6 +23,14 @@ _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 # Fixed buffers carved out of max_memory: the fallback copy scratch and the checksum read buffer.
 _SCRATCH_MAX = 8 * 2**20
+# What a run holds besides its planned buffers, measured as peak RSS above an idle `import torch, shardmerge`
+# for a merge of tiny tensors: modules imported on first use (yaml, xxhash), five stage threads (stacks and
+# glibc arenas), allocator slack, and the plan of a model of up to PLAN_TENSORS tensors (405B dense has ~1.1k).
+# Each tensor beyond that adds its headers, TensorInfo and TensorTask objects (~1.2 KiB measured; MoE models
+# have ~100k tensors, so this is real memory).
+RUNTIME_BYTES = 8 * 2**20
+PLAN_TENSORS = 1024
+PER_TENSOR_BYTES = 2 * 2**10
 
 
 @dataclass
@@ -209,7 +217,7 @@ def _reshard(tasks: list[TensorTask], max_bytes: int) -> list[tuple[str, list[Te
 
 
 def scratch_bytes(budget: int) -> int:
-    """The fixed buffer size for fallback copies and checksum reads, taken from the budget."""
+    """The fixed buffer size for fallback copies and checksum reads, taken from what the budget leaves for buffers."""
     return min(_SCRATCH_MAX, budget // 16)
 
 
@@ -226,7 +234,8 @@ class Buffers:
     back into its own slab); the merger owns one float32 scratch of `work_elems` (one chunk on the CPU, a
     whole tile on the GPU; x5 with DoRA for its temporaries); two tasks' factors may be alive at once; and
     two `scratch` shares cover the fallback copy buffer (made only if the kernel copy fails) and the
-    checksum's mmap window."""
+    checksum's mmap window. `total` counts all of that and the run's fixed overhead, so it bounds the
+    process's peak RSS above an idle `import torch, shardmerge`."""
 
     slabs: int
     slab_bytes: int
@@ -235,9 +244,12 @@ class Buffers:
     factor_bytes: int
     scratch: int
 
+    overhead: int  # the run's fixed cost outside these buffers (RUNTIME_BYTES and the plan's objects)
+
     @property
     def total(self) -> int:
-        return self.slabs * self.slab_bytes + 4 * self.work_elems * self.work_factor + self.factor_bytes + 2 * self.scratch
+        return (self.slabs * self.slab_bytes + 4 * self.work_elems * self.work_factor + self.factor_bytes
+                + 2 * self.scratch + self.overhead)
 
 
 SLABS = 4  # one being read, one merging, one being written, one spare for jitter
@@ -254,10 +266,17 @@ def _row_elems(task: TensorTask) -> int:
 def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     """Choose rows per tile (and per cache-sized chunk) for every tensor that is not a plain copy, and
     the buffers that implies."""
+    tensors = sum(len(s.tasks) for s in merge_plan.shards)
+    overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS)
+    if merge_plan.plan.max_memory <= overhead:
+        raise ShardmergeError(f"max_memory {_fmt(merge_plan.plan.max_memory)} is too small: a run of this model holds "
+                              f"{_fmt(overhead)} before any buffer (threads, the plan of {tensors} tensors, allocator); "
+                              f"set max_memory to at least {_fmt(overhead + 2**20)}")
+    budget = min(budget, merge_plan.plan.max_memory - overhead)  # what the buffers below may use on the host
     scratch = scratch_bytes(budget)
     tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]
     if not tasks:
-        return Buffers(0, 0, 0, 1, 0, scratch)
+        return Buffers(0, 0, 0, 1, 0, scratch, overhead)
     itemsize = max(max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks)
     work_factor = max((x.work_copies for t in tasks for x in t.terms), default=1)
     on_cuda = merge_plan.device.startswith("cuda")
@@ -275,9 +294,9 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     for t in tasks:
         row = _row_elems(t)
         if row > elems:
-            need = fixed + row * per_elem
+            need = overhead + fixed + row * per_elem
             raise ShardmergeError(
-                f"max_memory {_fmt(budget)} is too small for tensor {t.name!r}: one row block needs "
+                f"max_memory {_fmt(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: one row block needs "
                 f"{_fmt(need)} in all; raise max_memory to at least {_fmt(int(need * 1.1) + 2**20)}")
         rows = t.source.shape[0] if t.source.shape else 1
         t.rows_per_tile = max(1, min(rows, elems // row))
@@ -289,7 +308,7 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     tile_elems = max(t.rows_per_tile * _row_elems(t) for t in tasks)
     slab = max(t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype])
                for t in tasks)
-    return Buffers(SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors, scratch)
+    return Buffers(SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors, scratch, overhead)
 
 
 def _fmt(n: int) -> str:

@@ -68,7 +68,7 @@ def test_dry_run_lists_targets_with_rank_and_scaling_and_writes_nothing(inputs):
 def test_overrides_replace_plan_keys(inputs):
     tmp, _, _ = inputs
     plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="out")
-    result = run_cli(plan, "-q", "--output", tmp / "other", "--dtype", "float32", "--max-memory", "1MiB")
+    result = run_cli(plan, "-q", "--output", tmp / "other", "--dtype", "float32", "--max-memory", "9MiB")
     assert result.returncode == 0, result.stderr
     shard = next((tmp / "other").glob("model-*.safetensors"))
     assert all(t.dtype == torch.float32 for t in load_file(str(shard)).values())
@@ -141,8 +141,15 @@ def test_safe_merge_refuses_nan_naming_the_tensor(inputs):
 
 def test_budget_too_small_for_one_row_is_a_plan_time_error(inputs):
     tmp, _, _ = inputs
-    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory=256)
-    assert_one_line_error(run_cli(plan), "max_memory", "too small")
+    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory=8 * 2**20 + 256)
+    assert_one_line_error(run_cli(plan), "max_memory", "too small for tensor")
+    assert not (tmp / "out").exists()
+
+
+def test_budget_below_the_runs_fixed_overhead_is_a_plan_time_error_saying_what_is_needed(inputs):
+    tmp, _, _ = inputs
+    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="4MiB")
+    assert_one_line_error(run_cli(plan), "max_memory 4.0MiB is too small", "at least 9.0MiB")
     assert not (tmp / "out").exists()
 
 
@@ -160,7 +167,7 @@ def test_library_call_returns_report(inputs):
 
     tmp, _, _ = inputs
     report = shardmerge.merge({"base": str(tmp / "base"), "adapters": [str(tmp / "adapter")],
-                               "output": str(tmp / "out"), "max_memory": "1MiB"})
+                               "output": str(tmp / "out"), "max_memory": "9MiB"})
     assert report.tensors_merged == 2
     assert report.tensors_copied == 4
     assert report.bytes_written > 0 and report.seconds > 0 and report.peak_rss_bytes > 0

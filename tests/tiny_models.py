@@ -16,7 +16,7 @@ from pathlib import Path
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS, KV_HEADS, RANK = 128, 256, 4, 512, 4, 2, 8
 N_SHARDS = 7
-MAX_MEMORY = "128KiB"  # small enough that every projection is split into 2-5 row blocks
+MAX_MEMORY = "8320KiB"  # 8 MiB of fixed run overhead + 128 KiB of buffers: every projection in 2-5 row blocks
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "shardmerge-manifest.json"
 STATE_DIR = ".shardmerge"
