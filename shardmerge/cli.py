@@ -40,6 +40,8 @@ def _verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="a directory shardmerge wrote")
     parser.add_argument("--plan", help="also recompute a sample of merged tensors from this plan's inputs")
     parser.add_argument("--samples", type=int, default=8, help="merged tensors to recompute with --plan")
+    parser.add_argument("--max-memory", help="host-RAM budget for the recomputation, e.g. 2GiB (default: the plan's "
+                        "max_memory, as a merge)")
     return parser
 
 
@@ -99,7 +101,10 @@ def _merge(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    problems = verify(args.output, plan=args.plan, samples=args.samples)
+    from .config import parse_size
+
+    budget = None if args.max_memory is None else parse_size(args.max_memory, "--max-memory")
+    problems = verify(args.output, plan=args.plan, samples=args.samples, max_memory=budget)
     for line in problems:
         print(line, file=sys.stderr)
     if problems:

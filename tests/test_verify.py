@@ -206,3 +206,28 @@ def test_default_sample_of_recomputation_catches_altered_merged_tensors(out, fin
     assert verify(str(out)) == []
     problems = verify(str(out), plan=str(finished["plan"]))
     assert problems and all("recomputation" in p for p in problems)
+
+
+def test_verify_plan_recomputes_a_tensor_four_times_its_budget_within_the_budget(tmp_path):
+    import torch
+    from synth import lora_pair, write_adapter, write_base, write_plan
+
+    g = torch.Generator().manual_seed(5)
+    rows, cols, budget = 8192, 4096, 16 * 2**20  # 64 MiB in bf16 (256 MiB in float64): 4x the budget
+    write_base(tmp_path / "base", {"big.proj.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16),
+                                   "small.weight": torch.ones(8)}, shards=2)
+    write_adapter(tmp_path / "adapter", lora_pair("big.proj", rows, cols, r=8), r=8, lora_alpha=16,
+                  target_modules=["proj"])
+    plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="256MiB")
+    assert subprocess.run([sys.executable, "-m", "shardmerge", str(plan), "-q"]).returncode == 0
+
+    def peak_rss(*args: str) -> tuple[int, int]:
+        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
+
+    _, idle = peak_rss("-c", "import torch, shardmerge")
+    rc, rss = peak_rss("-m", "shardmerge", "verify", str(tmp_path / "out"), "--plan", str(plan),
+                       "--max-memory", str(budget))
+    assert rc == 0
+    assert rss - idle <= budget, f"verify peaked {(rss - idle) / 2**20:.1f} MiB above idle, budget 16 MiB"
