@@ -1,9 +1,9 @@
 """Vision-language checkpoints: adapters name modules as the loaded model does, the base is stored in the
 Hub's layout, and the merge still equals PEFT's, compared at model level.
 
-Each family (LLaVA with a CLIP tower, Qwen2-VL, Gemma 3 with a SigLIP tower and tied embeddings) is a tiny
-random model saved in several bf16 shards in the Hub's layout, with a LoRA adapter on the language model's
-attention and on the vision tower. The output is loaded with AutoModelForImageTextToText and compared with
+Each family (LLaVA with a CLIP tower, Qwen2-VL, Gemma 3 and PaliGemma with SigLIP towers and tied
+embeddings, Mistral 3 with a Pixtral tower) is a tiny random model saved in several bf16 shards in the Hub's
+layout, with a LoRA adapter on the language model's attention and on the vision tower. The output is loaded with AutoModelForImageTextToText and compared with
 PEFT's merge_and_unload(): every parameter, and the logits on an image plus text.
 """
 
@@ -62,8 +62,8 @@ def test_adapter_names_modules_that_the_checkpoint_stores_under_other_names(buil
     modules = _adapter_modules(b.adapter)
     stored = set(shard_files(b.base))
     assert not {m + ".weight" for m in modules} & stored, "the case would not exercise renaming"
-    towers = {"llava": "model.vision_tower.", "qwen2_vl": "model.visual.", "gemma3": "model.vision_tower."}
-    assert any(m.startswith(towers[family]) for m in modules), "no LoRA on the vision tower"
+    tower = "model.visual." if family == "qwen2_vl" else "model.vision_tower."
+    assert any(m.startswith(tower) for m in modules), "no LoRA on the vision tower"
     assert any(m.startswith("model.language_model.") for m in modules), "no LoRA on the language model"
 
 
@@ -99,7 +99,7 @@ def test_logits_on_image_and_text_match_peft(built):
     family, b = built
     got = logits(load_vlm(b.output, DTYPE), family)
     want = b.ref.logits
-    atol = 6e-2 * max(want.abs().max().item(), 1.0)
+    atol = 2e-2 * max(want.abs().max().item(), 1.0)  # a few bf16 ulps of the largest logit
     moved = (want - b.ref.base_logits).abs().max().item()
     assert moved > 5 * atol, f"the adapter hardly moves the logits ({moved:.3g})"
     err = (got - want).abs().max().item()
@@ -119,6 +119,9 @@ CHECKPOINT_STYLE_PREFIXES = {
     "llava": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.vision_model.",
               "model.multi_modal_projector.": "multi_modal_projector."},
     "gemma3": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.vision_model."},
+    "paligemma": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.vision_model."},
+    "mistral3": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
+                 "model.multi_modal_projector.": "multi_modal_projector."},
     "qwen2_vl": {"model.language_model.": "model.", "model.visual.": "visual."},
 }  # fmt: skip
 

@@ -62,6 +62,24 @@ def _qwen2_vl_config():
         image_token_id=IMAGE_TOKEN, vision_start_token_id=125, video_token_id=126)  # fmt: skip
 
 
+def _paligemma_config():
+    from transformers import PaliGemmaConfig
+
+    return PaliGemmaConfig(text_config=dict(model_type="gemma", **_TEXT),
+                           vision_config=dict(model_type="siglip_vision_model", projection_dim=32, **_VISION),
+                           image_token_index=IMAGE_TOKEN, projection_dim=32, hidden_size=32)  # fmt: skip
+
+
+def _mistral3_config():
+    from transformers import Mistral3Config
+
+    return Mistral3Config(text_config=dict(model_type="mistral", **_TEXT),
+                          vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4,
+                                             head_dim=8),
+                          image_token_index=IMAGE_TOKEN, spatial_merge_size=2)  # fmt: skip
+
+
 def _token_ids(n_image: int, before: tuple[int, ...] = ()) -> torch.Tensor:
     g = torch.Generator().manual_seed(1234)
     text = torch.randint(3, 120, (10,), generator=g).tolist()
@@ -74,6 +92,11 @@ def _pixels(*shape: int) -> torch.Tensor:
 
 def _square_image_inputs(n_tokens: int) -> Callable[[], dict]:
     return lambda: {"input_ids": _token_ids(n_tokens), "pixel_values": _pixels(1, 3, 16, 16)}
+
+
+def _mistral3_inputs() -> dict:
+    # a 16x16 image: 4x4 patches of 4 pixels, merged 2x2 into 4 image tokens
+    return {"input_ids": _token_ids(4), "pixel_values": _pixels(1, 3, 16, 16), "image_sizes": torch.tensor([[16, 16]])}
 
 
 def _qwen2_vl_inputs() -> dict:
@@ -89,6 +112,8 @@ TINY_VLMS = {
     "qwen2_vl": TinyVLM(_qwen2_vl_config, ["q_proj", "v_proj", "qkv"], _qwen2_vl_inputs),
     # SigLIP tower, tied embeddings
     "gemma3": TinyVLM(_gemma3_config, ["q_proj", "v_proj", "out_proj"], _square_image_inputs(4)),
+    "paligemma": TinyVLM(_paligemma_config, ["q_proj", "v_proj", "out_proj"], _square_image_inputs(4)),
+    "mistral3": TinyVLM(_mistral3_config, ["q_proj", "v_proj", "linear_1"], _mistral3_inputs),
 }
 
 
