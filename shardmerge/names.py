@@ -171,10 +171,21 @@ def _table_renames(config: dict) -> Renames | None:
 _NOT_KNOWN = object()  # transformers is importable but cannot build this architecture
 
 
-def _transformers_renames(config: dict):
+def _most_layers(config: dict) -> int:
+    """The largest layer count anywhere in the config tree."""
+    counts = [v for k, v in config.items() if k in _LAYER_COUNT_KEYS and isinstance(v, int)]
+    counts += [_most_layers(v) for v in config.values() if isinstance(v, dict)]
+    return max(counts, default=0)
+
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "depth", "num_global_layers")
+
+
+def _transformers_renames(config: dict, max_layers: int | None):
     """transformers' own rules for this model (None: it has none), or _NOT_KNOWN. The rules depend on
     which sub-models the model holds and where, so the model is built on the meta device (no memory, no
-    weights read) and asked, exactly as PEFT and from_pretrained ask it."""
+    weights read) and asked, exactly as PEFT and from_pretrained ask it. A config claiming more layers than
+    `max_layers` (the checkpoint's tensor count: every layer stores some) is not built."""
     try:
         import torch
         import transformers
@@ -184,8 +195,10 @@ def _transformers_renames(config: dict):
     except ImportError:  # no transformers, or one older than 5 (no conversion tables): the built-in table
         return _NOT_KNOWN
     architecture, model_type = _architecture(config), config.get("model_type")
-    model_class = getattr(transformers, architecture, None) if architecture else None
-    if model_class is None or not isinstance(model_type, str):
+    model_class = getattr(transformers, architecture, None) if architecture.isidentifier() else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        return _NOT_KNOWN
+    if not isinstance(model_type, str) or (max_layers is not None and _most_layers(config) > max_layers):
         return _NOT_KNOWN
     if all(get_checkpoint_conversion_mapping(n) is None for n in (architecture, model_type)):
         return None
@@ -205,10 +218,10 @@ def _transformers_renames(config: dict):
     return Renames(architecture, f"transformers {transformers.__version__}", rules)
 
 
-def checkpoint_renames(config: dict) -> Renames | None:
+def checkpoint_renames(config: dict, max_layers: int | None = None) -> Renames | None:
     """The model's checkpoint -> module key renaming: transformers' own tables when transformers (5 or
     later) is importable and knows the architecture, else the built-in table; None when there is none."""
-    found = _transformers_renames(config)
+    found = _transformers_renames(config, max_layers)
     return _table_renames(config) if found is _NOT_KNOWN else found
 
 
@@ -240,7 +253,7 @@ class BaseNames:
     def renames(self) -> Renames | None:
         """The base model's renaming rules, looked up once, when first needed."""
         if self._by_module is None:
-            self._renames = checkpoint_renames(self.base.config)
+            self._renames = checkpoint_renames(self.base.config, max_layers=len(self.base.tensors))
             self._by_module = {}
             if self._renames is not None:
                 for name in self.base.tensors:

@@ -169,3 +169,14 @@ def test_a_name_the_renames_send_to_two_stored_tensors_is_refused_in_one_line(ll
         assert needle in lines[0], lines[0]
     assert not (tmp_path / "out" / INDEX_NAME).exists()
     assert before == {p.name: sha256(p) for p in [*base.iterdir(), *adapter.iterdir()]}, "inputs were modified"
+
+
+def test_a_config_claiming_more_layers_than_the_checkpoint_has_tensors_is_not_built():
+    config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+              "text_config": {"model_type": "llama", "num_hidden_layers": 10**9}}  # fmt: skip
+    assert names.checkpoint_renames(config, max_layers=1000).source == "built-in table"
+
+
+def test_an_architecture_name_that_is_not_a_transformers_model_falls_back_to_the_table():
+    config = {"model_type": "llava", "architectures": ["os"]}
+    assert names.checkpoint_renames(config).source == "built-in table"
