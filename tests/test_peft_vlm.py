@@ -3,8 +3,9 @@ Hub's layout, and the merge still equals PEFT's, compared at model level.
 
 Each family (LLaVA with a CLIP tower, Qwen2-VL, Gemma 3 and PaliGemma with SigLIP towers and tied
 embeddings, Mistral 3 with a Pixtral tower) is a tiny random model saved in several bf16 shards in the Hub's
-layout, with a LoRA adapter on the language model's attention and on the vision tower. The output is loaded with AutoModelForImageTextToText and compared with
-PEFT's merge_and_unload(): every parameter, and the logits on an image plus text.
+layout, with a LoRA adapter on the language model's attention and on the vision tower. The output is loaded
+with AutoModelForImageTextToText and compared with PEFT's merge_and_unload(): every parameter, and the
+logits on an image plus text.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ CHECKPOINT_STYLE_PREFIXES = {
     "llava": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.vision_model.",
               "model.multi_modal_projector.": "multi_modal_projector."},
     "gemma3": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.vision_model."},
-    "paligemma": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.vision_model."},
+    "paligemma": {"model.language_model.": "language_model.model.",
+                  "model.vision_tower.": "vision_tower.vision_model."},
     "mistral3": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
                  "model.multi_modal_projector.": "multi_modal_projector."},
     "qwen2_vl": {"model.language_model.": "model.", "model.visual.": "visual."},
