@@ -16,7 +16,6 @@ so memory does not grow with model size, and reusing slabs means the steady stat
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -28,11 +27,12 @@ import torch
 from . import mergemath, terms
 from .cuda import Streams
 from .errors import ShardmergeError, os_reason
-from .journal import OutputState, file_checksum, fsync_dir
+from .journal import OutputState
 from .pipeline import Pipeline, SlabPool
 from .planner import MergePlan, OutputShard, TensorTask
 from .progress import Progress
-from .safetensors_io import DTYPE_SIZES, copy_range, pread_into, pwrite_all
+from .safetensors_io import DTYPE_SIZES
+from .stores import Reader, store_for
 
 _QUEUE_DEPTH = 4
 
@@ -60,12 +60,11 @@ class ExecutionResult:
 
 
 class _ShardFile:
-    """One output shard being written under .shardmerge/tmp, finished once all its pieces are in."""
+    """One output shard being written (unpublished), finished once all its pieces are in."""
 
-    def __init__(self, shard: OutputShard, tmp_dir: Path, pieces: int):
+    def __init__(self, shard: OutputShard, state: OutputState, pieces: int):
         self.shard, self.pieces = shard, pieces
-        self.tmp_path = tmp_dir / f"{shard.name}.partial"
-        self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.file = state.create(shard.name, shard.size)
         self._lock = threading.Lock()
 
     def piece_done(self) -> bool:
@@ -104,8 +103,9 @@ class Executor:
         self.work_elems = buffers.work_elems
         self.scratch_bytes = buffers.scratch  # the fallback copy buffer and the checksum window
         self.result = ExecutionResult()
-        self._inputs: dict[Path, int] = {}
+        self._inputs: dict[Path, Reader] = {}
         self._inputs_lock = threading.Lock()
+        self._open: list[_ShardFile] = []  # created and not yet published: aborted if the run fails
         self.tiles: queue.Queue = queue.Queue(_QUEUE_DEPTH)
         self.writes: queue.Queue = queue.Queue(_QUEUE_DEPTH)
         self.copies: queue.Queue = queue.Queue(64)
@@ -114,14 +114,10 @@ class Executor:
         self.streams = Streams(self.device) if self.cuda else None
 
     # -- inputs and counters --------------------------------------------------------------------------
-    def _fd(self, path: Path) -> int:
+    def _input(self, path: Path) -> Reader:
         with self._inputs_lock:
             if path not in self._inputs:
-                try:
-                    self._inputs[path] = os.open(path, os.O_RDONLY)
-                    os.posix_fadvise(self._inputs[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
-                except OSError as e:
-                    raise ShardmergeError(f"{path}: cannot open: {e.strerror}") from None
+                self._inputs[path] = store_for(path).open(path)
             return self._inputs[path]
 
     def _count(self, **deltas) -> None:
@@ -135,10 +131,10 @@ class Executor:
             runs = _copy_runs(shard.tasks)
             work = [t for t in shard.tasks if not t.is_copy and t.out_nbytes > 0]
             pieces = len(runs) + sum(len(_row_blocks(t)) for t in work)
-            out = _ShardFile(shard, self.state.tmp_dir, pieces + 1)
             try:
-                pwrite_all(out.fd, shard.header, 0)
-                os.ftruncate(out.fd, shard.size)
+                out = _ShardFile(shard, self.state, pieces + 1)
+                self._open.append(out)
+                out.file.write(shard.header, 0)
             except OSError as e:
                 raise _write_error(shard.name, e) from None
             self.progress.advance(len(shard.header))
@@ -161,7 +157,7 @@ class Executor:
                 tile.slab = self.pool.take()
                 start = time.perf_counter()
                 nbytes = (r1 - r0) * src.row_bytes
-                pread_into(self._fd(src.path), tile.slab[:nbytes].numpy(), src.offset + r0 * src.row_bytes, src.path)
+                self._input(src.path).read_into(tile.slab[:nbytes].numpy(), src.offset + r0 * src.row_bytes)
                 self.result.stages.read += time.perf_counter() - start
                 self._count(bytes_read=nbytes)
                 self.pipeline.put(self.tiles, tile)
@@ -169,7 +165,7 @@ class Executor:
     def _load(self, info) -> torch.Tensor:
         """An adapter tensor read whole (they are small) and made float32 on the merge device."""
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        pread_into(self._fd(info.path), buffer.numpy(), info.offset, info.path)
+        self._input(info.path).read_into(buffer.numpy(), info.offset)
         self._count(bytes_read=info.nbytes)
         tensor = buffer.view(mergemath.TORCH_DTYPES[info.dtype]).reshape(info.shape)
         return tensor.to(self.device, torch.float32)
@@ -261,8 +257,8 @@ class Executor:
                 tile.ready.synchronize()
             start = time.perf_counter()
             try:
-                pwrite_all(tile.shard.fd, tile.slab[: tile.out_bytes].numpy(),
-                           tile.task.out_offset + tile.r0 * _out_row_bytes(tile.task))
+                tile.shard.file.write(tile.slab[: tile.out_bytes].numpy(),
+                                      tile.task.out_offset + tile.r0 * _out_row_bytes(tile.task))
             except OSError as e:
                 raise _write_error(tile.shard.shard.name, e) from None
             self.result.stages.write += time.perf_counter() - start
@@ -278,7 +274,7 @@ class Executor:
             out, (src_path, src_offset, dst_offset, length, count) = item
             start = time.perf_counter()
             try:
-                copy_range(self._fd(src_path), out.fd, src_offset, dst_offset, length, None, self.scratch_bytes)
+                out.file.copy(self._input(src_path), src_offset, dst_offset, length, self.scratch_bytes)
             except OSError as e:
                 raise _write_error(out.shard.name, e) from None
             self.result.stages.copy += time.perf_counter() - start
@@ -298,19 +294,12 @@ class Executor:
             start = time.perf_counter()
             name = out.shard.name
             try:
-                os.fsync(out.fd)
-                digest = file_checksum(out.tmp_path, self.scratch_bytes, mapped=True)
-                # Written, synced and checksummed: its pages need not crowd out the next shard's (on a node
-                # merging 140 GB, reclaiming our own clean pages is cheaper than the kernel scanning for them).
-                os.posix_fadvise(out.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(out.fd)
-                out.fd = -1
-                os.replace(out.tmp_path, self.state.directory / name)
-                fsync_dir(self.state.directory)
-                self.state.journal(self.rank, name, out.shard.size, digest)
+                checksum = out.file.publish(self.scratch_bytes)
+                self._open.remove(out)
+                self.state.journal(self.rank, name, out.shard.size, checksum)
             except OSError as e:
                 raise _write_error(name, e) from None
-            self.result.shards[name] = {"size": out.shard.size, "xxh3_128": digest}
+            self.result.shards[name] = {"size": out.shard.size, **checksum}
             self.result.stages.hash += time.perf_counter() - start
 
     # -- driver ------------------------------------------------------------------------------------------
@@ -323,8 +312,8 @@ class Executor:
         try:
             self.pipeline.run([lambda: self.reader(shards), self.merger, self.writer, self.copier, self.finisher])
         finally:
-            for fd in self._inputs.values():
-                os.close(fd)
+            for reader in self._inputs.values():
+                reader.close()
             torch.set_num_threads(math_threads)
             if self.pipeline.failure is not None:
                 self._remove_partials()
@@ -333,8 +322,8 @@ class Executor:
 
     def _remove_partials(self) -> None:
         """A failed run frees the disk it held (a full disk is the usual cause) and leaves no partial file."""
-        for path in self.state.tmp_dir.glob("*.partial"):
-            path.unlink(missing_ok=True)
+        for out in self._open:
+            out.file.abort()
 
 
 def _row_blocks(task: TensorTask) -> list[tuple[int, int]]:

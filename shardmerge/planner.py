@@ -15,6 +15,7 @@ from .errors import ShardmergeError
 from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
 from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
+from .stores import store_for
 from .terms import BiasTerm, LoraTerm, RowsTerm, Term
 
 FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
@@ -337,14 +338,19 @@ def fingerprint(merge_plan: MergePlan) -> str:
 
 
 def _header_bytes(shard) -> bytes:
-    with open(shard.path, "rb") as f:
-        return f.read(shard.data_start)
+    buffer = bytearray(shard.data_start)
+    with store_for(shard.path).open(shard.path) as reader:
+        reader.read_into(buffer, 0)
+    return bytes(buffer)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
+def _file_digest(path) -> str:
+    h, size = hashlib.sha256(), store_for(path).stat(path).size
+    buffer = memoryview(bytearray(max(1, min(size, 8 * 2**20))))
+    with store_for(path).open(path) as reader:
+        for offset in range(0, size, len(buffer)):
+            chunk = buffer[: min(len(buffer), size - offset)]
+            reader.read_into(chunk, offset)
             h.update(chunk)
     return h.hexdigest()
 

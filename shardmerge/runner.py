@@ -8,9 +8,7 @@ has reported success.
 from __future__ import annotations
 
 import json
-import os
 import resource
-import shutil
 import signal
 import tempfile
 import threading
@@ -23,11 +21,20 @@ from .config import Plan
 from .cuda import resolve_device, tile_budget
 from .distributed import Group, Topology, assign, describe_assignment, topology
 from .errors import InterruptedMerge, ShardmergeError, os_reason
-from .journal import (MANIFEST_NAME, OutputState, atomic_write, check_not_inputs, clean_tmp, finish, fsync_dir,
-                      open_output, reopen_finished, verify_finished)
+from .journal import (
+    MANIFEST_NAME,
+    OutputState,
+    check_not_inputs,
+    clean_tmp,
+    finish,
+    open_output,
+    reopen_finished,
+    verify_finished,
+)
 from .planner import MergePlan, build_plan, describe
 from .progress import Progress
 from .sources import INDEX_NAME
+from .stores import location, store_for
 
 
 @dataclass
@@ -80,7 +87,7 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
         try:
             def prepare() -> MergePlan:
                 merge_plan = plan_merge()
-                check_not_inputs(Path(plan.output),
+                check_not_inputs(location(plan.output),
                                  [merge_plan.base.directory] + [a.weights.parent for a in merge_plan.adapters])
                 return merge_plan
 
@@ -116,7 +123,7 @@ def _agree(group: Group, topo: Topology, step) -> object:
 
 
 def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bool | None) -> MergeReport:
-    plan, output = merge_plan.plan, Path(merge_plan.plan.output)
+    plan, output = merge_plan.plan, location(merge_plan.plan.output)
     sizes = {s.name: s.size for s in merge_plan.shards}
     state: OutputState | None = None
 
@@ -224,9 +231,9 @@ def _report(merge_plan: MergePlan, results: list[dict], resumed: int, topo: Topo
     return report
 
 
-def _finalized(output: Path, merge_plan: MergePlan) -> bool:
+def _finalized(output, merge_plan: MergePlan) -> bool:
     names = [p.name for p in merge_plan.base.other_files] + ([INDEX_NAME] if merge_plan.write_index else [])
-    return all((output / n).is_file() for n in names)
+    return all(store_for(output).stat(output / n) is not None for n in names)
 
 
 def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]) -> None:
@@ -239,21 +246,15 @@ def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]
 
 def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]) -> None:
     """After every shard is in: the base's other files, then the index, then the manifest, each atomic."""
-    output = state.directory
+    output, store = state.directory, state.store
     missing = [s.name for s in merge_plan.shards if s.name not in shards]
     if missing:
         raise ShardmergeError(f"{output}: shards {', '.join(missing[:3])} were not written; re-run to finish")
     files = {}
     for path in merge_plan.base.other_files:
-        tmp = state.tmp_dir / path.name
-        shutil.copyfile(path, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(output / path.name)
-        files[path.name] = path.stat().st_size
-    fsync_dir(output)
+        files[path.name] = store.copy_file(path, output / path.name, staging=state.tmp_dir / path.name)
     if merge_plan.write_index:
-        atomic_write(output / INDEX_NAME, (json.dumps(merge_plan.index(), indent=2) + "\n").encode())
+        store.put(output / INDEX_NAME, (json.dumps(merge_plan.index(), indent=2) + "\n").encode())
     plan = merge_plan.plan
     manifest = {
         "shardmerge_version": __version__,
@@ -266,7 +267,7 @@ def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str,
         "total_size": merge_plan.total_tensor_bytes,
         "copied_files": files,
     }
-    atomic_write(output / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    store.put(output / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     finish(state)
 
 

@@ -4,19 +4,19 @@ A file is an 8-byte little-endian header length N, N bytes of JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`, then the data;
 offsets are relative to the first byte after the header. We parse and validate headers ourselves so
 that a hostile or truncated file is refused before any allocation it could drive, and we read and
-write tensors with pread/pwrite at known offsets so no shard is ever loaded or mapped whole.
+write tensors by byte range at known offsets (through stores) so no shard is ever loaded or mapped whole.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ShardmergeError
+from .stores import location, store_for
 
 # Bytes per element of each dtype safetensors defines with a whole-byte size.
 DTYPE_SIZES = {
@@ -88,24 +88,32 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_header(path: str | os.PathLike) -> ShardHeader:
+def read_header(path) -> ShardHeader:
     """Parse and validate the header of a safetensors file without reading its data."""
-    path = Path(path)
+    path = location(path)
+    store = store_for(path)
+    stat = store.stat(path)
+    if stat is None:
+        raise ShardmergeError(f"{path}: cannot read: not found or not a file")
+    file_size = stat.size
+    if file_size < 8:
+        raise _fail(path, f"file is {file_size} bytes, shorter than the 8-byte header length")
+    reader = store.open(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _fail(path, f"file is {file_size} bytes, shorter than the 8-byte header length")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + header_len > file_size:
-                raise _fail(path, f"header length {header_len} runs past the end of the {file_size}-byte file "
-                            "(truncated?)")
-            raw = f.read(header_len)
+        prefix = bytearray(8)
+        reader.read_into(prefix, 0)
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + header_len > file_size:
+            raise _fail(path, f"header length {header_len} runs past the end of the {file_size}-byte file "
+                        "(truncated?)")
+        raw = bytearray(header_len)
+        reader.read_into(raw, 8)
     except OSError as e:
         raise ShardmergeError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        reader.close()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -200,65 +208,3 @@ def _padding(length: int, like: int | None) -> int:
     if length <= like:
         return like - length
     return (like - length) % SHARE_BLOCK
-
-
-def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
-    """Fill `buffer` (a writable buffer) from `fd` at `offset`; a short file is an error naming `path`."""
-    view = memoryview(buffer).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise ShardmergeError(f"{path}: file ended at byte {offset + done} while reading; truncated or "
-                                  "changed during the merge")
-        done += n
-
-
-def pwrite_all(fd: int, buffer, offset: int) -> None:
-    view = memoryview(buffer).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int, scratch: memoryview | None,
-               scratch_size: int = 8 << 20, block: int = SHARE_BLOCK) -> None:
-    """Copy bytes file to file, in the kernel where it can (copy_file_range), else through `scratch`
-    (allocated, of at most `scratch_size` bytes, only when the fallback is needed).
-
-    Where source and destination offsets agree modulo `block`, the bytes up to the first block boundary go in
-    a call of their own: the kernel clones extents (XFS reflink, btrfs) only for ranges starting on a block,
-    and copies an unaligned range whole. The rest then starts aligned and shares every whole block."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        head = (-dst_offset) % block if (src_offset - dst_offset) % block == 0 else 0
-        try:
-            for end in ([head] if 0 < head < length else []) + [length]:
-                done = _kernel_copy(src_fd, dst_fd, src_offset, dst_offset, done, end)
-            if done == length:
-                return
-        except OSError as e:
-            # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP: this pair of filesystems cannot do it; fall back.
-            import errno
-
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
-                raise
-    if scratch is None:
-        scratch = memoryview(bytearray(min(length - done, scratch_size)))
-    while done < length:
-        chunk = scratch[: min(len(scratch), length - done)]
-        n = os.preadv(src_fd, [chunk], src_offset + done)
-        if n == 0:
-            raise ShardmergeError(f"source ended at byte {src_offset + done} while copying; truncated input?")
-        pwrite_all(dst_fd, chunk[:n], dst_offset + done)
-        done += n
-
-
-def _kernel_copy(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, done: int, end: int) -> int:
-    """copy_file_range bytes done:end of a range; returns how far it got (short only at the source's end)."""
-    while done < end:
-        n = os.copy_file_range(src_fd, dst_fd, end - done, src_offset + done, dst_offset + done)
-        if n == 0:
-            break
-        done += n
-    return done

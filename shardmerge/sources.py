@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import looks_like_repo_id
 from .errors import ShardmergeError
 from .safetensors_io import ShardHeader, TensorInfo, read_header
+from .stores import location, store_for
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,7 +30,7 @@ _HUB_ADAPTER_PATTERNS = ["*.safetensors", "*.json", "adapter_model.bin", "*/adap
 
 @dataclass
 class BaseModel:
-    directory: Path
+    directory: Path  # a location in a store (a Path for a local directory)
     shards: list[ShardHeader]  # in file-name order
     tensors: dict[str, TensorInfo]
     has_index: bool
@@ -46,10 +47,9 @@ class AdapterFiles:
     header: ShardHeader | None  # None until a legacy .bin has been converted
 
 
-def _json_file(path: Path, what: str) -> dict:
+def _json_file(path, what: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(64 * 2**20 + 1)
+        raw = store_for(path).read_small(path, 64 * 2**20)
     except OSError as e:
         raise ShardmergeError(f"{path}: cannot read {what}: {e.strerror or e}") from None
     if len(raw) > 64 * 2**20:
@@ -63,18 +63,19 @@ def _json_file(path: Path, what: str) -> dict:
     return value
 
 
-def resolve_input(spec: str, what: str) -> tuple[Path, Path]:
-    """(directory, containment root) for a local path or a Hub repo id resolved through the local cache.
+def resolve_input(spec: str, what: str) -> tuple:
+    """(directory, containment root) for a path in a store or a Hub repo id resolved through the local cache.
 
     The root is the directory that symlinks may point into: the model directory itself, or for the Hub cache
     the repo's cache folder (snapshots link into its blobs/).
     """
-    path = Path(spec)
-    if path.exists():
-        if not path.is_dir():
-            raise ShardmergeError(f"{spec}: the {what} must be a directory, not a file")
-        real = path.resolve()
+    path = location(spec)
+    store = store_for(path)
+    if store.is_dir(path):
+        real = store.real(path)
         return real, real
+    if store.stat(path) is not None:
+        raise ShardmergeError(f"{spec}: the {what} must be a directory, not a file")
     if looks_like_repo_id(spec):
         return _from_hub(spec, what)
     raise ShardmergeError(f"{spec}: {what} directory not found")
@@ -140,22 +141,24 @@ def _hub_hint(e: Exception, repo_id: str) -> str:
     return f"{name}: {first[:300]}"
 
 
-def _check_inside(root: Path, name: str, directory: Path) -> None:
+def _check_inside(root, name: str, directory) -> None:
     """A shard name from the index must stay inside the model directory, links included."""
     if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
         raise ShardmergeError(f"{directory / INDEX_NAME}: shard name {name!r} leaves the model directory")
     try:
-        real = (directory / name).resolve()
+        inside = store_for(directory).contains(root, directory / name)
     except (OSError, ValueError, RuntimeError):  # NUL byte, symlink loop, name too long
         raise ShardmergeError(f"{directory / INDEX_NAME}: bad shard name {name!r}") from None
-    if not real.is_relative_to(root):
+    if not inside:
+        real = store_for(directory).real(directory / name)
         raise ShardmergeError(f"{directory / name}: links outside the model directory ({real}); refusing to read it")
 
 
 def read_base(spec: str) -> BaseModel:
     directory, root = resolve_input(spec, "base model")
+    store = store_for(directory)
     index_path = directory / INDEX_NAME
-    if index_path.exists():
+    if store.stat(index_path) is not None:
         index = _json_file(index_path, "index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -170,10 +173,10 @@ def read_base(spec: str) -> BaseModel:
             names.setdefault(shard, []).append(tensor)
         shard_files = sorted(names)
         has_index = True
-    elif (directory / SINGLE_NAME).exists():
+    elif store.stat(directory / SINGLE_NAME) is not None:
         shard_files, names, metadata, has_index = [SINGLE_NAME], None, {}, False
     else:
-        found = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+        found = [p.name for p in store.list(directory) if p.suffix in (".safetensors", ".bin")]
         hint = (f"found {', '.join(found[:4])} but no {INDEX_NAME}" if found
                 else "no model.safetensors or model.safetensors.index.json")
         raise ShardmergeError(f"{directory}: not a safetensors model directory ({hint})")
@@ -183,7 +186,7 @@ def read_base(spec: str) -> BaseModel:
         path = directory / name
         _check_inside(root, name, directory)
         try:
-            present = path.is_file()
+            present = store.stat(path) is not None
         except OSError:
             present = False
         if not present:
@@ -201,26 +204,29 @@ def read_base(spec: str) -> BaseModel:
                     raise ShardmergeError(f"{index_path}: tensor {tensor!r} is mapped to {name}, which does not "
                                           "contain it")
         shards.append(header)
-    config = _json_file(directory / "config.json", "model config") if (directory / "config.json").is_file() else {}
+    config_path = directory / "config.json"
+    config = _json_file(config_path, "model config") if store.stat(config_path) is not None else {}
     return BaseModel(directory, shards, tensors, has_index, metadata, _other_files(directory, root), config)
 
 
-def _other_files(directory: Path, root: Path) -> list[Path]:
+def _other_files(directory, root) -> list:
     """Config, tokenizer and generation files to copy; weights in other formats are left behind."""
+    store = store_for(directory)
     files = []
-    for path in sorted(directory.iterdir()):
+    for path in store.list(directory):
         if path.name.startswith(".") or path.name == INDEX_NAME or path.name.endswith(_WEIGHT_SUFFIXES):
             continue
-        if path.is_file() and path.resolve().is_relative_to(root):
+        if store.stat(path) is not None and store.contains(root, path):
             files.append(path)
     return files
 
 
 def find_adapter(spec: str) -> AdapterFiles:
     directory, root = resolve_input(spec, "adapter")
-    if not (directory / "adapter_config.json").is_file():
+    store = store_for(directory)
+    if store.stat(directory / "adapter_config.json") is None:
         # save_pretrained writes a non-default adapter name into a sub-directory of that name.
-        named = sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file())
+        named = [p for p in store.list(directory) if store.stat(p / "adapter_config.json") is not None]
         if len(named) == 1:
             directory = named[0]
         elif named:
@@ -231,8 +237,8 @@ def find_adapter(spec: str) -> AdapterFiles:
     config = _json_file(directory / "adapter_config.json", "adapter config")
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         weights = directory / name
-        if weights.is_file():
-            if not weights.resolve().is_relative_to(root):
+        if store.stat(weights) is not None:
+            if not store.contains(root, weights):
                 raise ShardmergeError(f"{weights}: links outside the adapter directory; refusing to read it")
             header = read_header(weights) if name.endswith(".safetensors") else None
             return AdapterFiles(directory, config, weights, header)

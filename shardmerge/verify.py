@@ -7,31 +7,37 @@ import tempfile
 from pathlib import Path
 
 from .errors import ShardmergeError
-from .journal import MANIFEST_NAME, file_checksum
+from .journal import MANIFEST_NAME, checksum_matches
 from .safetensors_io import read_header
 from .sources import INDEX_NAME
+from .stores import location, store_for
+
+_JSON_LIMIT = 64 * 2**20
+_CHECKSUM_BUFFER = 2**20  # small: verify stays within budgets too
 
 
 def verify(output: str, plan: str | None = None, samples: int = 8, max_memory: int | None = None) -> list[str]:
     """Every problem found, one line each; an empty list means the output checks out. With `plan`, samples are
     recomputed within `max_memory` (default: the plan's, as a merge would use)."""
-    out = Path(output)
-    if not out.is_dir():
+    out = location(output)
+    store = store_for(out)
+    if not store.is_dir(out):
         return [f"{out}: not a directory"]
     try:
-        manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = _json(out / MANIFEST_NAME)
         shards = manifest["shards"]
     except (OSError, ValueError, KeyError, TypeError):
         return [f"{out / MANIFEST_NAME}: missing or unreadable; the merge did not finish (re-run its plan)"]
     problems, headers = [], {}
     for name, entry in sorted(shards.items()):
         path = out / name
-        if not path.is_file():
+        stat = store.stat(path)
+        if stat is None:
             problems.append(f"{path}: shard is missing")
             continue
-        if path.stat().st_size != entry["size"]:
-            problems.append(f"{path}: size {path.stat().st_size} differs from the manifest's {entry['size']}")
-        elif file_checksum(path, 2**20) != entry["xxh3_128"]:  # a small buffer: verify stays within budgets too
+        if stat.size != entry["size"]:
+            problems.append(f"{path}: size {stat.size} differs from the manifest's {entry['size']}")
+        elif not checksum_matches(store.checksum(path, _CHECKSUM_BUFFER), entry):
             problems.append(f"{path}: checksum differs from the manifest (corrupted or modified)")
         try:
             headers[name] = read_header(path)
@@ -39,11 +45,12 @@ def verify(output: str, plan: str | None = None, samples: int = 8, max_memory: i
             problems.append(str(e))
     for name, size in sorted((manifest.get("copied_files") or {}).items()):
         path = out / name
-        if not path.is_file():
+        stat = store.stat(path)
+        if stat is None:
             problems.append(f"{path}: copied from the base but missing")
-        elif path.stat().st_size != size:
-            problems.append(f"{path}: size {path.stat().st_size} differs from the manifest's {size}")
-    stray = sorted(p.name for p in out.glob("*.safetensors") if p.name not in shards)
+        elif stat.size != size:
+            problems.append(f"{path}: size {stat.size} differs from the manifest's {size}")
+    stray = [p.name for p in store.list(out) if p.name.endswith(".safetensors") and p.name not in shards]
     problems += [f"{out / name}: shard not listed in the manifest" for name in stray]
     if manifest.get("index"):
         problems += _check_index(out / INDEX_NAME, headers, manifest.get("total_size"))
@@ -52,9 +59,13 @@ def verify(output: str, plan: str | None = None, samples: int = 8, max_memory: i
     return problems
 
 
-def _check_index(path: Path, headers: dict, total_size) -> list[str]:
+def _json(path) -> dict:
+    return json.loads(store_for(path).read_small(path, _JSON_LIMIT).decode("utf-8"))
+
+
+def _check_index(path, headers: dict, total_size) -> list[str]:
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = _json(path)
         weight_map = index["weight_map"]
         declared = index["metadata"]["total_size"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -72,7 +83,7 @@ def _check_index(path: Path, headers: dict, total_size) -> list[str]:
     return problems
 
 
-def _recompute(out: Path, plan_path: str, samples: int, max_memory: int | None) -> list[str]:
+def _recompute(out, plan_path: str, samples: int, max_memory: int | None) -> list[str]:
     """Recompute a sample of merged tensors from the inputs in float64, block of rows by block of rows within
     max_memory, and compare with what was written."""
     import dataclasses
@@ -147,9 +158,8 @@ def _rows64(info, r0: int, r1: int):
     import torch
 
     from .mergemath import TORCH_DTYPES
-    from .safetensors_io import pread_into
 
     raw = torch.empty((r1 - r0) * info.row_bytes, dtype=torch.uint8)
-    with open(info.path, "rb", buffering=0) as f:
-        pread_into(f.fileno(), raw.numpy(), info.offset + r0 * info.row_bytes, info.path)
+    with store_for(info.path).open(info.path) as reader:
+        reader.read_into(raw.numpy(), info.offset + r0 * info.row_bytes)
     return raw.view(TORCH_DTYPES[info.dtype]).to(torch.float64).reshape(r1 - r0, -1)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 
 import shardmerge  # noqa: E402
-import shardmerge.executor as executor_mod  # noqa: E402
 import shardmerge.journal as journal_mod  # noqa: E402
+import shardmerge.stores.local as local_mod  # noqa: E402
 from shardmerge.cli import main as cli_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +103,8 @@ def killing_hook(real, n: int, after: bool):
 
 
 HOOK_TARGETS = {
-    "pwrite": (executor_mod, "pwrite_all"),  # shard headers and merged tiles
-    "copy": (executor_mod, "copy_range"),  # untouched tensors, copied in the kernel
+    "pwrite": (local_mod, "pwrite_all"),  # shard headers and merged tiles
+    "copy": (local_mod, "copy_range"),  # untouched tensors, copied in the kernel
     "replace": (os, "replace"),  # state.json, shard renames, copied config files, index, manifest
     "fsync": (os, "fsync"),
     "journal": (journal_mod.OutputState, "journal"),  # before = after the rename, before the journal line
@@ -193,7 +193,7 @@ def test_repeated_sigkills_then_rerun_is_byte_identical(model, tmp_path):
 # writes a marker and stalls so that the test kills it from outside at a known point.
 WRAPPER = r"""
 import os, runpy, signal, sys, threading, time
-import shardmerge.executor as ex
+import shardmerge.stores.local as ex
 sig, at, marker = int(os.environ["SM_SIGNAL"]), int(os.environ["SM_AT"]), os.environ["SM_MARKER"]
 obj, attr = (os, "replace") if os.environ["SM_TARGET"] == "replace" else (ex, "pwrite_all")
 real, lock, count = getattr(obj, attr), threading.Lock(), [0]
@@ -419,7 +419,7 @@ def enospc_on_call(real, n: int):
 def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(model, tmp_path, monkeypatch, attr, n):
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
-    monkeypatch.setattr(executor_mod, attr, enospc_on_call(getattr(executor_mod, attr), n))
+    monkeypatch.setattr(local_mod, attr, enospc_on_call(getattr(local_mod, attr), n))
     with pytest.raises(shardmerge.ShardmergeError) as failure:
         shardmerge.merge(str(plan))
     message = str(failure.value)
@@ -436,7 +436,7 @@ def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(mod
 
 def test_enospc_through_cli_is_one_error_line(model, tmp_path, monkeypatch):
     plan = make_plan(model, tmp_path)
-    monkeypatch.setattr(executor_mod, "pwrite_all", enospc_on_call(executor_mod.pwrite_all, 30))
+    monkeypatch.setattr(local_mod, "pwrite_all", enospc_on_call(local_mod.pwrite_all, 30))
     rc, err = run_cli(plan)
     assert rc == 1
     assert "no space left on device" in one_error_line(err)
@@ -444,18 +444,16 @@ def test_enospc_through_cli_is_one_error_line(model, tmp_path, monkeypatch):
 
 def test_enospc_while_writing_the_index_is_one_error_line_and_resumable(model, tmp_path, monkeypatch):
     """The disk can also fill up during finalization (copied config files, index, manifest)."""
-    import shardmerge.runner as runner_mod
-
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
-    real = runner_mod.atomic_write
+    real = local_mod.atomic_write
 
     def atomic_write(path, data):
         if Path(path).name == tm.INDEX_NAME:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data)
 
-    monkeypatch.setattr(runner_mod, "atomic_write", atomic_write)
+    monkeypatch.setattr(local_mod, "atomic_write", atomic_write)
     try:
         rc, err = run_cli(plan)
     except OSError as e:

@@ -386,12 +386,11 @@ _KILLER = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
 
-    import shardmerge.executor as executor
-    import shardmerge.safetensors_io as safetensors_io
+    import shardmerge.stores.local as local
     from shardmerge.cli import main
 
     if os.environ.get("RANK") == os.environ["KILL_RANK"]:
-        real, headers = executor.pwrite_all, []
+        real, headers = local.pwrite_all, []
         journal = Path(os.environ["KILL_OUTPUT"]) / ".shardmerge" / f"journal-r{os.environ['RANK']}.jsonl"
 
         def pwrite_all(fd, buffer, offset):
@@ -404,7 +403,7 @@ _KILLER = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGKILL)
             return real(fd, buffer, offset)
 
-        executor.pwrite_all = safetensors_io.pwrite_all = pwrite_all
+        local.pwrite_all = pwrite_all
     sys.exit(main(sys.argv[1:]))
 """)
 

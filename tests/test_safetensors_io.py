@@ -21,14 +21,8 @@ from safetensors.torch import save_file
 
 from shardmerge import safetensors_io as sio
 from shardmerge.errors import ShardmergeError
-from shardmerge.safetensors_io import (
-    MAX_HEADER_BYTES,
-    copy_range,
-    encode_header,
-    pread_into,
-    pwrite_all,
-    read_header,
-)
+from shardmerge.safetensors_io import MAX_HEADER_BYTES, encode_header, read_header
+from shardmerge.stores.local import copy_range, pread_into, pwrite_all
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -477,11 +471,11 @@ def make_pair(tmp_path, size=100_003):
     return src, dst, payload
 
 
-def do_copy(src, dst, src_offset, dst_offset, length, scratch):
+def do_copy(src, dst, src_offset, dst_offset, length, scratch_size):
     s = os.open(src, os.O_RDONLY)
     d = os.open(dst, os.O_RDWR)
     try:
-        copy_range(s, d, src_offset, dst_offset, length, scratch)
+        copy_range(s, d, src_offset, dst_offset, length, scratch_size or 8 << 20)
     finally:
         os.close(s)
         os.close(d)
@@ -510,8 +504,7 @@ def _exdev(*args, **kwargs):
 def test_copy_range_fallback_through_scratch_copies_exactly(tmp_path, monkeypatch, scratch_size):
     monkeypatch.setattr(os, "copy_file_range", _exdev, raising=False)
     src, dst, payload = make_pair(tmp_path, size=20_011)
-    scratch = None if scratch_size is None else memoryview(bytearray(scratch_size))
-    got = do_copy(src, dst, 17, 33, 19_000, scratch)
+    got = do_copy(src, dst, 17, 33, 19_000, scratch_size)
     assert got == expected_after_copy(payload, len(payload), 17, 33, 19_000)
 
 
@@ -522,7 +515,7 @@ def test_copy_range_falls_back_on_each_unsupported_errno(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "copy_file_range", fail, raising=False)
     src, dst, payload = make_pair(tmp_path, size=5000)
-    got = do_copy(src, dst, 0, 10, 5000, memoryview(bytearray(333)))
+    got = do_copy(src, dst, 0, 10, 5000, 333)
     assert got == expected_after_copy(payload, len(payload), 0, 10, 5000)
 
 
@@ -538,7 +531,7 @@ def test_copy_range_fallback_resumes_after_partial_kernel_copy(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "copy_file_range", partial_then_exdev)
     src, dst, payload = make_pair(tmp_path, size=10_000)
-    got = do_copy(src, dst, 100, 200, 9_000, memoryview(bytearray(512)))
+    got = do_copy(src, dst, 100, 200, 9_000, 512)
     assert got == expected_after_copy(payload, len(payload), 100, 200, 9_000)
     assert len(calls) == 2
 
@@ -560,7 +553,7 @@ def test_copy_range_past_end_of_source_is_an_error_in_fallback(tmp_path, monkeyp
     monkeypatch.setattr(os, "copy_file_range", _exdev, raising=False)
     src, dst, payload = make_pair(tmp_path, size=1000)
     with pytest.raises(ShardmergeError):
-        do_copy(src, dst, 900, 0, 200, memoryview(bytearray(64)))
+        do_copy(src, dst, 900, 0, 200, 64)
 
 
 def test_copy_range_propagates_unexpected_errors(tmp_path, monkeypatch):

@@ -1,0 +1,149 @@
+"""Where files live, behind one small interface: the planner, executor, journal and verify call these
+operations and never learn whether they talk to a local disk or an object store.
+
+A location is what the user wrote, parsed once by `location()`: a `pathlib.Path` for a local file or
+directory, or a store's own path type (`s3://bucket/key`) with the same `/`, `.name` and `.parent`.
+`store_for(location)` gives the store that holds it. Every operation takes locations.
+
+    read      open(path) -> Reader.read_into(buffer, offset); read_small(path, limit); stat(path); list(dir)
+    write     create(path, size, staging) -> PendingFile: write at offsets, copy ranges, publish or abort
+    publish   put(path, data) replaces a small file atomically; append(path, line) adds a durable line
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A file's size and what identifies this version of its contents (inode and mtime on a local disk,
+    the ETag or version id in an object store): a changed identity means the input changed."""
+
+    size: int
+    identity: str
+
+
+class Reader(ABC):
+    """An open input file; `read_into` may be called from several threads at once."""
+
+    path: object
+
+    @abstractmethod
+    def read_into(self, buffer, offset: int) -> None:
+        """Fill `buffer` (a writable buffer) from `offset`; a short file is an error naming the file."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PendingFile(ABC):
+    """A file being written at planned offsets; invisible under its name until `publish`."""
+
+    @abstractmethod
+    def write(self, buffer, offset: int) -> None:
+        pass
+
+    @abstractmethod
+    def copy(self, source: Reader, src_offset: int, offset: int, length: int, scratch_size: int) -> None:
+        """Copy a range of an input without passing it through Python where the store can (kernel copy,
+        server-side copy); otherwise through one buffer of at most `scratch_size` bytes."""
+
+    @abstractmethod
+    def publish(self, scratch_size: int) -> dict:
+        """Make the file durable and visible under its final name; returns its checksum record, the
+        same that `Store.checksum` gives for the published file."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop what was written; nothing appears under the final name."""
+
+
+class Store(ABC):
+    @abstractmethod
+    def open(self, path) -> Reader:
+        pass
+
+    @abstractmethod
+    def stat(self, path) -> Stat | None:
+        """The file's size and identity, or None when there is no such file."""
+
+    @abstractmethod
+    def is_dir(self, path) -> bool:
+        pass
+
+    @abstractmethod
+    def list(self, directory) -> list:
+        """The files and sub-directories directly inside `directory`, sorted; [] when it does not exist."""
+
+    @abstractmethod
+    def read_small(self, path, limit: int) -> bytes:
+        """A whole small file (config, index, journal); at most `limit` + 1 bytes are read, so a caller
+        can refuse a file larger than it expects. FileNotFoundError when it does not exist."""
+
+    @abstractmethod
+    def real(self, path):
+        """`path` with links resolved; itself in a store that has no links."""
+
+    @abstractmethod
+    def contains(self, root, path) -> bool:
+        """Whether `path`, links followed, stays inside the directory `root`."""
+
+    @abstractmethod
+    def create(self, path, size: int, staging) -> PendingFile:
+        """A new file of `size` bytes to be published as `path`; a store that needs a scratch file for it
+        (a local disk: written there, renamed into place) puts it at `staging`."""
+
+    @abstractmethod
+    def put(self, path, data: bytes) -> None:
+        """Replace a small file atomically: readers see the old contents or the new, never a part."""
+
+    @abstractmethod
+    def append(self, path, line: bytes) -> None:
+        """Add one durable line to a journal file (created when missing)."""
+
+    @abstractmethod
+    def copy_file(self, source, path, staging) -> int:
+        """Copy a whole file from any store to `path`, atomically and durably; returns its size."""
+
+    @abstractmethod
+    def checksum(self, path, scratch_size: int) -> dict:
+        """The checksum record of a published file, comparable with what `PendingFile.publish` returned."""
+
+    @abstractmethod
+    def delete(self, path) -> None:
+        """Remove a file or a directory tree; a missing one is not an error."""
+
+    @abstractmethod
+    def make_dirs(self, directory) -> None:
+        pass
+
+    @abstractmethod
+    def remove_empty_dir(self, directory) -> None:
+        """Remove `directory` if it is empty; one that still holds something (another run's) stays."""
+
+    @abstractmethod
+    def lock(self, path):
+        """Hold `path` exclusively for this run: a handle with release(), or None if another run holds it."""
+
+
+def location(spec):
+    """The location a user's path names (a Path for local files); a location is returned as it is."""
+    import os
+    from pathlib import Path
+
+    return Path(spec) if isinstance(spec, (str, os.PathLike)) else spec
+
+
+def store_for(path) -> Store:
+    """The store that holds a location."""
+    from .local import LOCAL
+
+    return LOCAL
