@@ -37,7 +37,7 @@ class Reader(ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> Reader:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
