@@ -84,7 +84,7 @@ def _read_journals(state: OutputState) -> dict[str, dict]:
             except ValueError:
                 continue  # a torn last line from a kill mid-append: that shard is simply redone
             if isinstance(entry, dict) and entry.get("fingerprint") == state.fingerprint and "shard" in entry:
-                finished[entry.pop("shard")] = {k: v for k, v in entry.items() if k != "fingerprint"}
+                finished[entry["shard"]] = {k: v for k, v in entry.items() if k not in ("shard", "fingerprint")}
     return finished
 
 
