@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import PlanError
+from .stores import is_url
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -118,6 +119,8 @@ class Plan:
 
 
 def _resolve_path(value: str, root: Path) -> str:
+    if is_url(value):
+        return value
     path = Path(os.path.expanduser(value))
     if path.is_absolute():
         return str(path)
@@ -153,7 +156,9 @@ def plan_from_dict(raw: Any, root: Path | None = None, source: str | None = None
             values[option.key] = option.parse(overrides[option.key], f"--{option.key.replace('_', '-')}")
         elif raw.get(option.key) is not None:
             values[option.key] = option.parse(raw[option.key], f"{where}{option.key}")
-    if overrides.get("output") is not None:
+    if is_url(values["output"]):
+        pass
+    elif overrides.get("output") is not None:
         values["output"] = str(Path(values["output"]).resolve())
     else:
         values["output"] = str((root / Path(os.path.expanduser(values["output"]))).resolve())

@@ -62,9 +62,9 @@ class ExecutionResult:
 class _ShardFile:
     """One output shard being written (unpublished), finished once all its pieces are in."""
 
-    def __init__(self, shard: OutputShard, state: OutputState, pieces: int):
+    def __init__(self, shard: OutputShard, state: OutputState, pieces: int, runs: list):
         self.shard, self.pieces = shard, pieces
-        self.file = state.create(shard.name, shard.size)
+        self.file = state.create(shard.name, shard.size, [run[:4] for run in runs])
         self._lock = threading.Lock()
 
     def piece_done(self) -> bool:
@@ -132,7 +132,7 @@ class Executor:
             work = [t for t in shard.tasks if not t.is_copy and t.out_nbytes > 0]
             pieces = len(runs) + sum(len(_row_blocks(t)) for t in work)
             try:
-                out = _ShardFile(shard, self.state, pieces + 1)
+                out = _ShardFile(shard, self.state, pieces + 1, runs)
                 self._open.append(out)
                 out.file.write(shard.header, 0)
             except OSError as e:

@@ -43,9 +43,9 @@ class OutputState:
     def tmp_dir(self) -> Path:
         return self.state_dir / "tmp"
 
-    def create(self, name: str, size: int) -> PendingFile:
+    def create(self, name: str, size: int, copies=()) -> PendingFile:
         """An output shard to write at planned offsets; it appears under its name only when published."""
-        return self.store.create(self.directory / name, size, staging=self.tmp_dir / f"{name}.partial")
+        return self.store.create(self.directory / name, size, self.tmp_dir / f"{name}.partial", copies)
 
     def journal(self, rank: int, name: str, size: int, checksum: dict) -> None:
         """Record one finished shard durably (the shard itself is already published)."""
@@ -121,6 +121,7 @@ def open_output(output, fingerprint: str, overwrite: bool, lock: bool = True) ->
         state.lock = _lock(state)
     manifest, recorded, foreign = inspect()  # again, now that no other run can change it
     if foreign:
+        state.store.abort_uploads(output)
         _clear(state.store, output, keep=state.state_dir / "lock")
         state.store.make_dirs(state.state_dir)
         manifest = recorded = None
@@ -186,9 +187,11 @@ def checksum_matches(checksum: dict, entry: dict) -> bool:
 
 
 def clean_tmp(state: OutputState) -> None:
-    """Remove shards a killed run left half-written; they were never journaled."""
-    state.store.delete(state.tmp_dir)
-    state.store.make_dirs(state.tmp_dir)
+    """Remove shards a killed run left half-written; they were never journaled. A store that can take up
+    an unfinished upload keeps its records, for the same plan to resume."""
+    if not state.store.resumes_partials:
+        state.store.delete(state.tmp_dir)
+        state.store.make_dirs(state.tmp_dir)
     for directory in (state.directory, state.state_dir):
         for path in state.store.list(directory):
             if path.name.startswith(".") and ".tmp-" in path.name:
@@ -198,6 +201,7 @@ def clean_tmp(state: OutputState) -> None:
 def finish(state: OutputState) -> None:
     """After the manifest is written: drop the bookkeeping, release the lock."""
     state.store.delete(state.tmp_dir)
+    state.store.abort_uploads(state.directory)  # a killed run's upload whose record never got written
     for path in _journals(state):
         state.store.delete(path)
     state.store.delete(state.state_dir / "state.json")

@@ -15,7 +15,7 @@ from .errors import ShardmergeError
 from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
 from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
-from .stores import store_for
+from .stores import location, store_for
 from .terms import BiasTerm, LoraTerm, RowsTerm, Term
 
 FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
@@ -268,11 +268,13 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     """Choose rows per tile (and per cache-sized chunk) for every tensor that is not a plain copy, and
     the buffers that implies."""
     tensors = sum(len(s.tasks) for s in merge_plan.shards)
-    overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS)
+    reserved = store_for(location(merge_plan.plan.output)).write_memory()  # the output store's part buffers
+    overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS) + reserved
     if merge_plan.plan.max_memory <= overhead:
+        parts = f", {_fmt(reserved)} of upload part buffers" if reserved else ""
         raise ShardmergeError(f"max_memory {_fmt(merge_plan.plan.max_memory)} is too small: a run of this model holds "
-                              f"{_fmt(overhead)} before any buffer (threads, the plan of {tensors} tensors, allocator); "
-                              f"set max_memory to at least {_fmt(overhead + 2**20)}")
+                              f"{_fmt(overhead)} before any buffer (threads, the plan of {tensors} tensors, allocator"
+                              f"{parts}); set max_memory to at least {_fmt(overhead + 2**20)}")
     budget = min(budget, merge_plan.plan.max_memory - overhead)  # what the buffers below may use on the host
     scratch = scratch_bytes(budget)
     tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]

@@ -34,7 +34,7 @@ from .journal import (
 from .planner import MergePlan, build_plan, describe
 from .progress import Progress
 from .sources import INDEX_NAME
-from .stores import location, store_for
+from .stores import location, retries, store_for
 
 
 @dataclass
@@ -54,6 +54,7 @@ class MergeReport:
     already_complete: bool = False
     dry_run: bool = False
     ranks: int = 1
+    store_retries: int = 0  # transient object-store errors retried (after backoff) by this process
 
     def summary(self) -> str:
         if self.dry_run:
@@ -64,11 +65,12 @@ class MergeReport:
         return (f"merged into {self.output} in {self.seconds:.1f}s: {self.tensors_merged} tensors merged, "
                 f"{self.tensors_copied} copied, {self.bytes_written / 1e9:.2f} GB written, "
                 f"{self.shards_written} shards written, {self.shards_resumed} resumed; peak RSS "
-                f"{self.peak_rss_bytes / 2**20:.0f} MiB; busy: {stages}")
+                f"{self.peak_rss_bytes / 2**20:.0f} MiB; busy: {stages}"
+                + (f"; {self.store_retries} transient storage errors retried" if self.store_retries else ""))
 
 
 def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> MergeReport:
-    started = time.monotonic()
+    started, retried = time.monotonic(), retries()
     topo = topology()
     device = resolve_device(plan.device, topo.local_rank)
     budget = tile_budget(plan, device)
@@ -101,6 +103,7 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
         finally:
             group.close()
     report.seconds = time.monotonic() - started
+    report.store_retries = retries() - retried
     return report
 
 

@@ -25,6 +25,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 # index names: repos often carry the same weights again (Mistral's consolidated.safetensors, variants in
 # sub-folders) and a pattern like *.safetensors would download all of them.
 _HUB_BASE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
+_LEGACY_LIMIT = 16 * 2**30  # a pickled adapter is read whole to be converted
 _HUB_ADAPTER_PATTERNS = ["*.safetensors", "*.json", "adapter_model.bin", "*/adapter_model.safetensors"]
 
 
@@ -247,13 +248,18 @@ def find_adapter(spec: str) -> AdapterFiles:
 
 def convert_legacy_adapter(adapter: AdapterFiles, scratch_dir: Path) -> AdapterFiles:
     """A pickled adapter_model.bin, read safely (weights_only) and rewritten as safetensors in scratch_dir."""
+    import io
     import pickle
 
     import torch
     from safetensors.torch import save_file
 
     try:
-        state = torch.load(adapter.weights, map_location="cpu", weights_only=True)
+        raw = store_for(adapter.weights).read_small(adapter.weights, _LEGACY_LIMIT)
+    except OSError as e:
+        raise ShardmergeError(f"{adapter.weights}: cannot read: {e.strerror or e}") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ShardmergeError(f"{adapter.weights}: refused to load this pickle safely (only plain tensors are "

@@ -15,6 +15,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from ..errors import ShardmergeError
+
 
 @dataclass(frozen=True)
 class Stat:
@@ -67,6 +69,10 @@ class PendingFile(ABC):
 
 
 class Store(ABC):
+    # Whether staged work of a killed run (an open multipart upload) can be taken up again by the next run;
+    # a local partial file cannot (what reached the disk is unknown), so it is dropped.
+    resumes_partials = False
+
     @abstractmethod
     def open(self, path) -> Reader:
         pass
@@ -97,9 +103,11 @@ class Store(ABC):
         """Whether `path`, links followed, stays inside the directory `root`."""
 
     @abstractmethod
-    def create(self, path, size: int, staging) -> PendingFile:
+    def create(self, path, size: int, staging, copies=()) -> PendingFile:
         """A new file of `size` bytes to be published as `path`; a store that needs a scratch file for it
-        (a local disk: written there, renamed into place) puts it at `staging`."""
+        (a local disk: written there, renamed into place) or a record of it (an object store: its upload id)
+        puts it at `staging`. `copies` are the (source path, source offset, offset, length) ranges that will
+        be `copy`'d in, so that a store can plan server-side copies for them."""
 
     @abstractmethod
     def put(self, path, data: bytes) -> None:
@@ -133,17 +141,50 @@ class Store(ABC):
     def lock(self, path):
         """Hold `path` exclusively for this run: a handle with release(), or None if another run holds it."""
 
+    def abort_uploads(self, directory) -> int:
+        """Abort the unfinished uploads to keys under `directory` (kept out of listings by object stores);
+        returns how many. Nothing to do where files are written in place."""
+        return 0
+
+    def write_memory(self) -> int:
+        """Host memory this store holds for writes (part buffers), taken out of max_memory."""
+        return 0
+
+
+def is_url(spec) -> bool:
+    """Whether a user's path names an object store (scheme://...) rather than a local path."""
+    return isinstance(spec, str) and "://" in spec
+
 
 def location(spec):
     """The location a user's path names (a Path for local files); a location is returned as it is."""
     import os
     from pathlib import Path
 
+    if is_url(spec):
+        scheme = spec.split("://", 1)[0].lower()
+        if scheme != "s3":
+            raise ShardmergeError(f"{spec}: {scheme}:// is not supported; S3-compatible stores (GCS, MinIO, Ceph, R2) "
+                                  "work as s3://bucket/prefix with AWS_ENDPOINT_URL set to their endpoint")
+        from .s3 import parse_url
+
+        return parse_url(spec)
     return Path(spec) if isinstance(spec, (str, os.PathLike)) else spec
 
 
 def store_for(path) -> Store:
-    """The store that holds a location."""
+    """The store that holds a location: its own, or the local disk for a Path."""
+    store = getattr(path, "store", None)
+    if store is not None:
+        return store
     from .local import LOCAL
 
     return LOCAL
+
+
+def retries() -> int:
+    """Transient errors that the object stores retried so far in this process."""
+    import sys
+
+    s3 = sys.modules.get(__name__ + ".s3")
+    return s3.retries() if s3 is not None else 0

@@ -229,7 +229,7 @@ class LocalStore(Store):
     def contains(self, root: Path, path: Path) -> bool:
         return path.resolve().is_relative_to(root)
 
-    def create(self, path: Path, size: int, staging: Path) -> PendingFile:
+    def create(self, path: Path, size: int, staging: Path, copies=()) -> PendingFile:
         return LocalPending(path, size, staging)
 
     def put(self, path: Path, data: bytes) -> None:
