@@ -34,6 +34,9 @@ PART = 8 * 2**20  # the size of an assembled part, unless a shard needs more to 
 MAX_PARTS = 10_000
 MAX_COPY_PART = 5 * 2**30  # UploadPartCopy's largest range
 READ_CHUNK = 8 * 2**20  # one ranged GET; a larger read is split into several in flight
+# A read smaller than this (an adapter's A and B, a norm) fetches a window of WINDOW bytes and keeps it: the
+# next small reads, usually the neighbouring tensors, are served from it instead of a request each.
+SMALL_READ, WINDOW, WINDOWS = 2**20, 4 * 2**20, 2  # two: the adapter's factors and the base's rows interleave
 READERS = 8
 UPLOADS = 4  # part uploads in flight per process; the writer waits for a free slot
 _BODY_CHUNK = 2**20
@@ -180,6 +183,8 @@ class S3Store(Store):
         self.retries = 0
         self._count = threading.Lock()
         self.readers = ThreadPoolExecutor(READERS, thread_name_prefix="s3-get")
+        self.windows: dict = {}  # (path, ETag) -> (offset, bytes): the last WINDOWS small-read windows
+        self.window_lock = threading.Lock()
         self.uploads = ThreadPoolExecutor(UPLOADS, thread_name_prefix="s3-put")
         self.upload_slots = threading.BoundedSemaphore(UPLOADS)
 
@@ -291,7 +296,7 @@ class S3Store(Store):
         copyable = [(dst, n, src_path, src) for src_path, src, dst, n in copies if isinstance(src_path, S3Path)]
         return S3Upload(self, path, staging, plan_parts(size, copyable))
 
-    def put(self, path: S3Path, data: bytes) -> None:
+    def put(self, path: S3Path, data: bytes | bytearray) -> None:
         self.call("put_object", path, Bucket=path.bucket, Key=path.key, Body=data)
 
     def append(self, path: S3Path, line: bytes) -> None:
@@ -310,7 +315,7 @@ class S3Store(Store):
         data = bytearray(size)
         with store_for(source).open(source) as reader:
             reader.read_into(data, 0)
-        self.put(path, bytes(data))
+        self.put(path, data)
         return size
 
     def checksum(self, path: S3Path, scratch_size: int) -> dict:
@@ -361,7 +366,7 @@ class S3Store(Store):
             pass  # already completed or aborted (NoSuchUpload)
 
     def write_memory(self) -> int:
-        return (UPLOADS + 4) * PART
+        return (UPLOADS + 4) * PART + WINDOWS * WINDOW
 
 
 class _NoLock:
@@ -385,6 +390,9 @@ class S3Reader(Reader):
         if offset + len(view) > self.size:
             raise ShardmergeError(f"{self.path}: object ended at byte {self.size} while reading; truncated or changed "
                                   "during the merge")
+        if len(view) < SMALL_READ:
+            self._small(view, offset)
+            return
         ranges = [(o, min(READ_CHUNK, len(view) - o)) for o in range(0, len(view), READ_CHUNK)]
         if len(ranges) <= 1:
             self._get(view, offset)
@@ -392,6 +400,18 @@ class S3Reader(Reader):
         futures = [self.store.readers.submit(self._get, view[o:o + n], offset + o) for o, n in ranges]
         for future in futures:
             future.result()
+
+    def _small(self, view: memoryview, offset: int) -> None:
+        windows, key = self.store.windows, (self.path, self.etag)
+        with self.store.window_lock:
+            start, data = windows.pop(key, (0, b""))
+            if not start <= offset <= offset + len(view) <= start + len(data):
+                start, data = offset, bytearray(min(WINDOW, self.size - offset))
+                self._get(memoryview(data), offset)
+            windows[key] = (start, data)  # most recent last
+            while len(windows) > WINDOWS:
+                del windows[next(iter(windows))]
+            view[:] = data[offset - start:offset - start + len(view)]
 
     def _get(self, view: memoryview, offset: int) -> None:
         if not len(view):
@@ -536,7 +556,7 @@ class S3Upload(PendingFile):
     def _upload(self, part: Part, buffer: bytearray) -> None:
         try:
             response = self.store.call("upload_part", self.path, Bucket=self.path.bucket, Key=self.path.key,
-                                       UploadId=self.upload_id, PartNumber=part.number, Body=bytes(buffer))
+                                       UploadId=self.upload_id, PartNumber=part.number, Body=buffer)
             self.etags[part.number] = response["ETag"]
         finally:
             self.store.upload_slots.release()
