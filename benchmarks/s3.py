@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import generate_model, median  # noqa: E402 - the synthetic model, shared with the other modes
+from bench import generate_model, median  # the synthetic model, shared with the other modes
 
 BUCKET = "bench"
 ROOT = Path(os.environ.get("SHARDMERGE_BENCH_ROOT", "/tmp/shardmerge-bench"))
@@ -163,11 +163,11 @@ def report(meta: dict, streamed: list, plain: list, same: bool, a) -> str:
         ("  merge local -> local (shardmerge)", phases["merge"], p_rss, None),
         ("  upload (boto3 transfer manager)", phases["upload"], None, None),
     ]
-    lines = [MARK, "",
-             f"`python benchmarks/s3.py --size-gb {a.size_gb:g} --runs {a.runs}`: a {size / 1e9:.2f} GB bf16 model "
+    setup = (f"`python benchmarks/s3.py --size-gb {a.size_gb:g} --runs {a.runs}`: a {size / 1e9:.2f} GB bf16 model "
              f"({meta['shards']} shards, {meta['layers']} layers, LoRA r={meta['rank']} on every projection), "
              "moto's S3 server in its own process on 127.0.0.1, `device: cpu`, `max_memory: 1GiB`; medians of "
-             f"{a.runs}. Outputs identical (SHA-256 of every object): {'yes' if same else 'NO'}.", "",
+             f"{a.runs}. Outputs identical (SHA-256 of every object): {'yes' if same else 'NO'}.")
+    lines = [MARK, "", setup, "",
              "| route | wall s | GB/s | peak RSS of the merge | local disk staged |", "|---|---:|---:|---:|---:|"]
     for name, seconds, rss, disk in rows:
         rss_text = "" if rss is None else f"{rss / 2**20:.0f} MiB"
