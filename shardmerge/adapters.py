@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ShardmergeError
+from .experts import ParamLora, is_param_module, strip_base_layers
 from .safetensors_io import TensorInfo
 from .sources import AdapterFiles
 
@@ -24,7 +25,7 @@ _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora
 # would silently produce a wrong model, so they are refused by name.
 _UNSUPPORTED_VARIANTS = (
     "use_qalora", "use_bdlora", "arrow_config", "velora_config", "monteclora_config", "kasa_config",
-    "alora_invocation_tokens", "mica", "target_parameters", "layer_replication",
+    "alora_invocation_tokens", "mica", "layer_replication",
 )  # fmt: skip
 
 
@@ -49,6 +50,8 @@ class Adapter:
     modules: list[LoraModule] = field(default_factory=list)
     replacements: dict[str, TensorInfo] = field(default_factory=dict)  # target name -> tensor
     token_rows: dict[str, tuple[tuple[int, ...], TensorInfo]] = field(default_factory=dict)  # module -> rows, values
+    param_loras: list[ParamLora] = field(default_factory=list)  # target_parameters (experts.py)
+    peft_version: str | None = None  # the PEFT version that saved it: the plan's, else adapter_config.json's
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -160,7 +163,13 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
             raise ShardmergeError(f"{files.weights}: module {module_name!r} has two {part} tensors")
         setattr(module, slot, tensor)
         module.embedding = module.embedding or part.startswith("lora_embedding")
+    targets = list(files.config.get("target_parameters") or [])
     for module in modules.values():
+        if targets and is_param_module(module.module, targets):
+            _check_param_module(files, module)
+            owner, depth = strip_base_layers(module.module)
+            adapter.param_loras.append(ParamLora(owner, depth, module.a, module.b))
+            continue
         if module.a is None or module.b is None:
             missing = "A" if module.a is None else "B"
             raise ShardmergeError(f"{files.weights}: module {module.module!r} has no lora_{missing} tensor")
@@ -171,6 +180,14 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
                 f"{files.weights}: module {module.module!r} has rank {module.rank} (lora_A {list(module.a.shape)}, "
                 f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}")
         adapter.modules.append(module)
-    if not adapter.modules and not adapter.replacements and not adapter.token_rows:
+    if not adapter.modules and not adapter.replacements and not adapter.token_rows and not adapter.param_loras:
         raise ShardmergeError(f"{files.weights}: adapter holds no tensors")
     return adapter
+
+
+def _check_param_module(files: AdapterFiles, module: LoraModule) -> None:
+    """PEFT's ParamWrapper saves exactly lora_A.weight and lora_B.weight (it refuses bias, DoRA, embeddings)."""
+    if module.a is None or module.b is None or module.b_bias is not None or module.magnitude is not None \
+            or module.embedding or len(module.a.shape) != 2 or len(module.b.shape) != 2:
+        raise ShardmergeError(f"{files.weights}: {module.module!r} is a target_parameters module but does not hold "
+                              "exactly a 2-D lora_A.weight and lora_B.weight")

@@ -94,13 +94,16 @@ OPTIONS = [
     Option("overwrite", _bool, False, "replace a non-empty output directory that holds something else"),
 ]
 OPTION_KEYS = {o.key for o in OPTIONS}
-ADAPTER_KEYS = {"path", "weight"}
+ADAPTER_KEYS = {"path", "weight", "peft_version"}
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     path: str  # a local directory, or a Hub repo id (optionally @revision)
     weight: float = 1.0
+    # The PEFT version that trained the adapter, when adapter_config.json lacks it: it decides how expert
+    # LoRA (target_parameters) on square experts is oriented.
+    peft_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,13 +182,16 @@ def _adapters(raw: Any, root: Path, where: str) -> list[AdapterSpec]:
             raise PlanError(f"{key}: expected a path or a mapping with path and weight")
         unknown = sorted(set(item) - ADAPTER_KEYS)
         if unknown:
-            raise PlanError(f"{key}: unknown key {unknown[0]!r} (known keys: path, weight)")
+            raise PlanError(f"{key}: unknown key {unknown[0]!r} (known keys: path, weight, peft_version)")
         if "path" not in item:
             raise PlanError(f"{key}: missing required key 'path'")
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight:
             raise PlanError(f"{key}.weight: expected a number, got {weight!r}")
-        specs.append(AdapterSpec(_resolve_path(_str(item["path"], f"{key}.path"), root), float(weight)))
+        version = item.get("peft_version")
+        if version is not None and not isinstance(version, str):
+            raise PlanError(f"{key}.peft_version: expected a version string such as '0.21.2', got {version!r}")
+        specs.append(AdapterSpec(_resolve_path(_str(item["path"], f"{key}.path"), root), float(weight), version))
     return specs
 
 
@@ -197,7 +203,7 @@ def load_plan(plan: "str | os.PathLike | dict | Plan", **overrides: Any) -> Plan
         if unknown:
             raise PlanError(f"unknown override {sorted(unknown)[0]!r}")
         raw = {k: getattr(plan, k) for k in ("base", "output", *OPTION_KEYS)}
-        raw["adapters"] = [{"path": a.path, "weight": a.weight} for a in plan.adapters]
+        raw["adapters"] = [{"path": a.path, "weight": a.weight, "peft_version": a.peft_version} for a in plan.adapters]
         return plan_from_dict(raw, Path.cwd(), plan.source, **overrides)
     if isinstance(plan, dict):
         return plan_from_dict(plan, Path.cwd(), None, **overrides)

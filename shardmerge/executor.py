@@ -156,8 +156,8 @@ class Executor:
                 tile = _Tile(out, task, r0, r1, prepass, last=not prepass and i == len(blocks) - 1)
                 tile.slab = self.pool.take()
                 start = time.perf_counter()
-                nbytes = (r1 - r0) * src.row_bytes
-                self._input(src.path).read_into(tile.slab[:nbytes].numpy(), src.offset + r0 * src.row_bytes)
+                nbytes = (r1 - r0) * task.row_bytes
+                self._input(src.path).read_into(tile.slab[:nbytes].numpy(), src.offset + r0 * task.row_bytes)
                 self.result.stages.read += time.perf_counter() - start
                 self._count(bytes_read=nbytes)
                 self.pipeline.put(self.tiles, tile)
@@ -194,8 +194,8 @@ class Executor:
         """Merge one tile in float32 and write the rounded result back into the tile's own slab."""
         task, src = tile.task, tile.task.source
         rows = tile.r1 - tile.r0
-        raw = tile.slab[: rows * src.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
-        tile.out_bytes = rows * _out_row_bytes(task)
+        raw = tile.slab[: rows * task.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
+        tile.out_bytes = rows * task.out_row_bytes
         out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
         if self.streams is not None:
             tile.ready = self.streams.merge(raw, out, lambda on_device: self._rounded(tile, factors, on_device,
@@ -240,7 +240,7 @@ class Executor:
         work.copy_(chunk)
         r0, r1 = tile.r0 + c0, tile.r0 + c1
         if tile.prepass:
-            terms.column_pass(task.terms, factors, work, r0, r1, task.source.shape[0])
+            terms.column_pass(task.terms, factors, work, r0, r1, task.rows)
             return None
         return terms.merge_tile(task.terms, factors, work, r0, r1)
 
@@ -258,7 +258,7 @@ class Executor:
             start = time.perf_counter()
             try:
                 tile.shard.file.write(tile.slab[: tile.out_bytes].numpy(),
-                                      tile.task.out_offset + tile.r0 * _out_row_bytes(tile.task))
+                                      tile.task.out_offset + tile.r0 * tile.task.out_row_bytes)
             except OSError as e:
                 raise _write_error(tile.shard.shard.name, e) from None
             self.result.stages.write += time.perf_counter() - start
@@ -327,7 +327,7 @@ class Executor:
 
 
 def _row_blocks(task: TensorTask) -> list[tuple[int, int]]:
-    rows = task.source.shape[0] if task.source.shape else 1
+    rows = task.rows
     step = max(task.rows_per_tile, 1)
     return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
@@ -348,6 +348,3 @@ def _copy_runs(tasks: list[TensorTask]) -> list[tuple[Path, int, int, int, int]]
             runs.append([src.path, src.offset, t.out_offset, src.nbytes, 1])
     return [tuple(r) for r in runs]
 
-
-def _out_row_bytes(task: TensorTask) -> int:
-    return task.out_nbytes // task.source.shape[0] if task.source.shape else task.out_nbytes

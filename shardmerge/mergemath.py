@@ -97,3 +97,20 @@ def replace_rows(work: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     inside = (indices >= r0) & (indices < r1)
     rows, values = indices[inside] - r0, values[inside]
     work[rows] = values if weight == 1.0 else work[rows] + weight * (values - work[rows])
+
+
+def add_experts(work: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, transposed: bool,
+                r0: int, r1: int) -> None:
+    """work += scale * rows r0:r1 of a stack of expert deltas ΔP[e] = left[e] @ right[e], in place.
+
+    left (n, d1, r) and right (n, r, d2) hold n consecutive experts. Stored plainly the tensor's rows run
+    over (expert, d1) and each is d2 long; transposed they run over (expert, d2), each d1 long. A tile may
+    start or end inside an expert, and each expert's share is one addmm with no delta-sized temporary."""
+    per_expert = right.shape[2] if transposed else left.shape[1]
+    for e in range(r0 // per_expert, (r1 - 1) // per_expert + 1):
+        lo, hi = max(r0, e * per_expert) - e * per_expert, min(r1, (e + 1) * per_expert) - e * per_expert
+        dst = work[e * per_expert + lo - r0 : e * per_expert + hi - r0]
+        if transposed:
+            dst.addmm_(right[e][:, lo:hi].t(), left[e].t(), alpha=scale)
+        else:
+            dst.addmm_(left[e][lo:hi], right[e], alpha=scale)

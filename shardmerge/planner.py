@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import Adapter, LoraModule, load_adapter
+from . import experts
+from .adapters import Adapter, LoraModule, load_adapter, module_scaling
 from .config import Plan
 from .errors import ShardmergeError
 from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
 from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
 from .stores import location, store_for
-from .terms import BiasTerm, LoraTerm, RowsTerm, Term
+from .terms import BiasTerm, ExpertTerm, LoraTerm, RowsTerm, Term
 
 FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
 _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -56,6 +58,21 @@ class TensorTask:
     def column_norms(self) -> bool:
         """Whether some term needs a pass over all rows before the merge (DoRA on a transposed kind)."""
         return any(t.column_norms for t in self.terms)
+
+    @property
+    def rows(self) -> int:
+        """Rows a tile is cut from: along dim 0, or along (expert, d1) for a stack of experts."""
+        shape = self.source.shape
+        return math.prod(shape[: max((t.row_dims for t in self.terms), default=1)]) if shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row as read; `out_row_bytes` as written."""
+        return self.source.nbytes // self.rows if self.rows else self.source.nbytes
+
+    @property
+    def out_row_bytes(self) -> int:
+        return self.out_nbytes // self.rows if self.rows else self.out_nbytes
 
 
 @dataclass
@@ -134,8 +151,62 @@ def _read_adapters(plan: Plan, scratch: Path) -> list[Adapter]:
         files = find_adapter(spec.path)
         if files.header is None:
             files = convert_legacy_adapter(files, scratch)
-        adapters.append(load_adapter(files, spec.path, spec.weight))
+        adapter = load_adapter(files, spec.path, spec.weight)
+        adapter.peft_version = spec.peft_version or files.config.get("peft_version")
+        adapters.append(adapter)
     return adapters
+
+
+def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
+    """(base tensor name, ExpertTerm) for every expert parameter the adapter's target_parameters change."""
+    facts = experts.module_facts(base.config) if adapter.param_loras else None
+    rules, transposed_experts = experts.rules_for(base.config)
+    layout = experts.lora_b_layout(adapter.config, adapter.weights.parent / "adapter_config.json")
+    rule = experts.swap_rule(adapter.peft_version)
+    owners: dict[str, list] = {}
+    for lora in adapter.param_loras:
+        owners.setdefault(lora.owner, []).append(lora)
+
+    def find(name: str) -> TensorInfo | None:
+        found = names.find(name)
+        return None if found is None else base.tensors[found]
+
+    for owner, loras in owners.items():
+        order = experts.registration_order(owner, facts)
+        params = experts.targeted_params(owner, order, list(adapter.config.get("target_parameters") or []))
+        for param, lora in experts.assign_params(owner, loras, params).items():
+            origin = f"{adapter.path}: {owner}.{param}"
+            owner_facts = facts.get(owner) if facts else None
+            shape, parts = experts.checkpoint_slices(owner, param, owner_facts.shape(param) if owner_facts else None,
+                                                     rules, find)
+            if not parts:
+                raise ShardmergeError(f"{adapter.weights}: adapter tensor {lora.a.name!r} targets {owner}.{param}, "
+                                      f"which is not in the base model {base.directory}, fused or per expert")
+            rank, scaling = module_scaling(adapter.config, f"{owner}.{param}")
+            count, d1, d2 = shape
+            if lora.a.shape[0] != rank * count or lora.b.shape[1] != rank * count:
+                raise ShardmergeError(f"{origin}: lora_A {list(lora.a.shape)} / lora_B {list(lora.b.shape)} do not "
+                                      f"hold r={rank} for each of the {count} experts")
+            is_transposed = owner_facts.is_transposed if owner_facts else transposed_experts
+            swap = experts.swapped(lora.a.shape, lora.b.shape, d1, d2, rule, is_transposed, origin)
+            stored = _stored_as(parts, shape)
+            for name, part in parts:
+                if base.tensors[name].dtype not in FLOAT_DTYPES:
+                    raise ShardmergeError(f"{origin}: base tensor {name!r} is {base.tensors[name].dtype}, not a float "
+                                          "tensor; merging into quantized weights is not supported")
+                yield name, ExpertTerm(lora.a, lora.b, count, swap, layout, part, scaling, adapter.weight, origin,
+                                       stored)
+
+
+def _stored_as(parts: list, shape: tuple) -> str:
+    """How the base stores an expert parameter, for the dry run."""
+    first_name, first = parts[0]
+    if first.count > 1:
+        return f"fused {first_name} {list(shape)}" + (" transposed" if first.transposed else "") + \
+            (" gate/up interleaved" if first.interleaved else "")
+    leaves = sorted({name.rpartition(".weight")[0].rpartition(".")[2] for name, _ in parts})
+    pattern = first_name.replace(f".{first.first}.", ".*.", 1).rpartition(".weight")[0].rpartition(".")[0]
+    return f"{len(parts)} per-expert 2-D tensors {pattern}.{{{','.join(leaves)}}}.weight"
 
 
 def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | None = None) -> MergePlan:
@@ -166,6 +237,8 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
                                           f"{bias_name!r} {list(base.tensors[bias_name].shape)}")
                 terms.setdefault(bias_name, []).append(
                     BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}"))
+        for name, term in _expert_terms(adapter, base, targets):
+            terms.setdefault(name, []).append(term)
         for module_name, (indices, values) in adapter.token_rows.items():
             name = targets.require(module_name + ".weight", weights_file, values.name)
             target = base.tensors[name]
@@ -260,8 +333,7 @@ CHUNK_ELEMS = 256 * 1024
 
 
 def _row_elems(task: TensorTask) -> int:
-    shape = task.source.shape
-    return task.source.numel // shape[0] if shape and shape[0] else max(task.source.numel, 1)
+    return task.source.numel // task.rows if task.rows else max(task.source.numel, 1)
 
 
 def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
@@ -287,7 +359,7 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     # A tiny budget shrinks the chunk too (then a chunk is a whole tile).
     chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // (SLABS * itemsize + 4 * work_factor)))
     for t in tasks:
-        rows = t.source.shape[0] if t.source.shape else 1
+        rows = t.rows
         t.chunk_rows = rows if on_cuda else max(1, min(rows, chunk_elems // _row_elems(t)))
     # On the CPU the float32 scratch is one chunk; on CUDA it lives on the device, outside max_memory.
     work_elems = 0 if on_cuda else max(t.chunk_rows * _row_elems(t) for t in tasks)
@@ -301,7 +373,7 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
             raise ShardmergeError(
                 f"max_memory {_fmt(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: one row block needs "
                 f"{_fmt(need)} in all; raise max_memory to at least {_fmt(int(need * 1.1) + 2**20)}")
-        rows = t.source.shape[0] if t.source.shape else 1
+        rows = t.rows
         t.rows_per_tile = max(1, min(rows, elems // row))
         if t.rows_per_tile > t.chunk_rows:
             # Whole chunks per tile: the same chunks, so the same bytes, whatever the budget.
@@ -332,7 +404,7 @@ def fingerprint(merge_plan: MergePlan) -> str:
         "device": merge_plan.device.split(":")[0],
         "base": [(s.path.name, s.file_size, hashlib.sha256(_header_bytes(s)).hexdigest())
                  for s in merge_plan.base.shards],
-        "adapters": [(a.weight, json.dumps(a.config, sort_keys=True), _file_digest(a.weights))
+        "adapters": [(a.weight, a.peft_version, json.dumps(a.config, sort_keys=True), _file_digest(a.weights))
                      for a in merge_plan.adapters],
     }
     h.update(json.dumps(record, sort_keys=True).encode())
@@ -363,9 +435,10 @@ def describe(merge_plan: MergePlan) -> str:
              f"{len(merge_plan.base.tensors)} tensors)"]
     for i, a in enumerate(merge_plan.adapters):
         lines.append(f"adapter {i}: {a.path} (weight {a.weight:g}, {len(a.modules)} LoRA modules, "
-                     f"{len(a.replacements)} replaced tensors)")
+                     f"{len(a.param_loras)} expert parameters, {len(a.replacements)} replaced tensors)")
     counts = {"merged": 0, "replaced": 0, "copied byte for byte": 0, "converted": 0}
     read = 0
+    seen: set[str] = set()  # an expert parameter's line is the same for each base tensor it covers: print it once
     base_shards = {s.path for s in merge_plan.base.shards}
     for shard in merge_plan.shards:
         for t in shard.tasks:
@@ -376,7 +449,10 @@ def describe(merge_plan: MergePlan) -> str:
                 counts["merged"] += 1
             else:
                 counts["copied byte for byte" if t.is_copy else "converted"] += 1
-            lines += [term.describe(t) for term in t.terms]
+            for line in (term.describe(t) for term in t.terms):
+                if line not in seen:
+                    seen.add(line)
+                    lines.append(line)
     written = sum(s.size for s in merge_plan.shards)
     lines.append(f"output: {merge_plan.plan.output}: {len(merge_plan.shards)} shards "
                  f"({', '.join(s.name for s in merge_plan.shards[:3])}{', ...' if len(merge_plan.shards) > 3 else ''})"

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from . import experts as experts_mod
 from . import mergemath
 from .safetensors_io import TensorInfo
 
@@ -50,6 +51,7 @@ class Term(ABC):
     column_norms: bool = False  # needs `column_pass` over every row before `apply`
     needs_base: bool = False  # `apply` reads the tile as it was before any term
     work_copies: int = 1  # tile-sized float32 buffers `apply` may hold at once (the tile itself included)
+    row_dims: int = 1  # leading dims a tile's rows run over (2 for a stack of experts: rows are (expert, d1))
 
     @abstractmethod
     def reads(self) -> tuple[TensorInfo, ...]:
@@ -184,6 +186,56 @@ class RowsTerm(Term):
 
     def describe(self, task) -> str:
         return f"  rows  {task.name}: {self.origin} {len(self.indices)} trainable tokens"
+
+
+@dataclass(frozen=True)
+class ExpertTerm(Term):
+    """LoRA on an expert parameter (PEFT's ParamWrapper): the base tensor holds `part` of ΔP (E, d1, d2), and
+    gains weight * scaling * ΔP[e] there for each of its experts. Works on float32 rows whatever the storage
+    dtype, so a codec can wrap it like any other term."""
+
+    a: TensorInfo  # lora_A (r*E, a), packed expert-major
+    b: TensorInfo  # lora_B (b, r*E), packed as `layout` says
+    experts: int
+    swap: bool  # PEFT's orientation: ΔP[e] = B_e @ A_e (else A_e^T @ B_e^T)
+    layout: str  # experts.RANK_MAJOR (PEFT) or experts.GROUPED_BY_EXPERT (Unsloth)
+    part: experts_mod.ExpertSlice
+    scaling: float
+    weight: float
+    origin: str  # "adapter path: <module>.<param>"
+    stored_as: str  # how the base stores the whole parameter, for the dry run (one line per parameter)
+
+    @property
+    def scale(self) -> float:
+        return self.weight * self.scaling
+
+    @property
+    def row_dims(self) -> int:
+        return 2 if self.part.count > 1 else 1
+
+    def reads(self) -> tuple[TensorInfo, ...]:
+        return self.a, self.b
+
+    def factors(self, load: Load) -> tuple[torch.Tensor, torch.Tensor]:
+        left, right = experts_mod.expert_factors(load(self.a), load(self.b), self.experts, self.layout, self.swap,
+                                                 self.part)
+        return left.contiguous(), right.contiguous()
+
+    @property
+    def fixed_bytes(self) -> int:
+        # the packed factors while the slice is cut from them, then the slice itself
+        return _F32 * (self.a.numel + self.b.numel) * 2
+
+    def apply(self, factors, work, base, r0, r1):
+        left, right = factors
+        mergemath.add_experts(work, left, right, self.scale, self.part.transposed, r0, r1)
+        return work
+
+    def describe(self, task) -> str:
+        # The same line for every base tensor of the parameter: the dry run prints it once.
+        orientation = "B_e@A_e" if self.swap else "A_e^T@B_e^T"
+        return (f"  experts {self.origin}: E={self.experts} r={self.a.shape[0] // self.experts} "
+                f"scale={self.scale:.6g} {orientation} lora_B {self.layout} -> {self.stored_as}")
 
 
 def load_factors(terms: list[Term], load: Load) -> list:

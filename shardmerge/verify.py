@@ -122,7 +122,7 @@ def _block_rows(task, budget: int) -> int:
     from .planner import RUNTIME_BYTES, _fmt, fixed_cost
     from .safetensors_io import DTYPE_SIZES
 
-    rows = task.source.shape[0] if task.source.shape else 1
+    rows = task.rows
     row_elems = task.source.numel // rows if rows else 1
     copies = max(t.work_copies for t in task.terms) + 3
     per_row = row_elems * (8 * copies + DTYPE_SIZES[task.source.dtype] + DTYPE_SIZES[task.out_dtype])
@@ -138,28 +138,30 @@ def _max_error(task, written, block: int) -> float:
     """The largest relative error of the written tensor against its float64 recomputation, block by block."""
     from . import terms
 
-    rows = task.source.shape[0] if task.source.shape else 1
+    rows = task.rows
     factors = terms.load_factors(task.terms, lambda info: _rows64(info, 0, info.shape[0] if info.shape else 1)
                                  .reshape(info.shape))
     blocks = [(r0, min(r0 + block, rows)) for r0 in range(0, rows, block)]
     if any(t.column_norms for t in task.terms):  # column norms need every row before any row merges
         for r0, r1 in blocks:
-            terms.column_pass(task.terms, factors, _rows64(task.source, r0, r1), r0, r1, rows)
+            terms.column_pass(task.terms, factors, _rows64(task.source, r0, r1, rows), r0, r1, rows)
     worst = 0.0
     for r0, r1 in blocks:
-        expected = terms.merge_tile(task.terms, factors, _rows64(task.source, r0, r1), r0, r1)
-        actual = _rows64(written, r0, r1)
+        expected = terms.merge_tile(task.terms, factors, _rows64(task.source, r0, r1, rows), r0, r1)
+        actual = _rows64(written, r0, r1, rows)
         worst = max(worst, ((actual - expected).abs() / expected.abs().clamp_min(1e-3)).max().item())
     return worst
 
 
-def _rows64(info, r0: int, r1: int):
-    """Rows r0:r1 of a tensor read straight from its file, as a 2-D float64 tile."""
+def _rows64(info, r0: int, r1: int, rows: int | None = None):
+    """Rows r0:r1 of a tensor read straight from its file, as a 2-D float64 tile; `rows` is how many rows the
+    tensor is cut into (the task's: dim 0, or (expert, d1) for a stack of experts), default dim 0."""
     import torch
 
     from .mergemath import TORCH_DTYPES
 
-    raw = torch.empty((r1 - r0) * info.row_bytes, dtype=torch.uint8)
+    row_bytes = info.row_bytes if rows is None else info.nbytes // max(rows, 1)
+    raw = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
     with store_for(info.path).open(info.path) as reader:
-        reader.read_into(raw.numpy(), info.offset + r0 * info.row_bytes)
+        reader.read_into(raw.numpy(), info.offset + r0 * row_bytes)
     return raw.view(TORCH_DTYPES[info.dtype]).to(torch.float64).reshape(r1 - r0, -1)

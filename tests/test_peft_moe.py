@@ -1,0 +1,348 @@
+"""LoRA on expert parameters (PEFT `target_parameters`) merged by shardmerge equals PEFT's merge_and_unload(),
+at model level: the output is loaded with transformers (which converts per-expert checkpoints to its fused
+modules) and every parameter and the logits are compared with PEFT's merged model.
+
+Each case is a tiny random MoE model built from a config (Qwen3-MoE, Mixtral, gpt-oss, Llama 4 text), saved in
+several shards the way transformers saves it (per expert for Qwen3-MoE and Mixtral, fused for gpt-oss and
+Llama 4), with an adapter on attention projections and on both expert parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from builders import (
+    INDEX_NAME,
+    _randomize_base,
+    input_ids,
+    load_tensors,
+    shard_files,
+    tensor_bytes,
+)
+
+import shardmerge
+
+EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
+COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, head_dim=8, tie_word_embeddings=False)
+
+
+def moe_config(family: str):
+    """Every token routed to every expert (top-k = E): a bf16 rounding difference then cannot flip a routing
+    choice, so logits compare continuously."""
+    from transformers import (
+        GptOssConfig,
+        Llama4TextConfig,
+        MixtralConfig,
+        Qwen3MoeConfig,
+    )
+
+    if family == "qwen3_moe":  # gate_up (E, 48, 32), down (E, 32, 24): the shapes decide the orientation
+        return Qwen3MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24, num_experts=4,
+                              num_experts_per_tok=4, norm_topk_prob=True)
+    if family == "mixtral":
+        return MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=4)
+    if family == "gpt_oss":  # down_proj (E, 32, 32) is square: only the PEFT version decides it
+        return GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=4,
+                            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "llama4":
+        return Llama4TextConfig(**COMMON, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4,
+                                num_experts_per_tok=4, interleave_moe_layer_step=1, no_rope_layers=[1, 1],
+                                attn_temperature_tuning=False)
+    raise ValueError(family)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    family: str
+    lora: dict = field(default_factory=dict)  # extra LoraConfig keywords
+    weights: tuple[float, ...] = (1.0,)  # one adapter per plan weight
+    max_shard_size: str = "20KB"
+    max_memory: str = "64MiB"
+    split_experts: bool = False  # the base puts one layer's experts in several shards
+
+
+CASES = [
+    Case("qwen3-moe-experts-split-over-shards", "qwen3_moe", max_shard_size="8KB", split_experts=True),
+    Case("qwen3-moe-rank-pattern", "qwen3_moe",
+         dict(rank_pattern={"layers.1.mlp.experts.gate_up_proj": 6}, alpha_pattern={"down_proj": 3})),
+    Case("mixtral-two-adapters", "mixtral", weights=(1.0, -0.5)),
+    Case("gpt-oss", "gpt_oss"),
+    Case("llama4-rslora", "llama4", dict(use_rslora=True, lora_alpha=4)),
+]
+CASES_BY_ID = {c.id: c for c in CASES}
+
+
+def _quiet():
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def build_moe_base(directory: Path, family: str, max_shard_size: str = "20KB", config=None) -> Path:
+    _quiet()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config or moe_config(family), dtype=torch.float32)
+    _randomize_base(model, seed=0)
+    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory
+
+
+def build_moe_adapter(base: Path, directory: Path, seed: int, **lora) -> Path:
+    """An adapter on q_proj/v_proj and both expert parameters, every LoRA tensor random (none zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_PARAMS)
+    peft_model = get_peft_model(model, LoraConfig(**{**config, **lora}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(peft_model.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+@dataclass
+class Reference:
+    params: dict[str, torch.Tensor]  # PEFT's merged model, module names
+    exact: dict[str, torch.Tensor]  # float64 merge of every parameter an adapter changes
+    mag: dict[str, torch.Tensor]  # |W| + sum |s| |B| |A|: bounds every value PEFT rounds
+    logits: torch.Tensor
+    base_logits: torch.Tensor
+
+
+def _param_delta64(module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ParamWrapper delta in float64 (its einsum, its orientation), and its magnitude bound."""
+    experts = module.num_experts
+    a = module.lora_A[name].weight.detach().double().reshape(experts, -1, module.lora_A[name].weight.shape[1])
+    b = module.lora_B[name].weight.detach().double()
+    b = b.reshape(b.shape[0], -1, experts)
+    spec = "o r e, e r i -> e o i" if module._did_swap_in_out_features else "o r e, e r i -> e i o"
+    s = float(module.scaling[name])
+    return torch.einsum(spec, b, a) * s, torch.einsum(spec, b.abs(), a.abs()) * abs(s)
+
+
+def peft_moe_reference(base: Path, adapters: list[Path], weights: tuple[float, ...]) -> Reference:
+    _quiet()
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear, ParamWrapper
+    from transformers import AutoModelForCausalLM
+
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        base_logits = base_model(input_ids()).logits.float()
+    names = [f"a{i}" for i in range(len(adapters))]
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapters[0],
+                                   adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        pm.load_adapter(path, adapter_name=name)
+    pm.base_model.set_adapter(names)
+    exact, mag = {}, {}
+    for path, module in pm.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        owner = path.removeprefix("base_model.model.").replace(".base_layer", "")
+        key = f"{owner}.{module.parameter_name}" if isinstance(module, ParamWrapper) else f"{owner}.weight"
+        param = getattr(module.get_base_layer(), module.parameter_name if isinstance(module, ParamWrapper) else "weight")
+        exact.setdefault(key, param.detach().double().clone())
+        mag.setdefault(key, param.detach().double().abs())
+        for name, w in zip(names, weights):
+            module.scaling[name] *= w  # the plan weight
+            if isinstance(module, ParamWrapper):
+                delta, bound = _param_delta64(module, name)
+            else:
+                assert isinstance(module, Linear)
+                a, b = module.lora_A[name].weight.detach().double(), module.lora_B[name].weight.detach().double()
+                s = float(module.scaling[name])
+                delta, bound = (b @ a) * s, (b.abs() @ a.abs()) * abs(s)
+            exact[key] += delta
+            mag[key] += bound
+    merged = pm.merge_and_unload().eval()
+    with torch.no_grad():
+        logits = merged(input_ids()).logits.float()
+    params = {n: p.detach().clone() for n, p in merged.named_parameters()}
+    return Reference(params, exact, mag, logits, base_logits)
+
+
+@dataclass
+class Built:
+    case: Case
+    base: Path
+    adapters: list[Path]
+    output: Path
+    ref: Reference
+    report: object
+
+
+_BUILT: dict[str, Built] = {}
+
+
+@pytest.fixture
+def built(request, tmp_path_factory) -> Built:
+    case = CASES_BY_ID[request.param]
+    if case.id not in _BUILT:
+        root = tmp_path_factory.mktemp(case.id)
+        base = build_moe_base(root / "base", case.family, case.max_shard_size)
+        adapters = [build_moe_adapter(base, root / f"adapter{i}", seed=1 + i, **case.lora)
+                    for i in range(len(case.weights))]
+        ref = peft_moe_reference(base, adapters, case.weights)
+        report = shardmerge.merge({"base": str(base), "output": str(root / "merged"), "device": "cpu",
+                                   "max_memory": case.max_memory,
+                                   "adapters": [{"path": str(a), "weight": w} for a, w in zip(adapters, case.weights)]})
+        _BUILT[case.id] = Built(case, base, adapters, root / "merged", ref, report)
+    return _BUILT[case.id]
+
+
+def per_case(cases=CASES):
+    return pytest.mark.parametrize("built", [c.id for c in cases], indirect=True)
+
+
+def _load_output(built: Built) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(built.output, dtype=torch.bfloat16)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _tolerance(value: torch.Tensor, mag: torch.Tensor, steps: int) -> torch.Tensor:
+    """|shardmerge - PEFT| from rounding alone: shardmerge rounds once (half an ulp of W'); PEFT rounds each
+    adapter's delta to bf16 and adds in bf16, one ulp of the magnitude per step."""
+    eps = torch.finfo(torch.bfloat16).eps
+    return eps * (1.5 * value.abs() + steps * 2 * mag) + 1e-30
+
+
+@per_case()
+def test_output_keeps_the_base_shards_names_and_layout(built: Built):
+    assert shard_files(built.output) == shard_files(built.base), "tensor names or shard files differ from the base"
+    out, base = load_tensors(built.output), load_tensors(built.base)
+    assert {k: (v.shape, v.dtype) for k, v in out.items()} == {k: (v.shape, v.dtype) for k, v in base.items()}
+
+
+@per_case()
+def test_every_parameter_matches_peft_merge_and_unload(built: Built):
+    got, ref = _load_output(built), built.ref
+    assert set(got) == set(ref.params)
+    steps = len(built.case.weights)
+    failures = []
+    for name in sorted(ref.params):
+        if name not in ref.exact:
+            assert torch.equal(got[name], ref.params[name]), f"{name} changed though no adapter touches it"
+            continue
+        err = (got[name].double() - ref.params[name].double()).abs()
+        tol = _tolerance(ref.exact[name], ref.mag[name], steps)
+        if (err > tol).any():
+            failures.append(f"{name}: max|shardmerge - PEFT| = {err.max().item():.3g}")
+    assert not failures, "\n".join(failures)
+    assert any("experts" in n for n in ref.exact), "the case changes no expert parameter"
+
+
+@per_case()
+def test_expert_deltas_move_far_more_than_the_tolerance(built: Built):
+    """The parameter check has teeth: every expert parameter moves by far more than rounding allows."""
+    from transformers import AutoModelForCausalLM
+
+    base = {n: p.detach().double() for n, p in AutoModelForCausalLM.from_pretrained(built.base, dtype=torch.bfloat16)
+            .named_parameters()}
+    ref = built.ref
+    for name in (n for n in ref.exact if "experts" in n):
+        moved = (ref.exact[name] - base[name]).abs()
+        tol = _tolerance(ref.exact[name], ref.mag[name], len(built.case.weights))
+        assert (moved > 4 * tol).double().mean() > 0.5, f"{name}: the delta is too small to test"
+
+
+@per_case()
+def test_error_vs_float64_is_no_larger_than_peft(built: Built):
+    got, ref = _load_output(built), built.ref
+    worse = []
+    for name, exact in ref.exact.items():
+        err_sm = (got[name].double() - exact).abs().max().item()
+        err_peft = (ref.params[name].double() - exact).abs().max().item()
+        if err_sm > err_peft + 8 * torch.finfo(torch.float32).eps * ref.mag[name].max().item():
+            worse.append(f"{name}: shardmerge {err_sm:.3g} > PEFT {err_peft:.3g}")
+    assert not worse, "\n".join(worse)
+
+
+@per_case()
+def test_logits_match_peft(built: Built):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(built.output, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = model(input_ids()).logits.float()
+    want, base = built.ref.logits, built.ref.base_logits
+    atol = 6e-2 * max(want.abs().max().item(), 1.0)
+    assert (want - base).abs().max() > 5 * atol, "the adapters hardly move the logits; the check would be vacuous"
+    assert (logits - want).abs().max() <= atol
+
+
+@per_case()
+def test_tensors_no_adapter_touches_are_byte_identical(built: Built):
+    out, base = load_tensors(built.output), load_tensors(built.base)
+    untouched = [k for k in base if "experts" not in k and "q_proj" not in k and "v_proj" not in k]
+    assert untouched
+    assert [k for k in untouched if tensor_bytes(out[k]) != tensor_bytes(base[k])] == []
+    changed = [k for k in base if "experts" in k and "bias" not in k and tensor_bytes(out[k]) != tensor_bytes(base[k])]
+    assert changed, "no expert tensor changed"
+
+
+@per_case([c for c in CASES if c.split_experts])
+def test_a_layer_whose_experts_span_two_shards_is_a_real_case(built: Built):
+    """Each expert's slice needs only its own (A_e, B_e), so experts of one layer may lie in any shards; this
+    case's base really splits them (and the tests above pass on it)."""
+    files = shard_files(built.base)
+    layer0 = {f for k, f in files.items() if k.startswith("model.layers.0.mlp.experts.")}
+    assert len(layer0) >= 2, f"layer 0's experts lie in {len(layer0)} shard(s); lower max_shard_size"
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance: square experts
+# --------------------------------------------------------------------------------------------------
+
+
+def _gpt_oss_without_version(tmp_path) -> tuple[Path, Path]:
+    base = build_moe_base(tmp_path / "base", "gpt_oss")
+    adapter = build_moe_adapter(base, tmp_path / "adapter", seed=3)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["peft_version"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return base, adapter
+
+
+def test_square_experts_without_peft_version_are_refused_as_ambiguous(tmp_path, capsys):
+    base, adapter = _gpt_oss_without_version(tmp_path)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"),
+                                "device": "cpu"}))
+    from shardmerge.cli import main
+
+    assert main([str(plan)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layout is ambiguous" in err[0] and "down_proj" in err[0] and "peft_version" in err[0]
+    assert not (tmp_path / "out" / INDEX_NAME).exists()
+
+
+def test_peft_version_in_the_plan_resolves_square_experts(tmp_path):
+    base, adapter = _gpt_oss_without_version(tmp_path)
+    with_plan = shardmerge.merge({"base": str(base), "adapters": [{"path": str(adapter), "peft_version": "0.21.2"}],
+                                  "output": str(tmp_path / "a"), "device": "cpu"})
+    assert with_plan.tensors_merged > 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "peft_version" not in config, "the user's adapter_config.json was modified"
+    ref = peft_moe_reference(base, [adapter], (1.0,))  # PEFT 0.21.2 itself, the version named in the plan
+    got = _load_output(Built(CASES_BY_ID["gpt-oss"], base, [adapter], tmp_path / "a", ref, with_plan))
+    name = "model.layers.0.mlp.experts.down_proj"
+    assert ((got[name].double() - ref.params[name].double()).abs() <= _tolerance(ref.exact[name], ref.mag[name], 1)).all()
