@@ -96,7 +96,6 @@ _MIXTRAL = (ExpertRule("gate_up_proj", ("w1", "w3"), ((".mlp.", ".block_sparse_m
 BUILTIN_RULES: dict[str, tuple[ExpertRule, ...]] = {
     "qwen2_moe": _PER_EXPERT,
     "mixtral": _MIXTRAL,
-    "phimoe": _MIXTRAL,
     "lfm2_moe": (ExpertRule("gate_up_proj", ("w1", "w3")), ExpertRule("down_proj", ("w2",))),
     "qwen3_vl_moe": (ExpertRule("gate_up_proj", transposed=True), ExpertRule("down_proj", transposed=True)),
 }
@@ -104,7 +103,7 @@ BUILTIN_RULES: dict[str, tuple[ExpertRule, ...]] = {
 _BUILTIN_FAMILIES = {
     **{t: "qwen2_moe" for t in ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe",
                                 "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "flex_olmo", "qwen3_next", "exaone_moe")},
-    "mixtral": "mixtral", "minimax": "mixtral", "phimoe": "phimoe", "lfm2_moe": "lfm2_moe",
+    "mixtral": "mixtral", "minimax": "mixtral", "lfm2_moe": "lfm2_moe",
     "qwen3_vl_moe": "qwen3_vl_moe",
 }  # fmt: skip
 
