@@ -356,16 +356,33 @@ def _fused(info: TensorInfo, shape: tuple | None, rule: ExpertRule) -> tuple[tup
 
 # -- factors ------------------------------------------------------------------------------------------------
 
+def narrowed_reads(a: TensorInfo, b: TensorInfo, experts: int, swap: bool, part: ExpertSlice):
+    """The parts of lora_A and lora_B a base tensor's slice needs, as contiguous byte ranges: A_e for its experts
+    (rows e*r .. of A), and when swapped only its rows of B (B's rows are d1 then). B's expert columns are
+    strided, so B keeps every expert's columns."""
+    rank = a.shape[0] // experts
+    a = _rows(a, part.first * rank, (part.first + part.count) * rank)
+    return a, (_rows(b, part.start, part.stop) if swap else b)
+
+
+def _rows(info: TensorInfo, r0: int, r1: int) -> TensorInfo:
+    if (r0, r1) == (0, info.shape[0]):
+        return info
+    return TensorInfo(info.name, info.dtype, (r1 - r0, *info.shape[1:]), info.path, info.offset + r0 * info.row_bytes,
+                      (r1 - r0) * info.row_bytes)
+
+
 def expert_factors(a, b, experts: int, layout: str, swap: bool, part: ExpertSlice):
     """(left (n, rows, r), right (n, r, d2)) with ΔP[e] restricted to `part`'s rows = left[e] @ right[e], for
-    the n experts `part` holds, from PEFT's packed lora_A (r*E, a) and lora_B (b, r*E), unscaled."""
-    rank = a.shape[0] // experts
-    a_e = a.reshape(experts, rank, a.shape[1])  # A_e: rows e*r .. e*r+r-1
-    if layout == GROUPED_BY_EXPERT:  # Unsloth: B_e in columns e*r + k
-        b_e = b.reshape(b.shape[0], experts, rank).permute(1, 0, 2)
-    else:  # PEFT: B_e in columns k*E + e
-        b_e = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)
-    left, right = (b_e, a_e) if swap else (a_e.transpose(1, 2), b_e.transpose(1, 2))
+    the n experts `part` holds, unscaled, from the `narrowed_reads` of PEFT's packed lora_A (r*E, a) and
+    lora_B (b, r*E)."""
+    rank = b.shape[1] // experts
+    a_e = a.reshape(part.count, rank, a.shape[1])  # A_e: rows e*r .. e*r+r-1
     chosen = slice(part.first, part.first + part.count)
-    rows = part.row_order()
-    return left[chosen][:, rows], right[chosen]
+    if layout == GROUPED_BY_EXPERT:  # Unsloth: B_e in columns e*r + k
+        b_e = b.reshape(b.shape[0], experts, rank)[:, chosen].permute(1, 0, 2)
+    else:  # PEFT: B_e in columns k*E + e
+        b_e = b.reshape(b.shape[0], rank, experts)[:, :, chosen].permute(2, 0, 1)
+    left, right = (b_e, a_e) if swap else (a_e.transpose(1, 2), b_e.transpose(1, 2))
+    first_row = part.start if swap else 0  # B already holds only the slice's rows
+    return left[:, [row - first_row for row in part.row_order()]], right

@@ -194,8 +194,8 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
                 if base.tensors[name].dtype not in FLOAT_DTYPES:
                     raise ShardmergeError(f"{origin}: base tensor {name!r} is {base.tensors[name].dtype}, not a float "
                                           "tensor; merging into quantized weights is not supported")
-                yield name, ExpertTerm(lora.a, lora.b, count, swap, layout, part, scaling, adapter.weight, origin,
-                                       stored)
+                a, b = experts.narrowed_reads(lora.a, lora.b, count, swap, part)
+                yield name, ExpertTerm(a, b, count, swap, layout, part, scaling, adapter.weight, origin, stored)
 
 
 def _stored_as(parts: list, shape: tuple) -> str:

@@ -194,8 +194,8 @@ class ExpertTerm(Term):
     gains weight * scaling * ΔP[e] there for each of its experts. Works on float32 rows whatever the storage
     dtype, so a codec can wrap it like any other term."""
 
-    a: TensorInfo  # lora_A (r*E, a), packed expert-major
-    b: TensorInfo  # lora_B (b, r*E), packed as `layout` says
+    a: TensorInfo  # lora_A's rows for this tensor's experts (experts.narrowed_reads)
+    b: TensorInfo  # lora_B (b, r*E), packed as `layout` says; when swapped only this tensor's rows
     experts: int
     swap: bool  # PEFT's orientation: ΔP[e] = B_e @ A_e (else A_e^T @ B_e^T)
     layout: str  # experts.RANK_MAJOR (PEFT) or experts.GROUPED_BY_EXPERT (Unsloth)
@@ -234,7 +234,7 @@ class ExpertTerm(Term):
     def describe(self, task) -> str:
         # The same line for every base tensor of the parameter: the dry run prints it once.
         orientation = "B_e@A_e" if self.swap else "A_e^T@B_e^T"
-        return (f"  experts {self.origin}: E={self.experts} r={self.a.shape[0] // self.experts} "
+        return (f"  experts {self.origin}: E={self.experts} r={self.b.shape[1] // self.experts} "
                 f"scale={self.scale:.6g} {orientation} lora_B {self.layout} -> {self.stored_as}")
 
 

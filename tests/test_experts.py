@@ -57,7 +57,10 @@ def test_expert_factors_match_peft_einsum_for_rank_major():
 
 def test_one_experts_row_range_needs_only_that_expert():
     a, b, delta = _packed(True, RANK_MAJOR)
-    left, right = experts.expert_factors(a, b, E, RANK_MAJOR, True, ExpertSlice(1, 1, 2, 5))
+    part = ExpertSlice(1, 1, 2, 5)
+    info_a, info_b = experts.narrowed_reads(_info("a", a.shape), _info("b", b.shape), E, True, part)
+    assert (info_a.shape, info_a.offset) == ((R, D2), R * D2 * 2) and (info_b.shape, info_b.offset) == ((3, R * E), 2 * R * E * 2)
+    left, right = experts.expert_factors(a[R : 2 * R], b[2:5], E, RANK_MAJOR, True, part)
     assert left.shape == (1, 3, R)
     assert torch.allclose(left[0] @ right[0], delta[1, 2:5], rtol=0, atol=1e-12)
 

@@ -346,3 +346,34 @@ def test_peft_version_in_the_plan_resolves_square_experts(tmp_path):
     got = _load_output(Built(CASES_BY_ID["gpt-oss"], base, [adapter], tmp_path / "a", ref, with_plan))
     name = "model.layers.0.mlp.experts.down_proj"
     assert ((got[name].double() - ref.params[name].double()).abs() <= _tolerance(ref.exact[name], ref.mag[name], 1)).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers-4 era adapters: one LoRA per expert projection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_per_expert_adapter_of_the_transformers_4_era_merges_into_per_expert_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    base = build_moe_base(tmp_path / "base", "qwen3_moe")
+    stored = load_tensors(base)
+    g = torch.Generator().manual_seed(5)
+    lora, exact = {}, {}
+    for name, w in stored.items():
+        if ".mlp.experts." in name:
+            module = name.removesuffix(".weight")
+            a, b = torch.randn(4, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 4, generator=g) * 0.2
+            lora[f"base_model.model.{module}.lora_A.weight"], lora[f"base_model.model.{module}.lora_B.weight"] = a, b
+            exact[name] = w.double() + 2.0 * (b.double() @ a.double())
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+    shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu"})
+    out = load_tensors(tmp_path / "out")
+    half_ulp = torch.finfo(torch.bfloat16).eps / 2
+    for name, want in exact.items():
+        assert ((out[name].double() - want).abs() <= half_ulp * want.abs() + 1e-30).all(), name
+    assert all(tensor_bytes(out[k]) == tensor_bytes(v) for k, v in stored.items() if k not in exact)
