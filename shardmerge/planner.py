@@ -159,7 +159,9 @@ def _read_adapters(plan: Plan, scratch: Path) -> list[Adapter]:
 
 def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
     """(base tensor name, ExpertTerm) for every expert parameter the adapter's target_parameters change."""
-    facts = experts.module_facts(base.config) if adapter.param_loras else None
+    if not adapter.param_loras:
+        return
+    facts = experts.module_facts(base.config)
     rules, transposed_experts = experts.rules_for(base.config)
     layout = experts.lora_b_layout(adapter.config, adapter.weights.parent / "adapter_config.json")
     rule = experts.swap_rule(adapter.peft_version)
@@ -204,9 +206,10 @@ def _stored_as(parts: list, shape: tuple) -> str:
     if first.count > 1:
         return f"fused {first_name} {list(shape)}" + (" transposed" if first.transposed else "") + \
             (" gate/up interleaved" if first.interleaved else "")
-    leaves = sorted({name.rpartition(".weight")[0].rpartition(".")[2] for name, _ in parts})
-    pattern = first_name.replace(f".{first.first}.", ".*.", 1).rpartition(".weight")[0].rpartition(".")[0]
-    return f"{len(parts)} per-expert 2-D tensors {pattern}.{{{','.join(leaves)}}}.weight"
+    leaves = list(dict.fromkeys(name.removesuffix(".weight").rpartition(".")[2] for name, _ in parts))
+    module = first_name.removesuffix(".weight").rpartition(".")[0].rpartition(".")[0]  # drop ".<expert>.<leaf>"
+    leaf = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
+    return f"{len(parts)} per-expert 2-D tensors {module}.*.{leaf}.weight"
 
 
 def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | None = None) -> MergePlan:

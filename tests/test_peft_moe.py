@@ -377,3 +377,27 @@ def test_per_expert_adapter_of_the_transformers_4_era_merges_into_per_expert_ten
     for name, want in exact.items():
         assert ((out[name].double() - want).abs() <= half_ulp * want.abs() + 1e-30).all(), name
     assert all(tensor_bytes(out[k]) == tensor_bytes(v) for k, v in stored.items() if k not in exact)
+
+
+def test_unsloth_grouped_by_expert_lora_b_gives_the_same_merge(tmp_path):
+    """The same factors with lora_B's columns grouped by expert (e*r + k) and `lora_B_layout` saying so merge
+    to the same bytes as PEFT's rank-major packing (k*E + e)."""
+    from safetensors.torch import load_file, save_file
+
+    base = build_moe_base(tmp_path / "base", "mixtral")
+    peft_adapter = build_moe_adapter(base, tmp_path / "peft", seed=7)
+    tensors = load_file(str(peft_adapter / "adapter_model.safetensors"))
+    config = json.loads((peft_adapter / "adapter_config.json").read_text())
+    experts = 4
+    for key, t in tensors.items():
+        if ".experts." in key and "lora_B" in key:  # columns k*E + e -> e*r + k
+            tensors[key] = t.reshape(t.shape[0], config["r"], experts).transpose(1, 2).reshape(t.shape).contiguous()
+    unsloth = tmp_path / "unsloth"
+    unsloth.mkdir()
+    save_file(tensors, str(unsloth / "adapter_model.safetensors"))
+    (unsloth / "adapter_config.json").write_text(json.dumps({**config, "lora_B_layout": "grouped_by_expert"}))
+    for name, adapter in (("a", peft_adapter), ("b", unsloth)):
+        shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / name), "device": "cpu"})
+    a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
+    assert all(tensor_bytes(a[k]) == tensor_bytes(b[k]) for k in a)
+    assert any(tensor_bytes(a[k]) != tensor_bytes(v) for k, v in load_tensors(base).items() if ".experts." in k)
