@@ -168,9 +168,9 @@ def _info(name, shape):
 
 
 def _fused_case(tmp_path: Path):
-    """A Llama-4-style fused base (E, H, 2I) of 512 KiB and an adapter on it, written by hand (float64 reference)."""
+    """A Llama-4-style fused base (E, H, 2I) of 36 MiB and an adapter on it, written by hand (float64 reference)."""
     g = torch.Generator().manual_seed(0)
-    experts_, hidden, inter, rank = 4, 128, 256, 2
+    experts_, hidden, inter, rank = 8, 768, 1536, 1
     base = tmp_path / "base"
     base.mkdir()
     name = "model.layers.0.feed_forward.experts.gate_up_proj"
@@ -191,7 +191,7 @@ def _fused_case(tmp_path: Path):
         "target_parameters": ["feed_forward.experts.gate_up_proj"]}))
     a_e = a.double().reshape(experts_, rank, -1)
     b_e = b.double().reshape(hidden, rank, experts_).permute(2, 0, 1)
-    exact = weights[name].double() + 2.0 * torch.stack([b_e[e] @ a_e[e] for e in range(experts_)])
+    exact = weights[name].double() + 4.0 * torch.stack([b_e[e] @ a_e[e] for e in range(experts_)])
     return base, adapter, name, weights[name], exact
 
 
@@ -216,4 +216,4 @@ def test_dry_run_prints_one_line_per_fused_parameter_with_e_r_scaling_and_layout
         dry_run=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("experts")]
     assert len(lines) == 1
-    assert "E=4 r=2 scale=2" in lines[0] and f"fused {name} [4, 128, 512]" in lines[0]
+    assert "E=8 r=1 scale=4" in lines[0] and f"fused {name} [8, 768, 3072]" in lines[0]
