@@ -401,3 +401,14 @@ def test_unsloth_grouped_by_expert_lora_b_gives_the_same_merge(tmp_path):
     a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     assert all(tensor_bytes(a[k]) == tensor_bytes(b[k]) for k in a)
     assert any(tensor_bytes(a[k]) != tensor_bytes(v) for k, v in load_tensors(base).items() if ".experts." in k)
+
+
+@per_case([CASES_BY_ID["gpt-oss"], CASES_BY_ID["qwen3-moe-experts-split-over-shards"]])
+def test_verify_recomputes_expert_tensors_from_the_inputs(built: Built, tmp_path):
+    from shardmerge.cli import main
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": str(built.base), "output": str(built.output), "device": "cpu",
+                                "max_memory": built.case.max_memory,
+                                "adapters": [{"path": str(a), "weight": w} for a, w in zip(built.adapters, built.case.weights)]}))
+    assert main(["verify", str(built.output), "--plan", str(plan), "--samples", "1000"]) == 0
