@@ -168,25 +168,22 @@ def swap_rule(peft_version) -> str | None:
     return _UNLESS_TRANSPOSED
 
 
-def swapped(a: tuple, b: tuple, d1: int, d2: int, rule: str | None, is_transposed: bool, origin: str) -> bool:
-    """Whether PEFT's delta for P (E, d1, d2) is B_e @ A_e (swapped) or A_eᵀ @ B_eᵀ: the shapes decide,
-    and the saving version's rule must agree; square experts need the rule."""
+def swapped(a: tuple, b: tuple, d1: int, d2: int, rule: str | None, is_transposed, origin: str) -> bool:
+    """Whether PEFT's delta for P (E, d1, d2) is B_e @ A_e (swapped) or A_eᵀ @ B_eᵀ. The factor shapes are what
+    the adapter was trained with, so they decide; only square experts need the saving version's rule, and
+    `is_transposed()` (asked only then) says how the experts module is laid out."""
     fits_swapped, fits_plain = (a[1], b[0]) == (d2, d1), (a[1], b[0]) == (d1, d2)
     if not (fits_swapped or fits_plain):
         raise ShardmergeError(f"{origin}: lora_A {list(a)} / lora_B {list(b)} fit no orientation of the expert "
                               f"parameter (E, {d1}, {d2})")
-    by_rule = {_NEVER: False, _IF_TRANSPOSED: is_transposed, _UNLESS_TRANSPOSED: not is_transposed}.get(rule)
-    if fits_swapped and fits_plain:
-        if by_rule is None:
-            raise ShardmergeError(
-                f"{origin}: the expert layout is ambiguous: the experts are square ({d1}x{d2}) and the adapter "
-                "does not say which PEFT version saved it; set peft_version in the plan's adapter entry (the PEFT "
-                "version that trained it, e.g. peft_version: 0.21.2)")
-        return by_rule
-    if by_rule is not None and by_rule != fits_swapped:
-        raise ShardmergeError(f"{origin}: lora_A {list(a)} / lora_B {list(b)} contradict the orientation PEFT's "
-                              "saving version gives this parameter; the adapter and base do not match")
-    return fits_swapped
+    if fits_swapped != fits_plain:
+        return fits_swapped
+    if rule is None:
+        raise ShardmergeError(
+            f"{origin}: the expert layout is ambiguous: the experts are square ({d1}x{d2}) and the adapter "
+            "does not say which PEFT version saved it; set peft_version in the plan's adapter entry (the PEFT "
+            "version that trained it, e.g. peft_version: 0.21.2)")
+    return {_NEVER: False, _IF_TRANSPOSED: is_transposed(), _UNLESS_TRANSPOSED: not is_transposed()}[rule]
 
 
 # -- the model side ------------------------------------------------------------------------------------------
@@ -233,23 +230,42 @@ def _module_facts(config_json: str) -> dict[str, OwnerFacts] | None:
     return facts
 
 
-def registration_order(owner: str, facts: dict[str, OwnerFacts] | None) -> list[str]:
-    if facts is not None and owner in facts:
-        return [n for n, _ in facts[owner].params]
-    return list(_REGISTRATION_ORDER)
+class ModelFacts:
+    """What the base's model class says about an experts module, asked only when the checkpoint and the factor
+    shapes leave it open (building the class, even on the meta device, imports all its modeling code): the
+    registration order when a parameter is not in the common table, `is_transposed` for square experts."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self._facts: dict[str, OwnerFacts] | None = None
+        self._asked = False
+
+    def _owner(self, owner: str) -> OwnerFacts | None:
+        if not self._asked:
+            self._facts, self._asked = module_facts(self.config), True
+        return (self._facts or {}).get(owner)
+
+    def targeted(self, owner: str, targets: list[str], count: int) -> list[str]:
+        """The owner's `count` targeted parameters in registration order."""
+        params = targeted_params(owner, list(_REGISTRATION_ORDER), targets)
+        facts = self._owner(owner) if len(params) != count else None
+        return targeted_params(owner, [n for n, _ in facts.params], targets) if facts else params
+
+    def is_transposed(self, owner: str) -> bool:
+        facts = self._owner(owner)
+        return facts.is_transposed if facts else str(self.config.get("model_type")) in _TRANSPOSED_EXPERTS
 
 
 # -- the checkpoint side ------------------------------------------------------------------------------------
 
-def rules_for(config: dict) -> tuple[tuple[ExpertRule, ...], bool]:
-    """(rules, is_transposed) for a base's model type, from transformers when importable, else built in."""
+def rules_for(config: dict) -> tuple[ExpertRule, ...]:
+    """The expert rules for a base's model type, from transformers when importable, else built in."""
     model_type = str(config.get("model_type", ""))
     try:
-        rules = transformers_rules(model_type)
+        return transformers_rules(model_type)
     except ImportError:
         family = _BUILTIN_FAMILIES.get(model_type)
-        rules = BUILTIN_RULES.get(family, ()) if family else ()
-    return rules, model_type in _TRANSPOSED_EXPERTS
+        return BUILTIN_RULES.get(family, ()) if family else ()
 
 
 @cache

@@ -161,10 +161,10 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
     """(base tensor name, ExpertTerm) for every expert parameter the adapter's target_parameters change."""
     if not adapter.param_loras:
         return
-    facts = experts.module_facts(base.config)
-    rules, transposed_experts = experts.rules_for(base.config)
+    model, rules = experts.ModelFacts(base.config), experts.rules_for(base.config)
     layout = experts.lora_b_layout(adapter.config, adapter.weights.parent / "adapter_config.json")
     rule = experts.swap_rule(adapter.peft_version)
+    targets = list(adapter.config.get("target_parameters") or [])
     owners: dict[str, list] = {}
     for lora in adapter.param_loras:
         owners.setdefault(lora.owner, []).append(lora)
@@ -174,13 +174,9 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
         return None if found is None else base.tensors[found]
 
     for owner, loras in owners.items():
-        order = experts.registration_order(owner, facts)
-        params = experts.targeted_params(owner, order, list(adapter.config.get("target_parameters") or []))
-        for param, lora in experts.assign_params(owner, loras, params).items():
+        for param, lora in experts.assign_params(owner, loras, model.targeted(owner, targets, len(loras))).items():
             origin = f"{adapter.path}: {owner}.{param}"
-            owner_facts = facts.get(owner) if facts else None
-            shape, parts = experts.checkpoint_slices(owner, param, owner_facts.shape(param) if owner_facts else None,
-                                                     rules, find)
+            shape, parts = experts.checkpoint_slices(owner, param, None, rules, find)
             if not parts:
                 raise ShardmergeError(f"{adapter.weights}: adapter tensor {lora.a.name!r} targets {owner}.{param}, "
                                       f"which is not in the base model {base.directory}, fused or per expert")
@@ -189,8 +185,7 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
             if lora.a.shape[0] != rank * count or lora.b.shape[1] != rank * count:
                 raise ShardmergeError(f"{origin}: lora_A {list(lora.a.shape)} / lora_B {list(lora.b.shape)} do not "
                                       f"hold r={rank} for each of the {count} experts")
-            is_transposed = owner_facts.is_transposed if owner_facts else transposed_experts
-            swap = experts.swapped(lora.a.shape, lora.b.shape, d1, d2, rule, is_transposed, origin)
+            swap = experts.swapped(lora.a.shape, lora.b.shape, d1, d2, rule, lambda: model.is_transposed(owner), origin)
             stored = _stored_as(parts, shape)
             for name, part in parts:
                 if base.tensors[name].dtype not in FLOAT_DTYPES:

@@ -92,25 +92,30 @@ def test_swap_rule_follows_the_saving_peft_version(version, rule):
 
 
 def test_shapes_decide_the_orientation_when_experts_are_not_square():
-    # P (E, 6, 4): swapped factors are A (r*E, 4), B (6, r*E); plain ones A (r*E, 6), B (4, r*E)
-    assert experts.swapped((6, 4), (6, 6), 6, 4, None, False, "x") is True
-    assert experts.swapped((6, 6), (4, 6), 6, 4, None, False, "x") is False
+    # P (E, 6, 4): swapped factors are A (r*E, 4), B (6, r*E); plain ones A (r*E, 6), B (4, r*E). The shapes are
+    # what the adapter was trained with, whatever its version says.
+    def never_asked():
+        raise AssertionError("is_transposed asked although the shapes decide")
+
+    assert experts.swapped((6, 4), (6, 6), 6, 4, None, never_asked, "x") is True
+    assert experts.swapped((6, 6), (4, 6), 6, 4, "unless is_transposed", never_asked, "x") is False
 
 
 def test_square_experts_follow_the_version_rule_and_the_transposed_flag():
-    assert experts.swapped((6, 4), (4, 6), 4, 4, "unless is_transposed", True, "x") is False  # gpt-oss, 0.21
-    assert experts.swapped((6, 4), (4, 6), 4, 4, "unless is_transposed", False, "x") is True  # Llama 4, 0.21
-    assert experts.swapped((6, 4), (4, 6), 4, 4, "never", False, "x") is False
+    assert experts.swapped((6, 4), (4, 6), 4, 4, "unless is_transposed", lambda: True, "x") is False  # gpt-oss, 0.21
+    assert experts.swapped((6, 4), (4, 6), 4, 4, "unless is_transposed", lambda: False, "x") is True  # Llama 4
+    assert experts.swapped((6, 4), (4, 6), 4, 4, "if is_transposed", lambda: True, "x") is True  # gpt-oss, 0.19.0
+    assert experts.swapped((6, 4), (4, 6), 4, 4, "never", lambda: False, "x") is False
 
 
 def test_square_experts_without_provenance_are_refused_as_ambiguous():
     with pytest.raises(ShardmergeError, match="layout is ambiguous.*peft_version"):
-        experts.swapped((6, 4), (4, 6), 4, 4, None, True, "adapter: model.layers.0.mlp.experts.down_proj")
+        experts.swapped((6, 4), (4, 6), 4, 4, None, lambda: True, "adapter: model.layers.0.mlp.experts.down_proj")
 
 
-def test_shapes_that_contradict_the_saving_versions_rule_are_refused():
-    with pytest.raises(ShardmergeError, match="contradict"):
-        experts.swapped((6, 4), (6, 6), 6, 4, "never", False, "x")
+def test_factors_that_fit_no_orientation_are_refused():
+    with pytest.raises(ShardmergeError, match="fit no orientation"):
+        experts.swapped((6, 5), (6, 6), 6, 4, None, lambda: False, "x")
 
 
 def test_nesting_depth_follows_registration_order():
