@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,8 @@ class Executor:
         buffers = merge_plan.buffers
         self.pool = SlabPool(buffers.slabs, buffers.slab_bytes, self.cuda, self.stop)
         self.work_elems = buffers.work_elems
+        self._shared: OrderedDict = OrderedDict()  # TensorInfo -> loaded tensor, least recently used first
+        self._shared_used, self._shared_capacity = 0, buffers.shared_bytes
         self.scratch_bytes = buffers.scratch  # the fallback copy buffer and the checksum window
         self.result = ExecutionResult()
         self._inputs: dict[Path, Reader] = {}
@@ -148,7 +151,7 @@ class Executor:
         self.pipeline.put(self.copies, None)
 
     def _read_task(self, out: _ShardFile, task: TensorTask) -> None:
-        self.pipeline.put(self.tiles, ("task", task, terms.load_factors(task.terms, self._load)))
+        self.pipeline.put(self.tiles, ("task", task, terms.load_factors(task.terms, self._loader(task))))
         blocks = _row_blocks(task)
         src = task.source
         for prepass in [True, False] if task.column_norms else [False]:
@@ -161,6 +164,30 @@ class Executor:
                 self.result.stages.read += time.perf_counter() - start
                 self._count(bytes_read=nbytes)
                 self.pipeline.put(self.tiles, tile)
+
+    def _loader(self, task: TensorTask):
+        """`_load` for the task's terms, serving the tensors other tasks read too from a small LRU cache (an
+        expert parameter's lora_B would otherwise be read once per expert); only the reader uses it."""
+        shared = {info for term in task.terms for info in term.shared_reads()}
+        if not shared:
+            return self._load
+
+        def load(info) -> torch.Tensor:
+            if info not in shared:
+                return self._load(info)
+            if info in self._shared:
+                self._shared.move_to_end(info)
+                return self._shared[info]
+            tensor = self._load(info)
+            size = 4 * info.numel
+            if size <= self._shared_capacity:
+                while self._shared and self._shared_used + size > self._shared_capacity:
+                    self._shared_used -= 4 * self._shared.popitem(last=False)[0].numel
+                self._shared[info] = tensor
+                self._shared_used += size
+            return tensor
+
+        return load
 
     def _load(self, info) -> torch.Tensor:
         """An adapter tensor read whole (they are small) and made float32 on the merge device."""

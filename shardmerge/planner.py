@@ -317,11 +317,12 @@ class Buffers:
     scratch: int
 
     overhead: int  # the run's fixed cost outside these buffers (RUNTIME_BYTES and the plan's objects)
+    shared_bytes: int = 0  # adapter tensors kept loaded across tasks (Term.shared_reads: an expert parameter's lora_B)
 
     @property
     def total(self) -> int:
         return (self.slabs * self.slab_bytes + 4 * self.work_elems * self.work_factor + self.factor_bytes
-                + 2 * self.scratch + self.overhead)
+                + 2 * self.scratch + self.overhead + self.shared_bytes)
 
 
 SLABS = 4  # one being read, one merging, one being written, one spare for jitter
@@ -353,7 +354,8 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     itemsize = max(max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks)
     work_factor = max((x.work_copies for t in tasks for x in t.terms), default=1)
     on_cuda = merge_plan.device.startswith("cuda")
-    factors = 2 * max(fixed_cost(t) for t in tasks)
+    shared = _shared_bytes(tasks, (budget - 2 * scratch) // 4)
+    factors = 2 * max(fixed_cost(t) for t in tasks) + shared  # the cache is held like factors, whole run long
     # A tiny budget shrinks the chunk too (then a chunk is a whole tile).
     chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // (SLABS * itemsize + 4 * work_factor)))
     for t in tasks:
@@ -381,7 +383,21 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     tile_elems = max(t.rows_per_tile * _row_elems(t) for t in tasks)
     slab = max(t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype])
                for t in tasks)
-    return Buffers(SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors, scratch, overhead)
+    return Buffers(SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors - shared, scratch, overhead,
+                   shared)
+
+
+def _shared_bytes(tasks: list[TensorTask], room: int) -> int:
+    """Room for the adapter tensors several tasks read (an expert parameter's lora_B, read again for each of its
+    per-expert tensors): enough for every such tensor of one module (a layer's gate, up and down slices come
+    interleaved in name order), within a quarter of the buffers' budget; 0 where none fits."""
+    by_module: dict[str, dict] = {}
+    for t in tasks:
+        for term in t.terms:
+            for info in term.shared_reads():
+                by_module.setdefault(term.origin.rpartition(".")[0], {})[info] = 4 * info.numel
+    need = max((sum(sizes.values()) for sizes in by_module.values()), default=0)
+    return need if need <= room else 0
 
 
 def _fmt(n: int) -> str:

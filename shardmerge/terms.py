@@ -57,6 +57,11 @@ class Term(ABC):
     def reads(self) -> tuple[TensorInfo, ...]:
         """The adapter tensors this term reads whole."""
 
+    def shared_reads(self) -> tuple[TensorInfo, ...]:
+        """Of `reads()`, the tensors other tasks' terms read too; the executor keeps them loaded (within the
+        plan's Buffers.shared_bytes) instead of reading them again for each task."""
+        return ()
+
     @property
     def fixed_bytes(self) -> int:
         """Bytes its factors hold while its tensor merges."""
@@ -215,6 +220,10 @@ class ExpertTerm(Term):
 
     def reads(self) -> tuple[TensorInfo, ...]:
         return self.a, self.b
+
+    def shared_reads(self) -> tuple[TensorInfo, ...]:
+        # B_e's columns are strided, so every per-expert tensor of the parameter reads the same lora_B rows
+        return (self.b,) if self.part.count < self.experts else ()
 
     def factors(self, load: Load) -> tuple[torch.Tensor, torch.Tensor]:
         left, right = experts_mod.expert_factors(load(self.a), load(self.b), self.experts, self.layout, self.swap,

@@ -412,3 +412,12 @@ def test_verify_recomputes_expert_tensors_from_the_inputs(built: Built, tmp_path
                                 "max_memory": built.case.max_memory,
                                 "adapters": [{"path": str(a), "weight": w} for a, w in zip(built.adapters, built.case.weights)]}))
     assert main(["verify", str(built.output), "--plan", str(plan), "--samples", "1000"]) == 0
+
+
+@per_case([c for c in CASES if c.split_experts])
+def test_each_adapter_tensor_is_read_once_not_once_per_expert(built: Built):
+    """Per-expert tensors each need their expert's columns of lora_B, strided over all of it: lora_B is kept
+    loaded across them, so a merge reads no more than the base's and the adapters' files once (re-reading
+    lora_B for each of the 4 experts would exceed that by ~17 KB here)."""
+    files = list(built.base.glob("*.safetensors")) + [a / "adapter_model.safetensors" for a in built.adapters]
+    assert built.report.bytes_read <= sum(f.stat().st_size for f in files)
