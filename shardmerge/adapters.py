@@ -49,6 +49,7 @@ class Adapter:
     weights: Path  # the adapter's safetensors file
     modules: list[LoraModule] = field(default_factory=list)
     replacements: dict[str, TensorInfo] = field(default_factory=dict)  # target name -> tensor
+    own_copies: set[str] = field(default_factory=set)  # replacements that are a modules_to_save module's own copy
     token_rows: dict[str, tuple[tuple[int, ...], TensorInfo]] = field(default_factory=dict)  # module -> rows, values
     param_loras: list[ParamLora] = field(default_factory=list)  # target_parameters (experts.py)
     peft_version: str | None = None  # the PEFT version that saved it: the plan's, else adapter_config.json's
@@ -115,6 +116,16 @@ def _replacement_target(key: str) -> str:
     return key
 
 
+def _own_copy(config: dict, key: str, target: str) -> bool:
+    """Whether a saved tensor is a modules_to_save module's copy, which PEFT keeps apart from any module the
+    base ties to it (unless ensure_weight_tying ties the copies too). PEFT wraps every module whose name ends
+    with an entry (utils.other._set_trainable); a saved base layer (`.base_layer.`) is not a copy."""
+    if config.get("ensure_weight_tying") or ".base_layer." in key:
+        return False
+    module = target.rpartition(".")[0]
+    return any(isinstance(m, str) and module.endswith(m) for m in config.get("modules_to_save") or [])
+
+
 _TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 
 
@@ -149,7 +160,10 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
                 if ".original_module." in name:
                     continue  # PEFT's untouched copy of a modules_to_save module; the base already has it
                 raise ShardmergeError(f"{files.weights}: cannot interpret adapter tensor {key!r}")
-            adapter.replacements[_replacement_target(name)] = tensor
+            target = _replacement_target(name)
+            adapter.replacements[target] = tensor
+            if _own_copy(files.config, name, target):
+                adapter.own_copies.add(target)
             continue
         module_name, part, param = split
         module = modules.setdefault(module_name, LoraModule(module=module_name))

@@ -26,11 +26,6 @@ from typing import Protocol
 from .errors import ShardmergeError
 from .sources import BaseModel
 
-# Output embeddings that transformers ties to the input embedding when tie_word_embeddings is set.
-_OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
-_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
-
-
 class _RenameRule(Protocol):
     """transformers' WeightRenaming interface, which the built-in `Rule` copies."""
 
@@ -238,13 +233,11 @@ class BaseNames:
     checkpoint holding one tensor under two layouts is refused rather than half-merged; for others only
     when no tensor has the exact name, since transformers is then imported), the exact name, a model-class
     prefix that differs between the adapter's model and the base (`model.` present in one and not the
-    other), and a tied output embedding."""
+    other). A tied output embedding the base does not store is ties.py's concern."""
 
     def __init__(self, base: BaseModel):
         self.base = base
         config = base.config
-        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-        self.tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)))
         self._eager = _is_composite(config) or _table_family(config) is not None
         self._renames: Renames | None = None
         self._by_module: dict[str, list[str]] | None = None
@@ -261,7 +254,7 @@ class BaseNames:
         return self._renames
 
     def candidates(self, name: str) -> tuple[list[str], str]:
-        """Every base tensor `name` may stand for, and by which rule ("renamed", "exact", "prefix", "tied");
+        """Every base tensor `name` may stand for, and by which rule ("renamed", "exact", "prefix");
         more than one tensor is an ambiguity the caller reports."""
         tensors = self.base.tensors
         if self._eager or name not in tensors:
@@ -272,10 +265,7 @@ class BaseNames:
         if name in tensors:
             return [name], "exact"
         prefixed = [n for n in tensors if n.endswith("." + name) or name.endswith("." + n)]
-        if prefixed:
-            return sorted(prefixed), "prefix"
-        tied = self._tied_embedding(name)
-        return ([tied] if tied else []), "tied"
+        return sorted(prefixed), "prefix"
 
     def find(self, name: str) -> str | None:
         found, _ = self.candidates(name)
@@ -283,13 +273,6 @@ class BaseNames:
             raise ShardmergeError(f"{name!r} matches several base tensors ({', '.join(found[:6])}); "
                                   "the adapter and base checkpoint layouts are ambiguous")
         return found[0] if found else None
-
-    def _tied_embedding(self, name: str) -> str | None:
-        parts = name.split(".")
-        if not self.tied or len(parts) < 2 or parts[-2] not in _OUTPUT_EMBEDDINGS or parts[-1] != "weight":
-            return None
-        inputs = [n for n in self.base.tensors if n.endswith(".weight") and n.split(".")[-2] in _INPUT_EMBEDDINGS]
-        return inputs[0] if len(inputs) == 1 else None
 
     def require(self, name: str, adapter_file: Path, key: str) -> str:
         found, how = self.candidates(name)

@@ -1,5 +1,5 @@
 """From a Plan and the inputs' headers to a MergePlan: which base tensor each adapter tensor changes,
-how, in what tiles, and where every output byte goes. No tensor data is read here.
+how, in what tiles, and where every output byte goes. No tensor data is read here (but see ties.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
 from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
 from .stores import location, store_for
 from .terms import BiasTerm, ExpertTerm, LoraTerm, RowsTerm, Term
+from .ties import Edits, Tie, find_tie, settle
 
 FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
 _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -93,6 +94,7 @@ class MergePlan:
     device: str
     fingerprint: str = ""
     buffers: Buffers | None = None
+    config: dict | None = None  # config.json to write instead of the base's (PEFT untied the embeddings)
 
     @property
     def total_tensor_bytes(self) -> int:
@@ -207,51 +209,74 @@ def _stored_as(parts: list, shape: tuple) -> str:
     return f"{len(parts)} per-expert 2-D tensors {module}.*.{leaf}.weight"
 
 
+def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None) -> Edits:
+    """Every adapter tensor matched to the base tensor it changes (or to a tied head the base does not store)."""
+    conv1d = _conv1d_layout(base, adapters)
+    edits = Edits()
+
+    def target(name: str, adapter_file: Path, key: str) -> tuple[str, TensorInfo]:
+        found = names.find(name)
+        if found is None and tie is not None and not tie.stored and tie.names_output(name):
+            return tie.output, base.tensors[tie.input]
+        found = names.require(name, adapter_file, key)
+        return found, base.tensors[found]
+
+    for adapter in adapters:
+        weights_file = adapter.weights
+        for target_name, tensor in adapter.replacements.items():
+            name, base_tensor = target(target_name, weights_file, tensor.name)
+            if tensor.shape != base_tensor.shape:
+                raise ShardmergeError(f"{tensor.path}: {tensor.name!r} {list(tensor.shape)} cannot replace base "
+                                      f"tensor {name!r} {list(base_tensor.shape)} (resized vocabulary?)")
+            edits.replace(name, tensor, own=target_name in adapter.own_copies)
+        for module in adapter.modules:
+            name, base_tensor = target(module.module + ".weight", weights_file, module.a.name)
+            edits.terms.setdefault(name, []).append(_lora_term(module, adapter, base_tensor, conv1d))
+            if module.b_bias is not None:
+                bias_name, base_bias = target(module.module + ".bias", weights_file, module.b_bias.name)
+                if base_bias.shape != module.b_bias.shape:
+                    raise ShardmergeError(f"{module.b_bias.path}: {module.b_bias.name!r} does not fit base bias "
+                                          f"{bias_name!r} {list(base_bias.shape)}")
+                edits.terms.setdefault(bias_name, []).append(
+                    BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}"))
+        for name, term in _expert_terms(adapter, base, names):
+            edits.terms.setdefault(name, []).append(term)
+        for module_name, (indices, values) in adapter.token_rows.items():
+            name, target_tensor = target(module_name + ".weight", weights_file, values.name)
+            shape = target_tensor.shape
+            if len(shape) != 2 or values.shape[1] != shape[1] or max(indices, default=0) >= shape[0]:
+                raise ShardmergeError(f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
+                                      f"{max(indices, default=0)} does not fit base tensor {name!r} {list(shape)}")
+            edits.terms.setdefault(name, []).append(
+                RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}"))
+    return edits
+
+
+def _with_added(tensors: dict[str, TensorInfo], added: dict[str, str]):
+    """A shard's tensors in order, each followed by the new output tensor (an untied head) that copies it."""
+    for name, tensor in tensors.items():
+        yield name, tensor
+        if name in added:
+            yield added[name], tensor
+
+
 def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | None = None) -> MergePlan:
     """Read headers and configs, match every adapter tensor, lay out and tile the output. `budget` is the
     bytes tiles may fill (cuda.tile_budget: on CUDA also bounded by GPU memory); default max_memory."""
     base = read_base(plan.base)
     adapters = _read_adapters(plan, scratch)
-    targets = BaseNames(base)
-    conv1d = _conv1d_layout(base, adapters)
-    terms: dict[str, list] = {}
-    replaced: dict[str, TensorInfo] = {}
-    for adapter in adapters:
-        weights_file = adapter.weights
-        for target_name, tensor in adapter.replacements.items():
-            name = targets.require(target_name, weights_file, tensor.name)
-            base_tensor = base.tensors[name]
-            if tensor.shape != base_tensor.shape:
-                raise ShardmergeError(f"{tensor.path}: {tensor.name!r} {list(tensor.shape)} cannot replace base "
-                                      f"tensor {name!r} {list(base_tensor.shape)} (resized vocabulary?)")
-            replaced[name] = tensor
-        for module in adapter.modules:
-            name = targets.require(module.module + ".weight", weights_file, module.a.name)
-            terms.setdefault(name, []).append(_lora_term(module, adapter, base.tensors[name], conv1d))
-            if module.b_bias is not None:
-                bias_name = targets.require(module.module + ".bias", weights_file, module.b_bias.name)
-                if base.tensors[bias_name].shape != module.b_bias.shape:
-                    raise ShardmergeError(f"{module.b_bias.path}: {module.b_bias.name!r} does not fit base bias "
-                                          f"{bias_name!r} {list(base.tensors[bias_name].shape)}")
-                terms.setdefault(bias_name, []).append(
-                    BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}"))
-        for name, term in _expert_terms(adapter, base, targets):
-            terms.setdefault(name, []).append(term)
-        for module_name, (indices, values) in adapter.token_rows.items():
-            name = targets.require(module_name + ".weight", weights_file, values.name)
-            target = base.tensors[name]
-            if len(target.shape) != 2 or values.shape[1] != target.shape[1] or max(indices, default=0) >= target.shape[0]:
-                raise ShardmergeError(f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
-                                      f"{max(indices, default=0)} does not fit base tensor {name!r} {list(target.shape)}")
-            terms.setdefault(name, []).append(RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}"))
+    tie = find_tie(base)
+    edits = _collect(base, adapters, BaseNames(base), tie)
+    settle(tie, edits, base)
 
-    def task(tensor: TensorInfo) -> TensorTask:
+    def task(name: str, tensor: TensorInfo) -> TensorTask:
         out_dtype = tensor.dtype
         if plan.dtype != "keep" and tensor.dtype in FLOAT_DTYPES:
             out_dtype = _OUT_DTYPES[plan.dtype]
-        return TensorTask(tensor.name, replaced.get(tensor.name, tensor), out_dtype, terms=terms.get(tensor.name, []))
+        return TensorTask(name, edits.replaced.get(name, tensor), out_dtype, terms=edits.terms.get(name, []))
 
-    layout = [(shard.path.name, [task(t) for t in shard.tensors.values()]) for shard in base.shards]
+    added = {after: name for name, after in edits.added}  # a head that was tied: beside its embedding
+    layout = [(shard.path.name, [task(n, t) for n, t in _with_added(shard.tensors, added)]) for shard in base.shards]
     if plan.max_shard_size != "keep":
         layout = _reshard([t for _, tasks in layout for t in tasks], plan.max_shard_size)
     shards = [OutputShard(name, tasks) for name, tasks in layout]
@@ -267,7 +292,7 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
             t.out_offset = offset
         shard.size = len(shard.header) + sum(t.out_nbytes for t in shard.tasks)
     write_index = base.has_index or len(shards) > 1
-    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device)
+    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device, config=edits.config)
     merge_plan.buffers = _tile(merge_plan, plan.max_memory if budget is None else budget)
     merge_plan.fingerprint = fingerprint(merge_plan)
     return merge_plan
@@ -420,6 +445,8 @@ def fingerprint(merge_plan: MergePlan) -> str:
                  for s in merge_plan.base.shards],
         "adapters": [(a.weight, a.peft_version, json.dumps(a.config, sort_keys=True), _file_digest(a.weights))
                      for a in merge_plan.adapters],
+        "config": merge_plan.base.config,  # decides orientation and tying
+        "layout": [(s.name, [(t.name, t.source.name) for t in s.tasks if t.name != t.source.name]) for s in merge_plan.shards],
     }
     h.update(json.dumps(record, sort_keys=True).encode())
     return h.hexdigest()

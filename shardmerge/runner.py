@@ -255,7 +255,12 @@ def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str,
         raise ShardmergeError(f"{output}: shards {', '.join(missing[:3])} were not written; re-run to finish")
     files = {}
     for path in merge_plan.base.other_files:
-        files[path.name] = store.copy_file(path, output / path.name, staging=state.tmp_dir / path.name)
+        if path.name == "config.json" and merge_plan.config is not None:  # PEFT's merge changed the config
+            data = (json.dumps(merge_plan.config, indent=2) + "\n").encode()
+            store.put(output / path.name, data)
+            files[path.name] = len(data)
+        else:
+            files[path.name] = store.copy_file(path, output / path.name, staging=state.tmp_dir / path.name)
     if merge_plan.write_index:
         store.put(output / INDEX_NAME, (json.dumps(merge_plan.index(), indent=2) + "\n").encode())
     plan = merge_plan.plan
