@@ -215,8 +215,7 @@ def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Ti
     edits = Edits()
 
     def target(name: str, adapter_file: Path, key: str) -> tuple[str, TensorInfo]:
-        found = names.find(name)
-        if found is None and tie is not None and not tie.stored and tie.names_output(name):
+        if tie is not None and not tie.stored and tie.names_output(name) and not names.candidates(name)[0]:
             return tie.output, base.tensors[tie.input]
         found = names.require(name, adapter_file, key)
         return found, base.tensors[found]

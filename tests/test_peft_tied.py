@@ -26,7 +26,7 @@ HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 def _merge(tmp_path: Path, base: Path, adapters: list[Path]) -> Path:
     out = tmp_path / "merged"
     shardmerge.merge({"base": str(base), "adapters": [str(a) for a in adapters], "output": str(out),
-                      "device": "cpu", "max_memory": "1MiB"})
+                      "device": "cpu", "max_memory": "9MiB"})
     return out
 
 
