@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import generate_model, median  # the synthetic model, shared with the other modes
+from bench import (  # the synthetic model, shared with the other modes
+    generate_model,
+    median,
+)
 
 BUCKET = "bench"
 ROOT = Path(os.environ.get("SHARDMERGE_BENCH_ROOT", "/tmp/shardmerge-bench"))

@@ -120,7 +120,7 @@ class Executor:
     def _input(self, path: Path) -> Reader:
         with self._inputs_lock:
             if path not in self._inputs:
-                self._inputs[path] = store_for(path).open(path)
+                self._inputs[path] = store_for(path).open(path, readahead=True)
             return self._inputs[path]
 
     def _count(self, **deltas) -> None:

@@ -436,3 +436,30 @@ def test_untouched_ranges_of_at_least_twice_the_minimum_are_copied_server_side()
     parts = s3_store.plan_parts(size, [(1000, 20 * MiB, "src", 1000)])
     copied = sum(p.size for p in parts if p.source is not None)
     assert copied == 20 * MiB - (s3_store.MIN_PART - 1000)  # the header's part borrows what it lacks
+
+
+def _write(path: Path, plan: dict) -> Path:
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_planning_reads_only_the_base_shards_headers(inputs, tmp_path, calls):
+    """--dry-run from s3://: every GET of a base shard lies inside its header."""
+    from shardmerge.safetensors_io import read_header
+
+    header_ends = {f"base/{p.name}": read_header(p).data_start for p in inputs["base"].glob("*.safetensors")}
+    plan = {"base": f"s3://{BUCKET}/base", "adapters": [f"s3://{BUCKET}/adapter"], "output": f"s3://{BUCKET}/dry",
+            "device": "cpu"}
+    assert cli_main([str(_write(tmp_path / "plan.yaml", plan)), "--dry-run"]) == 0
+    gets = [(kw["Key"], _range_end(kw["Range"])) for op, kw in calls if op == "get_object" and kw["Key"] in header_ends]
+    assert {key for key, _ in gets} == set(header_ends)
+    assert all(end < header_ends[key] for key, end in gets), gets
+
+
+def _range_end(spec: str) -> int:
+    return int(spec.removeprefix("bytes=").split("-")[1])
+
+
+def test_an_s3_output_inside_an_s3_input_is_refused(inputs, tmp_path, capsys):
+    err = one_error_line(capsys, [_plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/base/merged"), "-q"])
+    assert f"s3://{BUCKET}/base/merged" in err and "overlaps the input" in err

@@ -74,8 +74,9 @@ class Store(ABC):
     resumes_partials = False
 
     @abstractmethod
-    def open(self, path) -> Reader:
-        pass
+    def open(self, path, readahead: bool = False) -> Reader:
+        """An input file to read ranges of; with `readahead` a store may fetch more than a small read asks
+        for and serve the next small reads from it (the executor's factor loads), never for a header."""
 
     @abstractmethod
     def stat(self, path) -> Stat | None:

@@ -198,8 +198,8 @@ class _Lock:
 
 
 class LocalStore(Store):
-    def open(self, path: Path) -> Reader:
-        return LocalReader(path)
+    def open(self, path: Path, readahead: bool = False) -> Reader:
+        return LocalReader(path)  # the kernel's readahead (advised sequential) serves both kinds of reads
 
     def stat(self, path: Path) -> Stat | None:
         try:

@@ -186,6 +186,7 @@ class S3Store(Store):
         self.windows: dict = {}  # (path, ETag) -> (offset, bytes): the last WINDOWS small-read windows
         self.window_lock = threading.Lock()
         self.uploads = ThreadPoolExecutor(UPLOADS, thread_name_prefix="s3-put")
+        self.copies = ThreadPoolExecutor(UPLOADS, thread_name_prefix="s3-copy")  # server-side: no buffer
         self.upload_slots = threading.BoundedSemaphore(UPLOADS)
 
     # -- one call, its retries counted, its failure one line -------------------------------------------------
@@ -250,8 +251,8 @@ class S3Store(Store):
             return None
 
     # -- reading ----------------------------------------------------------------------------------------------
-    def open(self, path: S3Path) -> Reader:
-        return S3Reader(self, path)
+    def open(self, path: S3Path, readahead: bool = False) -> Reader:
+        return S3Reader(self, path, readahead)
 
     def stat(self, path: S3Path) -> Stat | None:
         if not path.key:
@@ -380,8 +381,8 @@ def _first_line(e) -> str:
 
 
 class S3Reader(Reader):
-    def __init__(self, store: S3Store, path: S3Path):
-        self.store, self.path = store, path
+    def __init__(self, store: S3Store, path: S3Path, readahead: bool):
+        self.store, self.path, self.readahead = store, path, readahead
         head = store.call("head_object", path, Bucket=path.bucket, Key=path.key)
         self.etag, self.size = head["ETag"], head["ContentLength"]
 
@@ -390,7 +391,7 @@ class S3Reader(Reader):
         if offset + len(view) > self.size:
             raise ShardmergeError(f"{self.path}: object ended at byte {self.size} while reading; truncated or changed "
                                   "during the merge")
-        if len(view) < SMALL_READ:
+        if self.readahead and len(view) < SMALL_READ:
             self._small(view, offset)
             return
         ranges = [(o, min(READ_CHUNK, len(view) - o)) for o in range(0, len(view), READ_CHUNK)]
@@ -446,8 +447,10 @@ class S3Upload(PendingFile):
 
     An assembled part is uploaded as soon as all its bytes are in: written tiles are copied into its
     buffer as they come, and ranges copied from an input are only noted and fetched when the part is
-    complete, so a part buffer lives from its first write to its upload. Parts that an earlier, killed
-    run already uploaded (ListParts of the recorded upload) are skipped."""
+    complete, so a part buffer lives from its first write to its upload. Server-side copies run in the
+    background, so the copier notes every range of a shard before the writer's tiles reach it and the
+    writer holds about one part buffer at a time. Parts that an earlier, killed run already uploaded
+    (ListParts of the recorded upload) are skipped."""
 
     def __init__(self, store: S3Store, path: S3Path, staging: S3Path, parts: list[Part]):
         self.store, self.path, self.staging, self.parts = store, path, staging, parts
@@ -520,8 +523,8 @@ class S3Upload(PendingFile):
         for i, at, start, n in self._overlaps(offset, length):
             part = self.parts[i]
             if part.source is not None:  # a server-side copy part lies wholly inside this range
-                if part.number not in self.etags:
-                    self._copy_part(part)
+                if part.number not in self.etags:  # in the background: the copier goes on noting ranges
+                    self._futures.append(self.store.copies.submit(self._copy_part, part))
                 continue
             with self._lock:
                 self._sources.setdefault(i, []).append((source, src_offset + start, at, n))
