@@ -34,11 +34,13 @@ PART = 8 * 2**20  # the size of an assembled part, unless a shard needs more to 
 MAX_PARTS = 10_000
 MAX_COPY_PART = 5 * 2**30  # UploadPartCopy's largest range
 READ_CHUNK = 8 * 2**20  # one ranged GET; a larger read is split into several in flight
-# A read smaller than this (an adapter's A and B, a norm) fetches a window of WINDOW bytes and keeps it: the
-# next small reads, usually the neighbouring tensors, are served from it instead of a request each.
-SMALL_READ, WINDOW, WINDOWS = 2**20, 4 * 2**20, 2  # two: the adapter's factors and the base's rows interleave
+# The executor's reads (tiles, an adapter's A and B, norms) come in file order, most far smaller than a
+# request's latency is worth. They are served from windows of WINDOW bytes, each fetched once, and the next
+# window is fetched in the background while the current one is read: a sequential stream of large GETs.
+# Windows are kept for the FILES most recently read (the adapter's and the base shard's interleave).
+WINDOW, FILES = 8 * 2**20, 3
 READERS = 8
-UPLOADS = 4  # part uploads in flight per process; the writer waits for a free slot
+UPLOADS = 8  # part uploads in flight per process; the writer waits for a free slot
 _BODY_CHUNK = 2**20
 _BODY_ATTEMPTS = 4  # a response body cut off mid-read is fetched again (botocore retries only the request)
 
@@ -183,7 +185,7 @@ class S3Store(Store):
         self.retries = 0
         self._count = threading.Lock()
         self.readers = ThreadPoolExecutor(READERS, thread_name_prefix="s3-get")
-        self.windows: dict = {}  # (path, ETag) -> (offset, bytes): the last WINDOWS small-read windows
+        self.windows: dict = {}  # (path, ETag) -> {window start: future of its bytes}, most recent file last
         self.window_lock = threading.Lock()
         self.uploads = ThreadPoolExecutor(UPLOADS, thread_name_prefix="s3-put")
         self.copies = ThreadPoolExecutor(UPLOADS, thread_name_prefix="s3-copy")  # server-side: no buffer
@@ -367,7 +369,7 @@ class S3Store(Store):
             pass  # already completed or aborted (NoSuchUpload)
 
     def write_memory(self) -> int:
-        return (UPLOADS + 4) * PART + WINDOWS * WINDOW
+        return (UPLOADS + 4) * PART + FILES * 2 * WINDOW  # per file: the window being read and the next
 
 
 class _NoLock:
@@ -391,8 +393,8 @@ class S3Reader(Reader):
         if offset + len(view) > self.size:
             raise ShardmergeError(f"{self.path}: object ended at byte {self.size} while reading; truncated or changed "
                                   "during the merge")
-        if self.readahead and len(view) < SMALL_READ:
-            self._small(view, offset)
+        if self.readahead and len(view) <= WINDOW:
+            self._windowed(view, offset)
             return
         ranges = [(o, min(READ_CHUNK, len(view) - o)) for o in range(0, len(view), READ_CHUNK)]
         if len(ranges) <= 1:
@@ -402,17 +404,35 @@ class S3Reader(Reader):
         for future in futures:
             future.result()
 
-    def _small(self, view: memoryview, offset: int) -> None:
-        windows, key = self.store.windows, (self.path, self.etag)
+    def _windowed(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            start = (offset + done) // WINDOW * WINDOW
+            data = self._window(start).result()
+            n = min(len(view) - done, start + len(data) - offset - done)
+            view[done:done + n] = data[offset + done - start:offset + done - start + n]
+            done += n
+
+    def _window(self, start: int):
+        """The future bytes of the window at `start`, fetched if needed; the next one is fetched meanwhile.
+        A file keeps only these two windows, so its memory is bounded whatever the reads."""
+        key = (self.path, self.etag)
         with self.store.window_lock:
-            start, data = windows.pop(key, (0, b""))
-            if not start <= offset <= offset + len(view) <= start + len(data):
-                start, data = offset, bytearray(min(WINDOW, self.size - offset))
-                self._get(memoryview(data), offset)
-            windows[key] = (start, data)  # most recent last
-            while len(windows) > WINDOWS:
-                del windows[next(iter(windows))]
-            view[:] = data[offset - start:offset - start + len(view)]
+            windows = self.store.windows.pop(key, {})
+            for begin in (start, start + WINDOW):
+                if begin < self.size and begin not in windows:
+                    windows[begin] = self.store.readers.submit(self._fetch, begin)
+            for begin in [b for b in windows if b not in (start, start + WINDOW)]:
+                del windows[begin]
+            self.store.windows[key] = windows  # most recent last
+            while len(self.store.windows) > FILES:
+                del self.store.windows[next(iter(self.store.windows))]
+            return windows[start]
+
+    def _fetch(self, start: int) -> bytearray:
+        data = bytearray(min(WINDOW, self.size - start))
+        self._get(memoryview(data), start)
+        return data
 
     def _get(self, view: memoryview, offset: int) -> None:
         if not len(view):
