@@ -228,8 +228,8 @@ def _killed_while_uploading(plan: Path, at: int) -> int:
             os.dup2(devnull, 2)
             real, lock, count = s3_store.S3Upload._upload, threading.Lock(), [0]
 
-            def upload(self, part, buffer):
-                real(self, part, buffer)
+            def upload(self, part, *args):
+                real(self, part, *args)
                 with lock:
                     count[0] += 1
                     if count[0] == at:

@@ -36,9 +36,9 @@ MAX_COPY_PART = 5 * 2**30  # UploadPartCopy's largest range
 READ_CHUNK = 8 * 2**20  # one ranged GET; a larger read is split into several in flight
 # The executor's reads (tiles, an adapter's A and B, norms) come in file order, most far smaller than a
 # request's latency is worth. They are served from windows of WINDOW bytes, each fetched once, and the next
-# window is fetched in the background while the current one is read: a sequential stream of large GETs.
+# AHEAD windows are fetched in the background while the current one is read: a stream of large GETs.
 # Windows are kept for the FILES most recently read (the adapter's and the base shard's interleave).
-WINDOW, FILES = 8 * 2**20, 3
+WINDOW, AHEAD, FILES = 8 * 2**20, 3, 3
 READERS = 8
 UPLOADS = 8  # part uploads in flight per process; the writer waits for a free slot
 _BODY_CHUNK = 2**20
@@ -369,7 +369,7 @@ class S3Store(Store):
             pass  # already completed or aborted (NoSuchUpload)
 
     def write_memory(self) -> int:
-        return (UPLOADS + 4) * PART + FILES * 2 * WINDOW  # per file: the window being read and the next
+        return (UPLOADS + 4) * PART + FILES * (1 + AHEAD) * WINDOW  # per file: the window being read, the next
 
 
 class _NoLock:
@@ -414,15 +414,16 @@ class S3Reader(Reader):
             done += n
 
     def _window(self, start: int):
-        """The future bytes of the window at `start`, fetched if needed; the next one is fetched meanwhile.
-        A file keeps only these two windows, so its memory is bounded whatever the reads."""
+        """The future bytes of the window at `start`, fetched if needed; the AHEAD next ones are fetched
+        meanwhile. A file keeps only these windows, so its memory is bounded whatever the reads."""
         key = (self.path, self.etag)
         with self.store.window_lock:
             windows = self.store.windows.pop(key, {})
-            for begin in (start, start + WINDOW):
+            wanted = [start + i * WINDOW for i in range(1 + AHEAD)]
+            for begin in wanted:
                 if begin < self.size and begin not in windows:
                     windows[begin] = self.store.readers.submit(self._fetch, begin)
-            for begin in [b for b in windows if b not in (start, start + WINDOW)]:
+            for begin in [b for b in windows if b not in wanted]:
                 del windows[begin]
             self.store.windows[key] = windows  # most recent last
             while len(self.store.windows) > FILES:
@@ -562,22 +563,22 @@ class S3Upload(PendingFile):
         self.etags[part.number] = response["CopyPartResult"]["ETag"]
 
     def _complete(self, i: int) -> None:
-        """All of part i is in: fetch its noted input ranges and hand it to an upload thread."""
+        """All of part i is in: hand it to an upload thread, which fetches its noted input ranges."""
         part = self.parts[i]
         with self._lock:
             buffer = self._buffers.pop(i, None)
             sources = self._sources.pop(i, [])
         if part.number in self.etags:
             return
-        buffer = buffer if buffer is not None else bytearray(part.size)
-        view = memoryview(buffer)
-        for reader, src_offset, at, n in sources:
-            reader.read_into(view[at:at + n], src_offset)
         self.store.upload_slots.acquire()
-        self._futures.append(self.store.uploads.submit(self._upload, part, buffer))
+        self._futures.append(self.store.uploads.submit(self._upload, part, buffer, sources))
 
-    def _upload(self, part: Part, buffer: bytearray) -> None:
+    def _upload(self, part: Part, buffer: bytearray | None, sources: list) -> None:
         try:
+            buffer = buffer if buffer is not None else bytearray(part.size)
+            view = memoryview(buffer)
+            for reader, src_offset, at, n in sources:
+                _read_behind(reader, view[at:at + n], src_offset)
             response = self.store.call("upload_part", self.path, Bucket=self.path.bucket, Key=self.path.key,
                                        UploadId=self.upload_id, PartNumber=part.number, Body=buffer)
             self.etags[part.number] = response["ETag"]
@@ -601,3 +602,12 @@ class S3Upload(PendingFile):
             future.exception()  # wait: an upload finishing after the abort would leave a part behind
         self.store._abort(self.path, self.upload_id)
         self.store.delete(self.staging)
+
+
+def _read_behind(reader: Reader, view: memoryview, offset: int) -> None:
+    """A noted range, read when its part is complete: behind the executor's reads, so straight from the
+    object, not through (and not evicting) the read-ahead windows the reader is using."""
+    if isinstance(reader, S3Reader):
+        reader._get(view, offset)
+    else:
+        reader.read_into(view, offset)
