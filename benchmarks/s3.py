@@ -129,11 +129,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=4, help="fewer layers: larger tensors at the same size")
     parser.add_argument("--write-results", action="store_true", help=f"replace the '{MARK}' section of RESULTS.md")
     a = parser.parse_args(argv)
-    model = ROOT / f"model-{a.size_gb:g}g-{a.layers}l"
-    meta = generate_model(model, a.size_gb, layers=a.layers)
+    model = ROOT / f"model-{a.size_gb:g}g"
+    meta = generate_model(model, a.size_gb)
     server, _ = start_server()
     try:
         import boto3
@@ -167,7 +166,7 @@ def report(meta: dict, streamed: list, plain: list, same: bool, a) -> str:
         ("  merge local -> local (shardmerge)", phases["merge"], p_rss, None),
         ("  upload (boto3 transfer manager)", phases["upload"], None, None),
     ]
-    setup = (f"`python benchmarks/s3.py --size-gb {a.size_gb:g} --layers {a.layers} --runs {a.runs}`: a {size / 1e9:.2f} GB bf16 model "
+    setup = (f"`python benchmarks/s3.py --size-gb {a.size_gb:g} --runs {a.runs}`: a {size / 1e9:.2f} GB bf16 model "
              f"({meta['shards']} shards, {meta['layers']} layers, LoRA r={meta['rank']} on every projection), "
              "moto's S3 server in its own process on 127.0.0.1, `device: cpu`, `max_memory: 1GiB`; medians of "
              f"{a.runs}. Outputs identical (SHA-256 of every object): {'yes' if same else 'NO'}.")
