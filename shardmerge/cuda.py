@@ -6,10 +6,9 @@ A plan with `device: cpu` never touches torch.cuda, so a CPU-only run does not i
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from . import terms
 from .config import Plan
 from .errors import ShardmergeError
 
@@ -47,32 +46,52 @@ def tile_budget(plan: Plan, device: str) -> int:
 
 
 class Streams:
-    """The stream ordering of the CUDA merge: tiles are copied to the device on their own stream, merged on
-    another, and rounded back into their (pinned) host slab asynchronously; the writer waits on the event
-    `merge` returns before it writes the slab out."""
+    """The stream ordering of the CUDA merge, all of it. Two streams: `h2d` copies tiles to the device,
+    `compute` makes factors, merges and copies results back. The rules, each kept by one method here:
+
+    - Everything the compute stream reads is made on it or waited for. Factors and the float32 work buffer
+      are made on the compute stream itself (`factors`, `empty`), from host tensors the reader thread read,
+      so no kernel of the default stream (or of another thread) is ever in their way; a tile copied on
+      `h2d` is waited for with `compute.wait_stream(h2d)` before any kernel that reads it is queued.
+    - Device memory is freed only to the stream that last used it: the tile allocated on `h2d` is marked
+      with `record_stream(compute)`, so the caching allocator does not hand it to the next upload while
+      the merge still reads it.
+    - A pinned host slab is reused only after its copies finish: its upload precedes the merge (above), and
+      the merge's copy back into the slab is followed by an event; the writer waits on that event before it
+      writes the slab out and returns it to the pool. A pre-pass tile writes nothing back, so `merge` waits
+      for the compute stream before returning and its slab is free when it returns.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.h2d = torch.cuda.Stream(device)
         self.compute = torch.cuda.Stream(device)
 
+    def factors(self, term_list: list, host: dict) -> list:
+        """Every term's factors, float32 on the device, made on the compute stream from host tensors
+        (`host`: TensorInfo -> tensor as stored)."""
+        with torch.cuda.stream(self.compute):
+            return terms.load_factors(term_list, lambda info: host[info].to(self.device, torch.float32))
+
+    def empty(self, elems: int) -> torch.Tensor:
+        """A float32 device buffer owned by the compute stream."""
+        with torch.cuda.stream(self.compute):
+            return torch.empty(elems, dtype=torch.float32, device=self.device)
+
     def upload(self, host: torch.Tensor) -> torch.Tensor:
-        """`host` on the device, ordered before anything later queued on the compute stream."""
+        """`host` (a pinned slab view) on the device, ordered before anything later queued on the compute stream."""
         with torch.cuda.stream(self.h2d):
             on_device = host.to(self.device, non_blocking=True)
         self.compute.wait_stream(self.h2d)
         on_device.record_stream(self.compute)  # allocated on the copy stream, consumed on the compute one
         return on_device
 
-    def computing(self) -> contextlib.AbstractContextManager:
-        return torch.cuda.stream(self.compute)
-
     def merge(self, raw: torch.Tensor, out: torch.Tensor, merge_rows) -> torch.cuda.Event | None:
         """Merge one host tile: `merge_rows(raw on device)` gives the rounded result (or None for a pre-pass
         tile), which is copied into `out` on the host. Returns the event marking `out` as written; None
         for a pre-pass tile, which is complete (its slab reusable) when this returns."""
         raw = self.upload(raw)
-        with self.computing():
+        with torch.cuda.stream(self.compute):
             rounded = merge_rows(raw)
             if rounded is None:
                 self.compute.synchronize()

@@ -151,7 +151,9 @@ class Executor:
         self.pipeline.put(self.copies, None)
 
     def _read_task(self, out: _ShardFile, task: TensorTask) -> None:
-        self.pipeline.put(self.tiles, ("task", task, terms.load_factors(task.terms, self._loader(task))))
+        # Only host reads here: the merger makes the factors, so on CUDA they are uploaded on its stream.
+        read = self._reader_for(task)
+        self.pipeline.put(self.tiles, ("task", task, {info: read(info) for t in task.terms for info in t.reads()}))
         blocks = _row_blocks(task)
         src = task.source
         for prepass in [True, False] if task.column_norms else [False]:
@@ -165,20 +167,20 @@ class Executor:
                 self._count(bytes_read=nbytes)
                 self.pipeline.put(self.tiles, tile)
 
-    def _loader(self, task: TensorTask):
-        """`_load` for the task's terms, serving the tensors other tasks read too from a small LRU cache (an
+    def _reader_for(self, task: TensorTask):
+        """`_read` for the task's terms, serving the tensors other tasks read too from a small LRU cache (an
         expert parameter's lora_B would otherwise be read once per expert); only the reader uses it."""
         shared = {info for term in task.terms for info in term.shared_reads()}
         if not shared:
-            return self._load
+            return self._read
 
         def load(info) -> torch.Tensor:
             if info not in shared:
-                return self._load(info)
+                return self._read(info)
             if info in self._shared:
                 self._shared.move_to_end(info)
                 return self._shared[info]
-            tensor = self._load(info)
+            tensor = self._read(info)
             size = 4 * info.numel
             if size <= self._shared_capacity:
                 while self._shared and self._shared_used + size > self._shared_capacity:
@@ -189,23 +191,29 @@ class Executor:
 
         return load
 
-    def _load(self, info) -> torch.Tensor:
-        """An adapter tensor read whole (they are small) and made float32 on the merge device."""
+    def _read(self, info) -> torch.Tensor:
+        """An adapter tensor read whole (they are small) into host memory, in its stored dtype."""
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         self._input(info.path).read_into(buffer.numpy(), info.offset)
         self._count(bytes_read=info.nbytes)
-        tensor = buffer.view(mergemath.TORCH_DTYPES[info.dtype]).reshape(info.shape)
-        return tensor.to(self.device, torch.float32)
+        return buffer.view(mergemath.TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+    def _factors(self, task: TensorTask, host: dict) -> list:
+        """The task's factors in float32 on the merge device, from the tensors the reader read."""
+        if self.streams is not None:
+            return self.streams.factors(task.terms, host)
+        return terms.load_factors(task.terms, lambda info: host[info].to(torch.float32))
 
     def merger(self) -> None:
         factors: list = []
         work = None
         while (item := self.pipeline.get(self.tiles)) is not None:
             if isinstance(item, tuple):
-                _, task, factors = item
+                _, task, host = item
+                factors = self._factors(task, host)
                 continue
             if work is None:
-                work = torch.empty(self.work_elems, dtype=torch.float32, device=self.device)
+                work = self.streams.empty(self.work_elems) if self.streams else torch.empty(self.work_elems)
             start = time.perf_counter()
             self._merge_tile(item, factors, work)
             self.result.stages.merge += time.perf_counter() - start

@@ -50,3 +50,36 @@ def test_gpu_merge_matches_cpu_within_float32_rounding_of_the_delta(inputs, tmp_
             # Both round a float32 sum once; they may differ by one bf16 step where float32 deltas differ.
             step = cpu[name].float().abs() * 2**-7 + 1e-6
             assert ((cpu[name].float() - gpu[name].float()).abs() <= step).all(), name
+
+
+def test_reader_hands_the_merger_host_tensors_only(inputs, tmp_path, monkeypatch):
+    # CUDA ordering starts here: the reader thread never touches the device (no upload on the default
+    # stream); the merger builds the factors, on CUDA on its compute stream (cuda.Streams.factors).
+    import threading
+
+    from shardmerge import executor as executor_mod
+
+    made_on = []
+    real = executor_mod.Executor._factors
+
+    def recording(self, task, host):
+        assert all(t.device.type == "cpu" for t in host.values())
+        made_on.append(threading.current_thread().name)
+        return real(self, task, host)
+
+    monkeypatch.setattr(executor_mod.Executor, "_factors", recording)
+    shardmerge.merge({"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")],
+                      "output": str(tmp_path / "out"), "device": "cpu", "max_memory": "9MiB"})
+    assert made_on and set(made_on) == {"merger"}
+
+
+@needs_cuda
+def test_gpu_merge_of_many_small_tiles_is_identical_run_after_run(inputs, tmp_path):
+    # Races between the copy and compute streams (a factor or tile read before its upload lands, a slab
+    # reused before its copy back) show up as outputs that differ between runs of the same plan.
+    plan = {"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")], "device": "cuda",
+            "max_memory": "8200KiB", "max_gpu_memory": "64KiB"}
+    for run in range(3):
+        shardmerge.merge({**plan, "output": str(tmp_path / f"run{run}")})
+    for shard in (tmp_path / "run0").glob("*.safetensors"):
+        assert all((tmp_path / f"run{r}" / shard.name).read_bytes() == shard.read_bytes() for r in (1, 2))
