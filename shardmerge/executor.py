@@ -16,6 +16,7 @@ so memory does not grow with model size, and reusing slabs means the steady stat
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -344,9 +345,13 @@ class Executor:
         math_threads = torch.get_num_threads()
         if not self.cuda:
             torch.set_num_threads(1)
+        # Everything alive now (torch's modules, the plan) outlives the run: frozen, it is not re-scanned by
+        # each of the many cyclic collections the stages' short-lived tensor objects trigger.
+        gc.freeze()
         try:
             self.pipeline.run([lambda: self.reader(shards), self.merger, self.writer, self.copier, self.finisher])
         finally:
+            gc.unfreeze()
             for reader in self._inputs.values():
                 reader.close()
             torch.set_num_threads(math_threads)
