@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (  # the synthetic model, shared with the other modes
-    generate_model,
-    median,
-)
+from smbench.common import median  # noqa: E402
+from smbench.synthetic import generate_model  # noqa: E402  (the synthetic model, shared with the other modes)
 
 BUCKET = "bench"
 ROOT = Path(os.environ.get("SHARDMERGE_BENCH_ROOT", "/tmp/shardmerge-bench"))
