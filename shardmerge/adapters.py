@@ -18,15 +18,24 @@ from .errors import ShardmergeError
 from .experts import ParamLora, is_param_module, strip_base_layers
 from .safetensors_io import TensorInfo
 from .sources import AdapterFiles
+from .ties import OUTPUT_EMBEDDINGS
 
 PEFT_PREFIX = "base_model.model."
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-# Config keys naming LoRA variants whose merge is not W + s*B@A (or DoRA); merging them as plain LoRA
-# would silently produce a wrong model, so they are refused by name.
+# Config keys naming LoRA variants whose merge is not W + s*B@A (or DoRA), or layers PEFT builds differently
+# (megatron_config: Megatron's parallel linears); merging them as plain LoRA would silently produce a wrong
+# model, so they are refused by name. VeLoRA, MonteCLoRA and MiCA merge as plain LoRA (their variants'
+# merge_safe adds get_delta_weight), so they are not here.
 _UNSUPPORTED_VARIANTS = (
-    "use_qalora", "use_bdlora", "arrow_config", "velora_config", "monteclora_config", "kasa_config",
-    "alora_invocation_tokens", "mica", "layer_replication",
+    "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "alora_invocation_tokens", "layer_replication",
+    "megatron_config",
 )  # fmt: skip
+# Tensors a variant keeps for training only, which its merge does not read (VeLoRA's compression
+# embedding, MonteCLoRA's sampler).
+_TRAINING_ONLY = (".lora_velora_embed", ".lora_monteclora_sampler.")
+# init_lora_weights values after which PEFT, loading the adapter, re-runs the initialisation: it rewrites the
+# base weight (PiSSA/OLoRA/CorDA: W - s*B0@A0; LoftQ: a quantized residual) and merges into that.
+_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 @dataclass
@@ -47,9 +56,11 @@ class Adapter:
     weight: float
     config: dict
     weights: Path  # the adapter's safetensors file
+    original: Path | None = None  # the file the user gave: weights itself, or the legacy .bin it was converted from
     modules: list[LoraModule] = field(default_factory=list)
     replacements: dict[str, TensorInfo] = field(default_factory=dict)  # target name -> tensor
     own_copies: set[str] = field(default_factory=set)  # replacements that are a modules_to_save module's own copy
+    warnings: list[str] = field(default_factory=list)  # tensors PEFT ignores, and merges the user should check
     token_rows: dict[str, tuple[tuple[int, ...], TensorInfo]] = field(default_factory=dict)  # module -> rows, values
     param_loras: list[ParamLora] = field(default_factory=list)  # target_parameters (experts.py)
     peft_version: str | None = None  # the PEFT version that saved it: the plan's, else adapter_config.json's
@@ -88,6 +99,85 @@ def check_config(files: AdapterFiles) -> None:
         if config.get(key) not in (None, False, {}, []):
             raise ShardmergeError(f"{where}: {key}={config[key]!r} is a LoRA variant shardmerge cannot merge "
                                   "exactly; merge it with PEFT instead")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
+        if init.lower() == "loftq":
+            way_out = ("merge into the base LoftQ produced (save it after get_peft_model) with init_lora_weights: "
+                       "true in adapter_config.json")
+        else:
+            way_out = ("re-save the adapter with save_pretrained(..., path_initial_model_for_weight_conversion=<the "
+                       "adapter saved right after initialisation>), which writes a plain rank-2r LoRA that merges here")
+        raise ShardmergeError(f"{where}: init_lora_weights={init!r} was saved unconverted: PEFT re-runs that "
+                              f"initialisation on load, changing the base weights before merging; {way_out}")
+
+
+def config_warnings(files: AdapterFiles) -> list[str]:
+    """What PEFT merges as given but the user may not expect."""
+    if files.config.get("init_lora_weights") == "lora_ga":
+        return [f"{files.directory / 'adapter_config.json'}: init_lora_weights='lora_ga' changed the base weights "
+                "when training started; like PEFT, this merges into the base given, so it must be the base saved "
+                "after LoRA-GA initialisation (or re-save the adapter with path_initial_model_for_weight_conversion)"]
+    return []
+
+
+def peft_creates(config: dict, module: str) -> bool:
+    """Whether PEFT puts a LoRA layer on `module` for this config (tuners_utils.check_target_module_exists):
+    target_modules (a regex matched whole, or names matched on a dot boundary), less exclude_modules and
+    modules_to_save, within layers_to_transform; with ensure_weight_tying also the head tied to a targeted
+    embedding (its layer shares the embedding's A and B). A config that names no targets is trusted."""
+    if config.get("ensure_weight_tying") and module.split(".")[-1] in OUTPUT_EMBEDDINGS:
+        return True
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, module):
+        return False
+    if isinstance(exclude, list) and any(module == e or module.endswith("." + e) for e in exclude):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
+        return False
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return targets.lower() == "all-linear" or re.fullmatch(targets, module) is not None
+    if not targets:
+        return True
+    if module in targets:
+        return True
+    return any(module.endswith("." + t) for t in targets) and _in_layers_to_transform(config, module)
+
+
+def _in_layers_to_transform(config: dict, module: str) -> bool:
+    """PEFT's layers_to_transform rule: the first numbered segment (after layers_pattern, if given) is the
+    layer index, and a module without one is not in any listed layer."""
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    found = None if patterns else re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    for pattern in patterns:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+        if found:
+            break
+    if found is None:
+        return False
+    index = int(found.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _follow_config(files: AdapterFiles, module: LoraModule) -> list[str]:
+    """Tensors the config says PEFT does not build are ignored, as PEFT's load ignores unexpected keys; a DoRA
+    magnitude the config needs but the file lacks is refused (PEFT would keep its initial norms of W)."""
+    config, notes = files.config, []
+    if module.magnitude is not None and not config.get("use_dora"):
+        notes.append(f"lora_magnitude_vector of {module.module!r} (use_dora is false)")
+        module.magnitude = None
+    elif module.magnitude is None and config.get("use_dora"):
+        raise ShardmergeError(f"{files.weights}: module {module.module!r} has no lora_magnitude_vector, but "
+                              f"{files.directory / 'adapter_config.json'} says use_dora: true; re-save the adapter "
+                              "with PEFT or fix use_dora")
+    if module.b_bias is not None and not config.get("lora_bias"):
+        notes.append(f"lora_B.bias of {module.module!r} (lora_bias is false)")
+        module.b_bias = None
+    return notes
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -138,6 +228,9 @@ def _token_indices(files: AdapterFiles, module: str, values: TensorInfo) -> tupl
     if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
         raise ShardmergeError(f"{files.directory / 'adapter_config.json'}: trainable_token_indices gives no list of "
                               f"token ids for {module!r}")
+    if len(set(spec)) != len(spec):
+        raise ShardmergeError(f"{files.directory / 'adapter_config.json'}: trainable_token_indices for {module!r} "
+                              "lists a token id twice; PEFT cannot train one row twice")
     if len(values.shape) != 2 or values.shape[0] != len(spec):
         raise ShardmergeError(f"{files.weights}: {values.name!r} {list(values.shape)} does not hold one row for each "
                               f"of the {len(spec)} trainable_token_indices")
@@ -150,6 +243,8 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
     modules: dict[str, LoraModule] = {}
     for key, tensor in files.header.tensors.items():
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        if any(part in name for part in _TRAINING_ONLY):
+            continue
         if name.endswith(_TOKEN_DELTA):
             module_name = name[: -len(_TOKEN_DELTA)]
             adapter.token_rows[module_name] = (_token_indices(files, module_name, tensor), tensor)
@@ -178,12 +273,20 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
         setattr(module, slot, tensor)
         module.embedding = module.embedding or part.startswith("lora_embedding")
     targets = list(files.config.get("target_parameters") or [])
+    ignored = []
     for module in modules.values():
         if targets and is_param_module(module.module, targets):
             _check_param_module(files, module)
             owner, depth = strip_base_layers(module.module)
             adapter.param_loras.append(ParamLora(owner, depth, module.a, module.b))
             continue
+        if not peft_creates(files.config, module.module):
+            ignored.append(f"the LoRA tensors of {module.module!r} (not a target of adapter_config.json)")
+            continue
+        ignored += _follow_config(files, module)
+        if module.module in adapter.token_rows:
+            raise ShardmergeError(f"{files.weights}: {module.module!r} carries both LoRA and trainable tokens, which "
+                                  "PEFT does not build on one embedding; train one of them")
         if module.a is None or module.b is None:
             missing = "A" if module.a is None else "B"
             raise ShardmergeError(f"{files.weights}: module {module.module!r} has no lora_{missing} tensor")
@@ -194,6 +297,10 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
                 f"{files.weights}: module {module.module!r} has rank {module.rank} (lora_A {list(module.a.shape)}, "
                 f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}")
         adapter.modules.append(module)
+    if ignored:
+        adapter.warnings.append(f"{files.weights}: ignoring {len(ignored)} sets of tensors that PEFT's load ignores "
+                                f"too, e.g. {ignored[0]}")
+    adapter.warnings += config_warnings(files)
     if not adapter.modules and not adapter.replacements and not adapter.token_rows and not adapter.param_loras:
         raise ShardmergeError(f"{files.weights}: adapter holds no tensors")
     return adapter

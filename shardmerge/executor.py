@@ -332,10 +332,10 @@ class Executor:
             try:
                 checksum = out.file.publish(self.scratch_bytes)
                 self._open.remove(out)
-                self.state.journal(self.rank, name, out.shard.size, checksum)
+                self.state.journal(self.rank, name, out.shard.size, checksum, self.plan.inputs[name])
             except OSError as e:
                 raise _write_error(name, e) from None
-            self.result.shards[name] = {"size": out.shard.size, **checksum}
+            self.result.shards[name] = {"size": out.shard.size, **checksum, "inputs": self.plan.inputs[name]}
             self.result.stages.hash += time.perf_counter() - start
 
     # -- driver ------------------------------------------------------------------------------------------

@@ -47,11 +47,12 @@ class OutputState:
         """An output shard to write at planned offsets; it appears under its name only when published."""
         return self.store.create(self.directory / name, size, self.tmp_dir / f"{name}.partial", copies)
 
-    def journal(self, rank: int, name: str, size: int, checksum: dict) -> None:
-        """Record one finished shard durably (the shard itself is already published)."""
-        entry = {"shard": name, "size": size, **checksum, "fingerprint": self.fingerprint}
+    def journal(self, rank: int, name: str, size: int, checksum: dict, inputs: dict | None) -> None:
+        """Record one finished shard durably (the shard itself is already published), with the identity of
+        every input file it was made from."""
+        entry = {"shard": name, "size": size, **checksum, "inputs": inputs, "fingerprint": self.fingerprint}
         self.store.append(self.state_dir / f"journal-r{rank}.jsonl", (json.dumps(entry) + "\n").encode())
-        self.finished[name] = {"size": size, **checksum}
+        self.finished[name] = {"size": size, **checksum, "inputs": inputs}
 
     def release(self) -> None:
         if self.lock is not None:
@@ -147,7 +148,8 @@ def reopen_finished(state: OutputState) -> None:
     state.store.make_dirs(state.tmp_dir)
     _record_plan(state)
     for name, entry in sorted(state.finished.items()):
-        state.journal(0, name, entry["size"], {k: v for k, v in entry.items() if k != "size"})
+        checksum = {k: v for k, v in entry.items() if k not in ("size", "inputs")}
+        state.journal(0, name, entry["size"], checksum, entry.get("inputs"))
     state.store.delete(state.directory / MANIFEST_NAME)
 
 
@@ -184,6 +186,19 @@ def verify_finished(state: OutputState, expected_sizes: dict[str, int], scratch_
 def checksum_matches(checksum: dict, entry: dict) -> bool:
     """Whether a file's checksum record agrees with a journal or manifest entry."""
     return all(entry.get(k) == v for k, v in checksum.items())
+
+
+def drop_changed_inputs(state: OutputState, inputs: dict[str, dict]) -> list[str]:
+    """Finished shards made from another version of an input than the plan reads now (a base shard
+    re-downloaded from another revision under the same header, an adapter re-saved) are redone, so the output
+    never mixes two versions; shards journaled without identities are redone too. Returns the changed files."""
+    changed = set()
+    for name, entry in list(state.finished.items()):
+        recorded, now = entry.get("inputs") or {}, inputs.get(name, {})
+        if recorded != now:
+            changed |= {path for path in set(recorded) | set(now) if recorded.get(path) != now.get(path)}
+            del state.finished[name]
+    return sorted(changed)
 
 
 def clean_tmp(state: OutputState) -> None:

@@ -4,6 +4,7 @@ how, in what tiles, and where every output byte goes. No tensor data is read her
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -15,8 +16,8 @@ from .adapters import Adapter, LoraModule, load_adapter, module_scaling
 from .config import Plan
 from .errors import ShardmergeError
 from .names import BaseNames
-from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header
-from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, read_base
+from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header, read_header
+from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, input_identity, read_base
 from .stores import location, store_for
 from .terms import BiasTerm, ExpertTerm, LoraTerm, RowsTerm, Term
 from .ties import Edits, Tie, find_tie, settle
@@ -95,6 +96,7 @@ class MergePlan:
     fingerprint: str = ""
     buffers: Buffers | None = None
     config: dict | None = None  # config.json to write instead of the base's (PEFT untied the embeddings)
+    inputs: dict[str, dict] = field(default_factory=dict)  # output shard -> {input file: identity} it is made from
 
     @property
     def total_tensor_bytes(self) -> int:
@@ -106,16 +108,36 @@ class MergePlan:
         return {"metadata": {**metadata, "total_size": self.total_tensor_bytes}, "weight_map": weight_map}
 
 
-def _conv1d_layout(base: BaseModel, adapters: list[Adapter]) -> bool:
-    """Whether square 2-D weights are stored (in, out). Decided by the model, not by squareness: the
-    architecture when config.json names it, else the adapter's fan_in_fan_out."""
-    model_type = base.config.get("model_type")
-    if model_type:
-        return model_type in _CONV1D_MODEL_TYPES
-    return any(a.fan_in_fan_out for a in adapters)
+def _stores_in_out(config: dict, tensor: str, fan_in_fan_out: bool) -> bool:
+    """Whether a square 2-D weight is stored (in, out), as transformers' Conv1D stores it. Decided by the
+    (sub-)model the tensor belongs to, not by squareness: a composite model (VisionEncoderDecoder,
+    EncoderDecoder) nests each sub-model's config under the name its modules live under (`decoder.`); a
+    known architecture decides; remote code or an unknown model_type leaves it to the adapter's
+    fan_in_fan_out (which PEFT sets true itself when it finds a Conv1D)."""
+    sub = config
+    for part in tensor.split(".")[:-1]:
+        nested = sub.get(part)
+        if isinstance(nested, dict) and "model_type" in nested:
+            sub = nested
+    model_type = sub.get("model_type")
+    if model_type in _CONV1D_MODEL_TYPES:
+        return True
+    if not model_type or config.get("auto_map") or sub.get("auto_map") or not _known_model_type(model_type):
+        return fan_in_fan_out
+    return False
 
 
-def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, conv1d: bool) -> LoraTerm:
+@functools.cache
+def _known_model_type(model_type: str) -> bool:
+    """Whether transformers (when importable) builds this model_type itself; without it, the config is trusted."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return True
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, config: dict) -> LoraTerm:
     a, b, w = module.a.shape, module.b.shape, target.shape
     origin = f"{adapter.path}: {module.module}"
     mismatch = ShardmergeError(
@@ -128,7 +150,10 @@ def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, conv1d:
         fits_normal, fits_transposed = w == (b[0], a[1]), w == (a[1], b[0])
         if not (fits_normal or fits_transposed):
             raise mismatch
-        transposed = conv1d if fits_normal and fits_transposed else fits_transposed
+        if fits_normal and fits_transposed:
+            transposed = _stores_in_out(config, target.name, adapter.fan_in_fan_out)
+        else:
+            transposed = fits_transposed
     elif len(w) >= 3 and len(a) == len(w) and len(b) == len(w):
         # Conv1d/2d/3d: A is (r, in, *k), B is (out, r, 1...); 1x1 and kxk both reduce to B @ A per output channel.
         if w[0] != b[0] or w[1:] != a[1:] or any(k != 1 for k in b[2:]):
@@ -151,10 +176,12 @@ def _read_adapters(plan: Plan, scratch: Path) -> list[Adapter]:
     adapters = []
     for spec in plan.adapters:
         files = find_adapter(spec.path)
+        original = files.weights
         if files.header is None:
             files = convert_legacy_adapter(files, scratch)
         adapter = load_adapter(files, spec.path, spec.weight)
         adapter.peft_version = spec.peft_version or files.config.get("peft_version")
+        adapter.original = original
         adapters.append(adapter)
     return adapters
 
@@ -209,10 +236,24 @@ def _stored_as(parts: list, shape: tuple) -> str:
     return f"{len(parts)} per-expert 2-D tensors {module}.*.{leaf}.weight"
 
 
+def _shard_inputs(shards: list[OutputShard], adapters: list[Adapter]) -> dict[str, dict[str, dict]]:
+    """For each output shard, the identity of every input file it is made from (for a converted legacy
+    adapter, of the .bin it came from), so that a resume can tell whether a finished shard is still current."""
+    originals = {a.weights: a.original for a in adapters}
+    identities: dict = {}
+    out = {}
+    for shard in shards:
+        paths = {t.source.path for t in shard.tasks} | {x.path for t in shard.tasks for term in t.terms
+                                                         for x in term.reads()}
+        files = sorted({originals.get(p, p) for p in paths}, key=str)
+        out[shard.name] = {str(p): identities.setdefault(p, input_identity(p)) for p in files}
+    return out
+
+
 def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None) -> Edits:
     """Every adapter tensor matched to the base tensor it changes (or to a tied head the base does not store)."""
-    conv1d = _conv1d_layout(base, adapters)
     edits = Edits()
+    token_rows: dict[str, list[tuple[str, set[int]]]] = {}
 
     def target(name: str, adapter_file: Path, key: str) -> tuple[str, TensorInfo]:
         if tie is not None and not tie.stored and tie.names_output(name) and not names.candidates(name)[0]:
@@ -223,6 +264,8 @@ def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Ti
     for adapter in adapters:
         weights_file = adapter.weights
         for target_name, tensor in adapter.replacements.items():
+            if not names.candidates(target_name)[0]:
+                _require_head(base, adapter, target_name, tensor)
             name, base_tensor = target(target_name, weights_file, tensor.name)
             if tensor.shape != base_tensor.shape:
                 raise ShardmergeError(f"{tensor.path}: {tensor.name!r} {list(tensor.shape)} cannot replace base "
@@ -230,7 +273,7 @@ def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Ti
             edits.replace(name, tensor, own=target_name in adapter.own_copies)
         for module in adapter.modules:
             name, base_tensor = target(module.module + ".weight", weights_file, module.a.name)
-            edits.terms.setdefault(name, []).append(_lora_term(module, adapter, base_tensor, conv1d))
+            edits.terms.setdefault(name, []).append(_lora_term(module, adapter, base_tensor, base.config))
             if module.b_bias is not None:
                 bias_name, base_bias = target(module.module + ".bias", weights_file, module.b_bias.name)
                 if base_bias.shape != module.b_bias.shape:
@@ -246,9 +289,34 @@ def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Ti
             if len(shape) != 2 or values.shape[1] != shape[1] or max(indices, default=0) >= shape[0]:
                 raise ShardmergeError(f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
                                       f"{max(indices, default=0)} does not fit base tensor {name!r} {list(shape)}")
+            for origin, rows in token_rows.get(name, []):  # PEFT activates one trainable-tokens adapter per layer
+                if rows & set(indices):
+                    raise ShardmergeError(f"{values.path}: trainable token ids {sorted(rows & set(indices))[:8]} of "
+                                          f"{name!r} are also trained by {origin}; PEFT cannot combine them: merge one")
+            token_rows.setdefault(name, []).append((adapter.path, set(indices)))
             edits.terms.setdefault(name, []).append(
                 RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}"))
     return edits
+
+
+# Heads PEFT adds to modules_to_save for classification task types (utils.constants), and the class to load
+# the base with so that it has one.
+_CLASSIFIER_HEADS = ("score", "classifier")
+_HEAD_CLASSES = {"TOKEN_CLS": "ForTokenClassification", "QUESTION_ANS": "ForQuestionAnswering"}
+
+
+def _require_head(base: BaseModel, adapter: Adapter, target_name: str, tensor: TensorInfo) -> None:
+    """A trained classification head the base lacks: the base was saved without it (as a causal LM)."""
+    module = target_name.rpartition(".")[0]
+    if module.split(".")[-1] not in _CLASSIFIER_HEADS:
+        return
+    architecture = str((base.config.get("architectures") or ["the model"])[0])
+    head_class = _HEAD_CLASSES.get(adapter.config.get("task_type"), "ForSequenceClassification")
+    wanted = architecture.split("For")[0] + head_class
+    labels = f"num_labels={tensor.shape[0]}" if tensor.shape else "num_labels"
+    raise ShardmergeError(f"{adapter.weights}: the adapter trains the classification head {module!r}, which the base "
+                          f"{base.directory} ({architecture}) does not have; merge into the base saved as {wanted} "
+                          f"(from_pretrained(base, {labels}).save_pretrained(...))")
 
 
 def _with_added(tensors: dict[str, TensorInfo], added: dict[str, str]):
@@ -291,7 +359,8 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
             t.out_offset = offset
         shard.size = len(shard.header) + sum(t.out_nbytes for t in shard.tasks)
     write_index = base.has_index or len(shards) > 1
-    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device, config=edits.config)
+    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device, config=edits.config,
+                           inputs=_shard_inputs(shards, adapters))
     merge_plan.buffers = _tile(merge_plan, plan.max_memory if budget is None else budget)
     merge_plan.fingerprint = fingerprint(merge_plan)
     return merge_plan
@@ -432,7 +501,8 @@ def _fmt(n: int) -> str:
 
 
 def fingerprint(merge_plan: MergePlan) -> str:
-    """What the output bytes depend on: base headers and sizes, adapter contents, options, and layout."""
+    """What the output bytes depend on, short of the inputs' data: base and adapter headers, adapter configs
+    and plan weights, the base config, options and layout."""
     h = hashlib.sha256()
     plan = merge_plan.plan
     record = {
@@ -442,10 +512,14 @@ def fingerprint(merge_plan: MergePlan) -> str:
         "device": merge_plan.device.split(":")[0],
         "base": [(s.path.name, s.file_size, hashlib.sha256(_header_bytes(s)).hexdigest())
                  for s in merge_plan.base.shards],
-        "adapters": [(a.weight, a.peft_version, json.dumps(a.config, sort_keys=True), _file_digest(a.weights))
-                     for a in merge_plan.adapters],
+        # Headers only, like the base: which version of each input's data the output holds is checked per
+        # shard by the inputs' identities (MergePlan.inputs), so a resume redoes exactly what a change touches.
+        "adapters": [(a.weight, a.peft_version, json.dumps(a.config, sort_keys=True),
+                      hashlib.sha256(_header_bytes(read_header(a.weights))).hexdigest()) for a in merge_plan.adapters],
         "config": merge_plan.base.config,  # decides orientation and tying
-        "layout": [(s.name, [(t.name, t.source.name) for t in s.tasks if t.name != t.source.name]) for s in merge_plan.shards],
+        "output_config": merge_plan.config,
+        "layout": [(s.name, [(t.name, t.source.name) for t in s.tasks if t.name != t.source.name])
+                   for s in merge_plan.shards],
     }
     h.update(json.dumps(record, sort_keys=True).encode())
     return h.hexdigest()
@@ -458,15 +532,6 @@ def _header_bytes(shard) -> bytes:
     return bytes(buffer)
 
 
-def _file_digest(path) -> str:
-    h, size = hashlib.sha256(), store_for(path).stat(path).size
-    buffer = memoryview(bytearray(max(1, min(size, 8 * 2**20))))
-    with store_for(path).open(path) as reader:
-        for offset in range(0, size, len(buffer)):
-            chunk = buffer[: min(len(buffer), size - offset)]
-            reader.read_into(chunk, offset)
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe(merge_plan: MergePlan) -> str:

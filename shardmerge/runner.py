@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +27,7 @@ from .journal import (
     OutputState,
     check_not_inputs,
     clean_tmp,
+    drop_changed_inputs,
     finish,
     open_output,
     reopen_finished,
@@ -76,7 +78,12 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
     budget = tile_budget(plan, device)
     with tempfile.TemporaryDirectory(prefix="shardmerge-") as scratch:
         def plan_merge() -> MergePlan:
-            return build_plan(plan, Path(scratch), device, budget)
+            merge_plan = build_plan(plan, Path(scratch), device, budget)
+            if topo.rank == 0:
+                for adapter in merge_plan.adapters:
+                    for warning in adapter.warnings:
+                        print(f"shardmerge: warning: {warning}", file=sys.stderr)
+            return merge_plan
 
         if dry_run:
             merge_plan = plan_merge()
@@ -99,6 +106,9 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
             if differ:
                 raise ShardmergeError(f"rank {differ[0]} of {topo.world_size} planned a different merge than rank 0 "
                                       "(its inputs or device differ); every rank must see the same input files")
+            # Rank 0's view of the input files' identities goes into every journal line (another node may
+            # number devices differently), so a resume compares like with like.
+            merge_plan.inputs = group.gather(merge_plan.inputs)[0]
             report = _run_ranks(merge_plan, topo, group, progress)
         finally:
             group.close()
@@ -134,9 +144,13 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
         nonlocal state
         if topo.rank == 0:
             state = open_output(output, merge_plan.fingerprint, plan.overwrite)
+            changed = drop_changed_inputs(state, merge_plan.inputs)
+            if changed:
+                print(f"shardmerge: {changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed "
+                      "since shards of this output were written; redoing the shards made from them", file=sys.stderr)
             if state.complete:
                 bad = verify_finished(state, sizes)
-                if not bad and _finalized(output, merge_plan):
+                if not bad and not changed and _finalized(output, merge_plan):
                     finish(state)
                     return "complete"
                 reopen_finished(state)

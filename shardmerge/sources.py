@@ -142,6 +142,16 @@ def _hub_hint(e: Exception, repo_id: str) -> str:
     return f"{name}: {first[:300]}"
 
 
+def input_identity(path) -> str:
+    """What tells one version of an input file from another without reading it (the store's Stat.identity:
+    a Hub cache blob's content hash, a local file's device, inode, size and times, an object's ETag or
+    version id)."""
+    stat = store_for(path).stat(path)
+    if stat is None:
+        raise ShardmergeError(f"{path}: input file is missing")
+    return stat.identity
+
+
 def _check_inside(root, name: str, directory) -> None:
     """A shard name from the index must stay inside the model directory, links included."""
     if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:

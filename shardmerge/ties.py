@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from .errors import ShardmergeError
 from .safetensors_io import TensorInfo
 from .sources import BaseModel
+from .stores import store_for
 
 # Output embeddings that transformers ties to the input embedding, and the input embedding names.
-_OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
 _INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 # The head's name when the checkpoint does not store it: transformers 5's causal and conditional-generation
 # models declare their tied head as lm_head.weight (_tied_weights_keys), GPT-NeoX's former embed_out included.
@@ -60,7 +61,7 @@ class Tie:
     def names_output(self, name: str) -> bool:
         """Whether an adapter's name for a tensor the base does not store stands for the tied head."""
         parts = name.split(".")
-        return len(parts) >= 2 and parts[-2] in _OUTPUT_EMBEDDINGS and parts[-1] == "weight"
+        return len(parts) >= 2 and parts[-2] in OUTPUT_EMBEDDINGS and parts[-1] == "weight"
 
 
 def find_tie(base: BaseModel) -> Tie | None:
@@ -70,7 +71,7 @@ def find_tie(base: BaseModel) -> Tie | None:
     inputs = [n for n in base.tensors if n.endswith(".weight") and n.split(".")[-2] in _INPUT_EMBEDDINGS]
     if len(inputs) != 1 or ties is False:
         return None
-    heads = [n for n in base.tensors if n.endswith(".weight") and n.split(".")[-2] in _OUTPUT_EMBEDDINGS
+    heads = [n for n in base.tensors if n.endswith(".weight") and n.split(".")[-2] in OUTPUT_EMBEDDINGS
              and base.tensors[n].shape == base.tensors[inputs[0]].shape]
     if len(heads) > 1:
         return None
@@ -148,13 +149,13 @@ def tensors_equal(a: TensorInfo, b: TensorInfo) -> bool:
         return True
     rows = a.shape[0] if a.shape else 1
     step = max(1, _CHUNK // max(a.row_bytes, b.row_bytes, 1))
-    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+    with store_for(a.path).open(a.path) as ra, store_for(b.path).open(b.path) as rb:
         for r0 in range(0, rows, step):
             n = min(step, rows - r0)
             chunks = []
-            for f, info in ((fa, a), (fb, b)):
-                f.seek(info.offset + r0 * info.row_bytes)
-                raw = bytearray(f.read(n * info.row_bytes))
+            for reader, info in ((ra, a), (rb, b)):
+                raw = bytearray(n * info.row_bytes)
+                reader.read_into(raw, info.offset + r0 * info.row_bytes)
                 chunks.append(torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype]) if raw else torch.empty(0))
             x, y = chunks
             if x.dtype != y.dtype:

@@ -483,3 +483,55 @@ def float64_slack(dtype: torch.dtype, exact: torch.Tensor, mag: torch.Tensor) ->
     float32 at the tensor's scale. Negligible next to a bf16/fp16 ulp."""
     scale = float(exact.abs().max()) + float(mag.max()) if exact.numel() else 0.0
     return 8 * torch.finfo(torch.float32).eps * scale
+
+
+# --------------------------------------------------------------------------------------------------
+# model-level comparison (for outputs whose on-disk names or layout differ from PEFT's save)
+# --------------------------------------------------------------------------------------------------
+
+
+def peft_merged(base_dir, adapter_dirs, auto_class=None, dtype=torch.float32, **load_kwargs):
+    """PEFT's merge_and_unload() of the adapters (all active, weight 1) into the base, in eval mode."""
+    _quiet()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    model = auto_class.from_pretrained(str(base_dir), dtype=dtype, **load_kwargs)
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
+    pm = PeftModel.from_pretrained(model, str(resolve_adapter_dir(adapter_dirs[0])), adapter_name=names[0])
+    for name, path in zip(names[1:], adapter_dirs[1:]):
+        pm.load_adapter(str(resolve_adapter_dir(path)), adapter_name=name)
+    pm.base_model.set_adapter(names)
+    return pm.merge_and_unload().eval()
+
+
+def assert_same_model(out_dir, reference, auto_class=None, dtype=torch.float32, rtol=1e-5, atol=1e-6, **load_kwargs):
+    """Load `out_dir` with the Auto class and compare every parameter (tied aliases included) and the logits."""
+    _quiet()
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    model = auto_class.from_pretrained(str(out_dir), dtype=dtype, **load_kwargs).eval()
+    want = dict(reference.named_parameters(remove_duplicate=False))
+    got = dict(model.named_parameters(remove_duplicate=False))
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for name, param in want.items():
+        torch.testing.assert_close(got[name], param, rtol=rtol, atol=atol, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=10 * rtol,
+                                   atol=10 * atol)
+    return model
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """`python -m shardmerge ARGS`, in this process (no interpreter start-up); returns (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from shardmerge.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, err.getvalue()

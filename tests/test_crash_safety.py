@@ -488,7 +488,7 @@ def test_failed_run_with_a_bad_adapter_touches_no_input_and_writes_no_output(mod
     bad = tmp_path / "bad-adapter"
     shutil.copytree(model["adapter"], bad)
     config = json.loads((bad / "adapter_config.json").read_text())
-    config["target_modules"] = ["q_proj"]
+    config["target_modules"] = ["q_proj", "nope"]  # a targeted module the base lacks (untargeted ones are ignored)
     (bad / "adapter_config.json").write_text(json.dumps(config))
     from safetensors.torch import load_file, save_file
 

@@ -208,7 +208,11 @@ class LocalStore(Store):
             return None
         if not path.is_file():
             return None
-        return Stat(st.st_size, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+        real = path.resolve()
+        if real.parent.name == "blobs" and real.parent.parent.name.startswith(("models--", "datasets--")):
+            return Stat(st.st_size, f"blob:{real.name}")  # the Hub cache names a blob by its content hash
+        # A rewrite in place changes mtime and ctime (which cannot be set back), a replacement the inode.
+        return Stat(st.st_size, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
 
     def is_dir(self, path: Path) -> bool:
         return path.is_dir()
