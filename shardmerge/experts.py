@@ -52,11 +52,11 @@ class ParamLora:
 @dataclass(frozen=True)
 class ExpertRule:
     """How one expert parameter of a model family is stored: fused under its own name (possibly transposed or
-    with gate/up interleaved), or one 2-D tensor per expert per `sources` leaf, stacked along d1."""
+    with gate/up interleaved), or one 2-D tensor per expert per `sources` leaf, stacked along d1. Names are
+    module-side; checkpoint renames around them (Mixtral's `block_sparse_moe.`) are names.BaseNames's."""
 
     param: str
     sources: tuple[str, ...] = ()  # per-expert leaves, e.g. ("gate_proj", "up_proj"); () = fused
-    renames: tuple[tuple[str, str], ...] = ()  # (module segment, checkpoint segment), e.g. (".mlp.", ".block_sparse_moe.")
     transposed: bool = False  # fused, stored (E, d2, d1)
     interleaved: bool = False  # fused, d1 stored interleaved (gate0, up0, gate1, ...)
     fused_name: str = ""  # checkpoint leaf of a fused tensor when it differs from `param`
@@ -91,12 +91,11 @@ class ExpertSlice:
 
 # The built-in table: what transformers 5.23's conversion_mapping.py says for these families.
 _PER_EXPERT = (ExpertRule("gate_up_proj", ("gate_proj", "up_proj")), ExpertRule("down_proj", ("down_proj",)))
-_MIXTRAL = (ExpertRule("gate_up_proj", ("w1", "w3"), ((".mlp.", ".block_sparse_moe."),)),
-            ExpertRule("down_proj", ("w2",), ((".mlp.", ".block_sparse_moe."),)))
+_W1_W3_W2 = (ExpertRule("gate_up_proj", ("w1", "w3")), ExpertRule("down_proj", ("w2",)))
 BUILTIN_RULES: dict[str, tuple[ExpertRule, ...]] = {
     "qwen2_moe": _PER_EXPERT,
-    "mixtral": _MIXTRAL,
-    "lfm2_moe": (ExpertRule("gate_up_proj", ("w1", "w3")), ExpertRule("down_proj", ("w2",))),
+    "mixtral": _W1_W3_W2,
+    "lfm2_moe": _W1_W3_W2,
     "qwen3_vl_moe": (ExpertRule("gate_up_proj", transposed=True), ExpertRule("down_proj", transposed=True)),
 }
 # model_type -> family, for the families above (transformers' _MODEL_TO_CONVERSION_PATTERN holds the full list).
@@ -271,7 +270,7 @@ def rules_for(config: dict) -> tuple[ExpertRule, ...]:
 @cache
 def transformers_rules(model_type: str) -> tuple[ExpertRule, ...]:
     """Expert rules read off transformers' checkpoint conversion mapping (MergeModulelist/Concatenate for
-    per-expert checkpoints, Transpose, Interleave, and the plain renames around them)."""
+    per-expert checkpoints, Transpose, Interleave)."""
     from transformers.conversion_mapping import (
         _MODEL_TO_CONVERSION_PATTERN,
         get_checkpoint_conversion_mapping,
@@ -285,8 +284,6 @@ def transformers_rules(model_type: str) -> tuple[ExpertRule, ...]:
     )
 
     mapping = get_checkpoint_conversion_mapping(_MODEL_TO_CONVERSION_PATTERN.get(model_type, model_type)) or []
-    renames = tuple(_literal_rename(t) for t in mapping if not isinstance(t, WeightConverter))
-    renames = tuple(r for r in renames if r is not None)
     rules = []
     for t in mapping:
         if not isinstance(t, WeightConverter) or len(t.target_patterns) != 1:
@@ -295,50 +292,35 @@ def transformers_rules(model_type: str) -> tuple[ExpertRule, ...]:
         ops = [type(op) for op in t.operations]
         if ops in ([MergeModulelist], [MergeModulelist, Concatenate]):
             leaves = tuple(re.sub(r".*\.\*\.", "", s).removesuffix(".weight") for s in t.source_patterns)
-            rules.append(ExpertRule(param, leaves, renames))
+            rules.append(ExpertRule(param, leaves))
         elif ops == [Transpose] and (t.operations[0].dim0, t.operations[0].dim1) in ((1, 2), (2, 1)):
-            rules.append(ExpertRule(param, renames=renames, transposed=True))
+            rules.append(ExpertRule(param, transposed=True))
         elif ops == [Interleave] and t.operations[0].dim == 1 and len(t.source_patterns) == 1:
-            rules.append(ExpertRule(param, renames=renames, interleaved=True,
+            rules.append(ExpertRule(param, interleaved=True,
                                     fused_name=t.source_patterns[0].replace("\\", "").rpartition(".")[2]))
     return tuple(rules)
-
-
-def _literal_rename(transform) -> tuple[str, str] | None:
-    """A rename between two literal name segments (module segment, checkpoint segment), or None."""
-    sources, targets = getattr(transform, "source_patterns", []), getattr(transform, "target_patterns", [])
-    if len(sources) != 1 or len(targets) != 1:
-        return None
-    disk, module = sources[0].replace("\\.", "."), targets[0]
-    if re.search(r"[\\^$()\[\]*+?|{}]", disk + module):
-        return None
-    return module, disk
 
 
 def checkpoint_slices(module: str, param: str, shape: tuple | None, rules: tuple[ExpertRule, ...],
                       find) -> tuple[tuple, list[tuple[str, ExpertSlice]]]:
     """The module parameter `module.param`'s shape (E, d1, d2) and every base tensor holding part of it, with
-    the part it holds; `find(name)` gives a base tensor (TensorInfo) or None. `shape` is the parameter's shape
+    the part it holds; `find(name)` gives the base tensor (TensorInfo) a module-side name stands for, checkpoint
+    renames included (names.BaseNames), or None. `shape` is the parameter's shape
     when the model class is known; else it follows from the stored tensors and the rule. No tensors: ((), [])."""
     rule = next((r for r in rules if r.param == param), ExpertRule(param))
-    disk_module = module
-    for module_seg, disk_seg in rule.renames:
-        disk_module = disk_module.replace(module_seg, disk_seg)
-    leaf = rule.fused_name or param
-    for name in dict.fromkeys((f"{module}.{leaf}", f"{disk_module}.{leaf}")):
-        info = find(name)
-        if info is not None:
-            return _fused(info, shape, rule)
-    if not rule.sources or find(f"{disk_module}.0.{rule.sources[0]}.weight") is None:
+    info = find(f"{module}.{rule.fused_name or param}")
+    if info is not None:
+        return _fused(info, shape, rule)
+    if not rule.sources or find(f"{module}.0.{rule.sources[0]}.weight") is None:
         return (), []
     out, rows = [], 0
-    for e in range(shape[0] if shape else _count_experts(disk_module, rule.sources[0], find)):
+    for e in range(shape[0] if shape else _count_experts(module, rule.sources[0], find)):
         rows = 0
         for source in rule.sources:
-            info = find(f"{disk_module}.{e}.{source}.weight")
+            info = find(f"{module}.{e}.{source}.weight")
             if info is None or len(info.shape) != 2:
                 raise ShardmergeError(f"the base stores the experts of {module}.{param} one by one but "
-                                      f"{disk_module}.{e}.{source}.weight is missing or not 2-D")
+                                      f"{module}.{e}.{source}.weight is missing or not 2-D")
             out.append((info.name, ExpertSlice(e, 1, rows, rows + info.shape[0])))
             rows += info.shape[0]
     found = (len(out) // len(rule.sources), rows, find(out[0][0]).shape[1])
@@ -348,9 +330,9 @@ def checkpoint_slices(module: str, param: str, shape: tuple | None, rules: tuple
     return found, out
 
 
-def _count_experts(disk_module: str, leaf: str, find) -> int:
+def _count_experts(module: str, leaf: str, find) -> int:
     count = 0
-    while find(f"{disk_module}.{count}.{leaf}.weight") is not None:
+    while find(f"{module}.{count}.{leaf}.weight") is not None:
         count += 1
     return count
 
