@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_peft_moe import moe_config
 
 import shardmerge
 from shardmerge import experts, mergemath
 from shardmerge.config import load_plan
-from shardmerge.planner import build_plan
-from shardmerge.runner import run
 from shardmerge.errors import ShardmergeError
 from shardmerge.experts import GROUPED_BY_EXPERT, RANK_MAJOR, ExpertSlice
-from test_peft_moe import moe_config
+from shardmerge.planner import build_plan
+from shardmerge.runner import run
 
 E, R, D1, D2 = 3, 2, 5, 4
 

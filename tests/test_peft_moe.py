@@ -28,8 +28,8 @@ from builders import (
 import shardmerge
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
-COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, head_dim=8, tie_word_embeddings=False)
+COMMON = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "head_dim": 8, "tie_word_embeddings": False}
 
 
 def moe_config(family: str):
@@ -72,10 +72,10 @@ class Case:
 CASES = [
     Case("qwen3-moe-experts-split-over-shards", "qwen3_moe", max_shard_size="8KB", split_experts=True),
     Case("qwen3-moe-rank-pattern", "qwen3_moe",
-         dict(rank_pattern={"layers.1.mlp.experts.gate_up_proj": 6}, alpha_pattern={"down_proj": 3})),
+         {"rank_pattern": {"layers.1.mlp.experts.gate_up_proj": 6}, "alpha_pattern": {"down_proj": 3}}),
     Case("mixtral-two-adapters", "mixtral", weights=(1.0, -0.5)),
     Case("gpt-oss", "gpt_oss"),
-    Case("llama4-rslora", "llama4", dict(use_rslora=True, lora_alpha=4)),
+    Case("llama4-rslora", "llama4", {"use_rslora": True, "lora_alpha": 4}),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 
@@ -104,7 +104,7 @@ def build_moe_adapter(base: Path, directory: Path, seed: int, **lora) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_PARAMS)
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERT_PARAMS}
     peft_model = get_peft_model(model, LoraConfig(**{**config, **lora}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
