@@ -17,47 +17,56 @@ code that maps checkpoint keys to module keys for other purposes, e.g. expert la
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from .errors import ShardmergeError
 from .sources import BaseModel
 
-class _RenameRule(Protocol):
-    """transformers' WeightRenaming interface, which the built-in `Rule` copies."""
-
-    def rename_source_key(self, source_key: str) -> tuple[str, str | None]: ...
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One checkpoint -> module renaming, applied as transformers applies a WeightRenaming: the first match
-    of `pattern` (searched, ending on a name boundary) is replaced once. A scoped rule acts only on keys under
-    one sub-model (`scope`, a module path below the base-model prefix; "" is the base model itself), and
-    only on the part of the key below it."""
+    """One checkpoint -> module renaming, applied exactly as transformers applies a WeightRenaming: the
+    first match of `pattern` is searched (a pattern ending in a letter or digit ends on a name boundary) and
+    its text replaced once by `replacement`, where `\\1` stands for the first group inside the matched branch.
+    A scoped rule acts only on keys under one sub-model (`scope`, a module path below the base-model prefix;
+    "" is the base model itself), and only on the part of the key below it."""
 
     pattern: str
     replacement: str
     scope: str | None = None
     base_prefix: str = "model"  # the model's base_model_prefix, which a scoped key may carry or not
 
-    def rename_source_key(self, source_key: str) -> tuple[str, str | None]:
+    def apply(self, source_key: str) -> str:
         prefix, key = "", source_key
         if self.scope is not None:
             scope = f"{self.scope}." if self.scope else ""
-            for candidate in (f"{self.base_prefix}.{scope}", scope):
+            base = f"{self.base_prefix}." if self.base_prefix else ""
+            for candidate in (base + scope, scope):
                 if source_key.startswith(candidate):
                     prefix, key = candidate, source_key[len(candidate) :]
                     break
             else:
-                return source_key, None
-        # transformers ends a pattern on a name boundary: `lm_head` must not match `lm_head_2`
+                return source_key
         pattern = self.pattern + (r"(?!\w)" if re.search(r"[a-zA-Z0-9]$", self.pattern) else "")
-        renamed, n = re.subn(pattern, self.replacement, key, count=1)
-        return (prefix + renamed, self.pattern) if n else (source_key, None)
+        match = re.search(pattern, key)
+        if match is None:
+            return source_key
+        replacement = self.replacement
+        if r"\1" in replacement:  # transformers' alternations name each branch; \1 is the group inside it
+            branch = next((name for name, text in match.groupdict().items() if text is not None), None)
+            inner = match.re.groupindex[branch] + 1 if branch else 1
+            replacement = replacement.replace(r"\1", match.group(inner) or "")
+        return prefix + key.replace(match.group(0), replacement, 1)
 
 
 @dataclass(frozen=True)
@@ -66,11 +75,11 @@ class Renames:
 
     family: str  # what the rules were chosen by, for messages
     source: str  # "transformers X.Y" or "built-in table"
-    rules: Sequence[_RenameRule]
+    rules: tuple[Rule, ...]
 
     def to_module(self, key: str) -> str:
         for rule in self.rules:
-            key, _ = rule.rename_source_key(key)
+            key = rule.apply(key)
         return key
 
 
@@ -163,7 +172,9 @@ def _table_renames(config: dict) -> Renames | None:
     return Renames(name, "built-in table", tuple(rules) + _LEGACY)
 
 
-_NOT_KNOWN = object()  # transformers is importable but cannot build this architecture
+_NOT_KNOWN = object()  # transformers is not installed, or cannot build this architecture
+_PROBE_TIMEOUT_S = 300
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "depth", "num_global_layers")
 
 
 def _most_layers(config: dict) -> int:
@@ -173,19 +184,67 @@ def _most_layers(config: dict) -> int:
     return max(counts, default=0)
 
 
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "depth", "num_global_layers")
-
-
 def _transformers_renames(config: dict, max_layers: int | None):
-    """transformers' own rules for this model (None: it has none), or _NOT_KNOWN. The rules depend on
-    which sub-models the model holds and where, so the model is built on the meta device (no memory, no
-    weights read) and asked, exactly as PEFT and from_pretrained ask it. A config claiming more layers than
-    `max_layers` (the checkpoint's tensor count: every layer stores some) is not built."""
+    """transformers' own rules for this model (None: it has none), or _NOT_KNOWN. The rules depend on which
+    sub-models the model holds and where, so transformers builds the model and is asked, as PEFT and
+    from_pretrained ask it. Unless the caller has imported transformers already, that happens in a child
+    process: importing it and building even a meta-device model would stay in this process's memory, which
+    max_memory bounds. A config claiming more layers than `max_layers` (the checkpoint's tensor count: every
+    layer stores some) is not built."""
+    if max_layers is not None and _most_layers(config) > max_layers:
+        return _NOT_KNOWN
+    if "transformers" in sys.modules:
+        return _from_answer(_transformers_rules(config))
+    if importlib.util.find_spec("transformers") is None:
+        return _NOT_KNOWN
+    return _probe_cached(json.dumps(config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_cached(config_json: str):
+    """_transformers_rules in a child process (once per config: plans are built more than once per run)."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        child = subprocess.run([sys.executable, "-c", "from shardmerge.names import _probe; _probe()"],
+                               input=config_json, capture_output=True, text=True, env=env, check=False,
+                               timeout=_PROBE_TIMEOUT_S)  # fmt: skip
+        answer = json.loads(child.stdout) if child.returncode == 0 else _NOT_KNOWN
+    except (OSError, subprocess.SubprocessError, ValueError):
+        answer = _NOT_KNOWN
+    return _from_answer(answer)
+
+
+def _from_answer(answer):
+    """Renames from what _transformers_rules answered (None: no rules; _NOT_KNOWN: it cannot tell)."""
+    if not isinstance(answer, dict) or "rules" not in answer:
+        return _NOT_KNOWN
+    if answer["rules"] is None:
+        return None
+    try:
+        rules = tuple(Rule(r["pattern"], r["replacement"], r["scope"], r["base_prefix"]) for r in answer["rules"])
+        return Renames(str(answer["family"]), f"transformers {answer['version']}", rules)
+    except (KeyError, TypeError):
+        return _NOT_KNOWN
+
+
+def _probe() -> None:
+    """The child process: the config on stdin, transformers' renaming rules for it on stdout as JSON
+    ({"rules": null} when it has none); a non-zero exit when it cannot tell."""
+    answer = _transformers_rules(json.load(sys.stdin))
+    if answer is _NOT_KNOWN:
+        sys.exit(3)
+    print(json.dumps(answer))
+
+
+def _transformers_rules(config: dict):
+    """transformers' renaming rules for the config as JSON-able data ({"rules": None}: it has none), or
+    _NOT_KNOWN."""
     try:
         import torch
         import transformers
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
+        from transformers.core_model_loading import PrefixChange, WeightRenaming
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:  # no transformers, or one older than 5 (no conversion tables): the built-in table
         return _NOT_KNOWN
@@ -193,29 +252,31 @@ def _transformers_renames(config: dict, max_layers: int | None):
     model_class = getattr(transformers, architecture, None) if architecture.isidentifier() else None
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         return _NOT_KNOWN
-    if not isinstance(model_type, str) or (max_layers is not None and _most_layers(config) > max_layers):
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return _NOT_KNOWN
     if all(get_checkpoint_conversion_mapping(n) is None for n in (architecture, model_type)):
-        return None
+        return {"rules": None}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        model_config = CONFIG_MAPPING[model_type].from_dict(config)
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            with torch.device("meta"):
-                model = model_class(model_config)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
+        with torch.device("meta"):
+            model = model_class(CONFIG_MAPPING[model_type].from_dict(config))
         conversions = get_model_conversion_mapping(model)
     except Exception:  # noqa: BLE001 - a config it cannot build (remote code, another version's keys)
         return _NOT_KNOWN
-    rules = tuple(c for c in conversions if isinstance(c, WeightRenaming))
-    return Renames(architecture, f"transformers {transformers.__version__}", rules)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    renames = [c for c in conversions if isinstance(c, WeightRenaming)]
+    if any(type(c) not in (WeightRenaming, PrefixChange) for c in renames):
+        return _NOT_KNOWN  # a stateful or index-shifting renaming that a Rule cannot carry
+    rules = [{"pattern": c.compiled_sources.pattern, "replacement": c.target_patterns[0], "scope": c.scope_prefix,
+              "base_prefix": c.base_model_prefix or ""} for c in renames]  # fmt: skip
+    return {"family": architecture, "version": transformers.__version__, "rules": rules}
 
 
 def checkpoint_renames(config: dict, max_layers: int | None = None) -> Renames | None:
     """The model's checkpoint -> module key renaming: transformers' own tables when transformers (5 or
-    later) is importable and knows the architecture, else the built-in table; None when there is none."""
+    later) is installed and knows the architecture, else the built-in table; None when there is none."""
     found = _transformers_renames(config, max_layers)
     return _table_renames(config) if found is _NOT_KNOWN else found
 
@@ -231,7 +292,7 @@ class BaseNames:
     In order: the adapter's module name renamed to the one base tensor that transformers loads into that
     module (for composite models, and models with built-in rules, this is checked for every name, so a
     checkpoint holding one tensor under two layouts is refused rather than half-merged; for others only
-    when no tensor has the exact name, since transformers is then imported), the exact name, a model-class
+    when no tensor has the exact name, since transformers is then consulted), the exact name, a model-class
     prefix that differs between the adapter's model and the base (`model.` present in one and not the
     other). A tied output embedding the base does not store is ties.py's concern."""
 

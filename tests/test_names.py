@@ -66,13 +66,13 @@ def _config(model_type: str, architecture: str, overrides: dict) -> dict:
     return config
 
 
-def _checkpoint_layouts(config: dict, architecture: str) -> tuple[dict[str, str | None], bool]:
+def _checkpoint_layouts(config: dict, architecture: str) -> tuple[dict[str, str | None], bool, list]:
     """{stored key: module key} as save_pretrained writes a Hub-loaded model (prefix changes reverted too) and
-    a model built from scratch, plus whether the model also has converters (stored keys of fused tensors
-    then map to no single module key: None)."""
+    a model built from scratch, whether the model also has converters (stored keys of fused tensors then map
+    to no single module key: None), and transformers' own renaming objects for it."""
     import transformers
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, revert_weight_conversion
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, revert_weight_conversion
 
     model_config = transformers.AutoConfig.for_model(config["model_type"]).from_dict(config)
     with torch.device("meta"):
@@ -86,7 +86,8 @@ def _checkpoint_layouts(config: dict, architecture: str) -> tuple[dict[str, str 
         for stored, tensor in revert_weight_conversion(model, dict(state)).items():
             layouts[stored] = module_of.get(id(tensor))
     conversions = get_model_conversion_mapping(model)
-    return layouts, any(isinstance(c, WeightConverter) for c in conversions)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    return layouts, any(isinstance(c, WeightConverter) for c in conversions), renamings
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_MODELS) + sorted(EXTRA_MODELS))
@@ -96,13 +97,16 @@ def test_builtin_table_renames_as_transformers_does(family):
     ours, theirs = names._table_renames(config), names.checkpoint_renames(config)
     assert ours is not None and ours.source == "built-in table"
     assert theirs is not None and theirs.source.startswith("transformers"), "transformers has no rules for it?"
-    layouts, converts = _checkpoint_layouts(config, architecture)
+    layouts, converts, renamings = _checkpoint_layouts(config, architecture)
     legacy = {"model.language_model.model." + k.removeprefix("model.language_model.")
               for k in layouts.values() if k and k.startswith("model.language_model.")}  # fmt: skip
     keys = sorted(set(layouts) | {m for m in layouts.values() if m} | legacy)
     assert any(module and stored != module for stored, module in layouts.items()), "nothing renamed: a vacuous case"
-    differ = [f"{k}: table {ours.to_module(k)!r}, transformers {theirs.to_module(k)!r}"
-              for k in keys if ours.to_module(k) != theirs.to_module(k)]  # fmt: skip
+    from transformers.core_model_loading import apply_renamings
+
+    native = {k: apply_renamings(k, renamings) for k in keys}  # transformers' own objects, as its loader runs them
+    differ = [f"{k}: table {ours.to_module(k)!r}, transformers' rules {theirs.to_module(k)!r}, native {native[k]!r}"
+              for k in keys if not ours.to_module(k) == theirs.to_module(k) == native[k]]  # fmt: skip
     assert not differ, "\n".join(differ[:10])
     if not converts:  # each stored key lands on its module key (fused experts are the moe converters' business)
         wrong = [f"{s} -> {ours.to_module(s)}, not {m}" for s, m in layouts.items() if ours.to_module(s) != m]
@@ -112,6 +116,20 @@ def test_builtin_table_renames_as_transformers_does(family):
 
 def test_every_family_of_the_builtin_table_is_checked_against_transformers():
     assert set(FAMILY_MODELS) == set(names._FAMILIES)
+
+
+def test_transformers_rules_come_from_a_child_process_that_keeps_transformers_out_of_the_merging_one(llava):
+    _, base, _ = llava
+    code = ("import json, sys; from shardmerge.sources import read_base; from shardmerge.names import BaseNames; "
+            "names = BaseNames(read_base(sys.argv[1])); "
+            "found, how = names.candidates('model.language_model.layers.0.self_attn.q_proj.weight'); "
+            "print(json.dumps([found, how, names.renames.source, 'transformers' in sys.modules]))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code, str(base)], capture_output=True, text=True, timeout=300,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found, how, source, imported = json.loads(result.stdout)
+    assert (found, how) == (["language_model.model.layers.0.self_attn.q_proj.weight"], "renamed")
+    assert source.startswith("transformers") and not imported
 
 
 def test_a_model_without_conversion_rules_has_no_renames():
