@@ -89,11 +89,16 @@ def _merge(args: argparse.Namespace) -> int:
 
     overrides = {o.key: getattr(args, o.key) for o in OPTIONS}
     plan = load_plan(args.plan, **overrides)
-    report = run(plan, dry_run=args.dry_run, progress=False if args.quiet else None)
-    if args.report_json and topology().rank == 0:  # one report for the job (it is gathered from every rank)
+    topo = topology()  # the launcher's ranks (torchrun, accelerate, srun), or a single process
+    report = run(plan, dry_run=args.dry_run, progress=False if args.quiet else None, topology=topo)
+    if topo.rank != 0:  # one report for the job (it is gathered from every rank)
+        return 0
+    if args.dry_run:
+        print(report.description)
+    if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
             f.write(report_json(report))
-    if not args.quiet and not args.dry_run and topology().rank == 0:
+    if not args.quiet and not args.dry_run:
         print(report.summary(), file=sys.stderr)
     return 0
 

@@ -17,10 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .config import Plan
 from .cuda import resolve_device, tile_budget
-from .distributed import Group, Topology, assign, describe_assignment, topology
+from .distributed import Group, Topology, assign, describe_assignment
 from .errors import InterruptedMerge, ShardmergeError, os_reason
 from .journal import (
     MANIFEST_NAME,
@@ -57,6 +57,7 @@ class MergeReport:
     dry_run: bool = False
     ranks: int = 1
     store_retries: int = 0  # transient object-store errors retried (after backoff) by this process
+    description: str = ""  # a dry run's plan report (and shard assignment), for the caller to print
 
     def summary(self) -> str:
         if self.dry_run:
@@ -71,9 +72,12 @@ class MergeReport:
                 + (f"; {self.store_retries} transient storage errors retried" if self.store_retries else ""))
 
 
-def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> MergeReport:
+def run(plan: Plan, dry_run: bool = False, progress: bool | None = False,
+        topology: Topology | None = None) -> MergeReport:
+    """Merge `plan` as the rank `topology` says (default: a single process), or with `dry_run` only plan
+    it and return its description. Prints nothing; `progress` draws a bar on stderr (None: if a terminal)."""
     started, retried = time.monotonic(), retries()
-    topo = topology()
+    topo = topology or Topology()
     device = resolve_device(plan.device, topo.local_rank)
     budget = tile_budget(plan, device)
     with tempfile.TemporaryDirectory(prefix="shardmerge-") as scratch:
@@ -85,13 +89,13 @@ def run(plan: Plan, dry_run: bool = False, progress: bool | None = None) -> Merg
                         print(f"shardmerge: warning: {warning}", file=sys.stderr)
             return merge_plan
 
-        if dry_run:
+        if dry_run:  # every rank checks the plan; the caller prints rank 0's
             merge_plan = plan_merge()
-            if topo.rank == 0:  # every rank checks the plan; one prints it
-                print(describe(merge_plan))
-                if topo.world_size > 1:
-                    print(describe_assignment({s.name: s.size for s in merge_plan.shards}, topo.world_size))
-            return MergeReport(output=plan.output, device=device, dry_run=True, ranks=topo.world_size)
+            description = describe(merge_plan)
+            if topo.world_size > 1:
+                description += "\n" + describe_assignment({s.name: s.size for s in merge_plan.shards}, topo.world_size)
+            return MergeReport(output=plan.output, device=device, dry_run=True, ranks=topo.world_size,
+                               description=description)
         group = Group(topo)
         try:
             def prepare() -> MergePlan:

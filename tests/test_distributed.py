@@ -7,7 +7,6 @@ Multi-process runs are launched the ways users launch them: torchrun, accelerate
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import signal
@@ -24,17 +23,10 @@ import torch
 import yaml
 
 import shardmerge
-import shardmerge.runner
 from shardmerge.demo import write_demo
 from shardmerge.distributed import Group, Topology, assign, describe_assignment, topology
 from shardmerge.errors import ShardmergeError
 from synth import lora_pair, write_adapter, write_base, write_plan
-
-# The runner plans inside the rank group (so a rank that cannot plan fails every rank, naming it) and prints a
-# dry run once, with the shard assignment. Tests of that are skipped on a runner without it.
-_RUNNER_PLANS_IN_GROUP = "describe_assignment" in inspect.getsource(shardmerge.runner)
-needs_group_planning = pytest.mark.skipif(not _RUNNER_PLANS_IN_GROUP,
-                                          reason="needs runner.run to plan inside the rank group (Scale-out note)")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -441,7 +433,6 @@ def test_killed_rank_fails_the_job_and_a_rerun_with_other_ranks_resumes(seven, t
 
 
 @pytest.mark.slow
-@needs_group_planning
 def test_a_rank_that_cannot_plan_fails_every_rank_naming_it(tmp_path):
     """Rank 1 cannot see the base (say its node lacks the shared mount): both ranks fail at once, naming it."""
     base, adapter = _single_shard_model(tmp_path)
@@ -497,9 +488,8 @@ def test_torchrun_recipe_dry_run(demo):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensors: 28 merged" in result.stdout
     assert not (demo / "torchrun").exists()
-    if _RUNNER_PLANS_IN_GROUP:
-        assert result.stdout.count("tensors: 28 merged") == 1  # rank 0 prints; the others only check
-        assert "ranks: 2" in result.stdout and "rank 0: " in result.stdout and "rank 1: " in result.stdout
+    assert result.stdout.count("tensors: 28 merged") == 1  # rank 0 prints; the others only check
+    assert "ranks: 2" in result.stdout and "rank 0: " in result.stdout and "rank 1: " in result.stdout
 
 
 def _accelerate_config() -> dict:
