@@ -27,7 +27,7 @@ def _merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     for option in OPTIONS:
         flag = "--" + option.key.replace("_", "-")
-        if option.parse.__name__ == "_bool":
+        if option.switch:
             parser.add_argument(flag, dest=option.key, action="store_const", const=True, help=option.help)
         else:
             parser.add_argument(flag, dest=option.key, metavar=option.key.upper(), help=option.help)

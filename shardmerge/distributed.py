@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from .errors import ShardmergeError
+from .units import format_size
 
 DEFAULT_TIMEOUT = 300.0
 _PREFIX = "shardmerge"
@@ -248,5 +249,5 @@ def describe_assignment(sizes: dict[str, int], world_size: int) -> str:
         total = sum(sizes[n] for n in names)
         shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
         what = f": {shown}" if names else " (idle: more ranks than shards)"
-        lines.append(f"  rank {rank}: {len(names)} shard(s), {total / 2**20:.1f} MiB{what}")
+        lines.append(f"  rank {rank}: {len(names)} shard(s), {format_size(total)}{what}")
     return "\n".join(lines)

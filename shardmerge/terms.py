@@ -38,9 +38,9 @@ import torch
 from . import experts as experts_mod
 from . import mergemath
 from .safetensors_io import TensorInfo
+from .units import FLOAT32_BYTES
 
 Load = Callable[[TensorInfo], torch.Tensor]
-_F32 = 4  # float32 bytes per element: every factor is held in float32 while its tensor merges
 
 
 class Term(ABC):
@@ -65,7 +65,7 @@ class Term(ABC):
     @property
     def fixed_bytes(self) -> int:
         """Bytes its factors hold while its tensor merges."""
-        return sum(_F32 * t.numel for t in self.reads())
+        return sum(FLOAT32_BYTES * t.numel for t in self.reads())
 
     @abstractmethod
     def factors(self, load: Load):
@@ -119,7 +119,7 @@ class LoraTerm(Term):
     @property
     def fixed_bytes(self) -> int:
         # The magnitude twice: DoRA on a transposed kind also keeps one column norm per magnitude entry.
-        return _F32 * (self.a.numel + self.b.numel + 2 * (self.magnitude.numel if self.magnitude else 0))
+        return FLOAT32_BYTES * (self.a.numel + self.b.numel + 2 * (self.magnitude.numel if self.magnitude else 0))
 
     def factors(self, load: Load) -> mergemath.LoraFactors:
         magnitude = None if self.magnitude is None else load(self.magnitude).flatten()
@@ -178,7 +178,7 @@ class RowsTerm(Term):
 
     @property
     def fixed_bytes(self) -> int:
-        return _F32 * self.values.numel + 8 * len(self.indices)  # int64 indices
+        return FLOAT32_BYTES * self.values.numel + 8 * len(self.indices)  # int64 indices
 
     def factors(self, load: Load) -> tuple[torch.Tensor, torch.Tensor]:
         values = load(self.values)

@@ -181,7 +181,7 @@ def test_assign_equal_sizes_round_robin_and_ties_by_name():
 
 def test_describe_assignment_names_idle_ranks():
     text = describe_assignment({"x.safetensors": 2**20}, 2)
-    assert "rank 0: 1 shard(s), 1.0 MiB: x.safetensors" in text and "rank 1: 0 shard(s)" in text and "idle" in text
+    assert "rank 0: 1 shard(s), 1.0MiB: x.safetensors" in text and "rank 1: 0 shard(s)" in text and "idle" in text
 
 
 # -- topology ---------------------------------------------------------------------------------------------
