@@ -90,7 +90,7 @@ def _merge(args: argparse.Namespace) -> int:
     overrides = {o.key: getattr(args, o.key) for o in OPTIONS}
     plan = load_plan(args.plan, **overrides)
     topo = topology()  # the launcher's ranks (torchrun, accelerate, srun), or a single process
-    report = run(plan, dry_run=args.dry_run, progress=False if args.quiet else None, topology=topo)
+    report = run(plan, dry_run=args.dry_run, progress=not args.quiet, topology=topo)
     if topo.rank != 0:  # one report for the job (it is gathered from every rank)
         return 0
     if args.dry_run:

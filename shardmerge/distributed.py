@@ -218,10 +218,6 @@ class Group:
         except Exception as e:  # noqa: BLE001
             raise self._lost(e) from None
 
-    def barrier(self) -> None:
-        if self.active:
-            self.gather(None)
-
     def close(self) -> None:
         """Leave the group. The rank that hosts the store (rank 0, unless torchrun's agent does) waits until
         every other rank has left or died, so that none loses the store while still reading from it."""

@@ -1,49 +1,37 @@
-"""A one-line progress bar on stderr (bytes, tensors, rate, ETA), only when stderr is a terminal."""
+"""The progress bar on stderr (bytes, tensors, rate, ETA), through tqdm: a redrawn line on a terminal, a
+widget in a notebook, and in a non-terminal log (Slurm, CI) an update every LOG_INTERVAL seconds.
+
+The bar first shows after a delay, so a run that ends (or fails) quickly prints nothing but its summary
+or its one error line."""
 
 from __future__ import annotations
 
 import sys
 import threading
-import time
 
+from tqdm.auto import tqdm
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
-        n /= 1000
-    return f"{n:.1f}TB"
+LOG_INTERVAL = 30.0  # seconds between updates when stderr is not a terminal, so logs stay readable
+TERMINAL_DELAY = 1.0
 
 
 class Progress:
-    def __init__(self, total_bytes: int, total_tensors: int, enabled: bool | None = None):
-        self.total_bytes, self.total_tensors = max(total_bytes, 1), total_tensors
-        self.bytes = self.tensors = 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    """Advanced from several stage threads; draws only when `enabled`."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, enabled: bool = True, label: str = "merge"):
+        self.total_tensors, self.tensors = total_tensors, 0
         self._lock = threading.Lock()
-        self._start = time.monotonic()
-        self._last = 0.0
+        terminal = sys.stderr.isatty()
+        self._bar = tqdm(total=max(total_bytes, 1), unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                         disable=not enabled, mininterval=0.25 if terminal else LOG_INTERVAL,
+                         delay=TERMINAL_DELAY if terminal else LOG_INTERVAL, dynamic_ncols=True, desc=label)
 
     def advance(self, nbytes: int, tensors: int = 0) -> None:
         with self._lock:
-            self.bytes += nbytes
-            self.tensors += tensors
-            now = time.monotonic()
-            if self.enabled and (now - self._last > 0.25 or self.bytes >= self.total_bytes):
-                self._last = now
-                self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._start, 1e-6)
-        rate = self.bytes / elapsed
-        fraction = min(self.bytes / self.total_bytes, 1.0)
-        eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
-        bar = "#" * int(fraction * 24)
-        sys.stderr.write(f"\r[{bar:<24}] {fraction:4.0%} {_size(self.bytes)}/{_size(self.total_bytes)} "
-                         f"{self.tensors}/{self.total_tensors} tensors {_size(rate)}/s ETA {eta:4.0f}s ")
-        sys.stderr.flush()
+            if tensors:
+                self.tensors += tensors
+                self._bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
+            self._bar.update(nbytes)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self._bar.close()

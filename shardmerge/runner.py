@@ -72,10 +72,10 @@ class MergeReport:
                 + (f"; {self.store_retries} transient storage errors retried" if self.store_retries else ""))
 
 
-def run(plan: Plan, dry_run: bool = False, progress: bool | None = False,
+def run(plan: Plan, dry_run: bool = False, progress: bool = False,
         topology: Topology | None = None) -> MergeReport:
     """Merge `plan` as the rank `topology` says (default: a single process), or with `dry_run` only plan
-    it and return its description. Prints nothing; `progress` draws a bar on stderr (None: if a terminal)."""
+    it and return its description. Prints nothing, unless `progress` asks for the progress bar on stderr."""
     started, retried = time.monotonic(), retries()
     topo = topology or Topology()
     device = resolve_device(plan.device, topo.local_rank)
@@ -126,8 +126,6 @@ def _agree(group: Group, topo: Topology, step) -> object:
     value, error = None, None
     try:
         value = step()
-    except ShardmergeError as e:
-        error = e
     except BaseException as e:  # noqa: BLE001 - reported to the other ranks, then re-raised
         error = e
     outcomes = group.gather(None if error is None else f"{type(error).__name__}: {error}")
@@ -139,7 +137,7 @@ def _agree(group: Group, topo: Topology, step) -> object:
     return value
 
 
-def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bool | None) -> MergeReport:
+def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bool) -> MergeReport:
     plan, output = merge_plan.plan, location(merge_plan.plan.output)
     sizes = {s.name: s.size for s in merge_plan.shards}
     state: OutputState | None = None
@@ -202,7 +200,8 @@ def _execute(merge_plan: MergePlan, state: OutputState, topo: Topology, shards, 
     from .executor import Executor
 
     total = sum(s.size for s in shards)
-    progress = Progress(total, sum(len(s.tasks) for s in shards), progress_enabled)
+    label = f"rank {topo.rank}" if topo.world_size > 1 else "merge"
+    progress = Progress(total, sum(len(s.tasks) for s in shards), progress_enabled, label)
     executor = Executor(merge_plan, state, topo.rank, progress)
     received: list[int] = []
     previous = _install_signal_handlers(executor, received)

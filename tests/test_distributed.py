@@ -283,7 +283,6 @@ def test_group_gathers_every_ranks_value_in_rank_order(monkeypatch):
     try:
         got = _in_threads(lambda r: groups[r].gather({"rank": r, "shards": ["x"] * r}), 3)
         assert got == [[{"rank": r, "shards": ["x"] * r} for r in range(3)]] * 3
-        assert _in_threads(lambda r: groups[r].barrier(), 3) == [None] * 3
     finally:
         _in_threads(lambda r: groups[r].close(), 3)
 
