@@ -68,6 +68,13 @@ class ShardHeader:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # in data order
 
 
+def _name(name: str, limit: int = 120) -> str:
+    """A tensor name for a message: quoted, and cut short if a hostile header made it huge."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[:limit]!r}... ({len(name)} characters)"
+
+
 def _fail(path: Path, why: str) -> ShardmergeError:
     return ShardmergeError(f"{path}: not a valid safetensors file: {why}")
 
@@ -77,7 +84,7 @@ def _reject_duplicates(path: Path):
         seen = {}
         for key, value in pairs:
             if key in seen:
-                raise _fail(path, f"tensor {key!r} appears twice in the header")
+                raise _fail(path, f"tensor {_name(key)} appears twice in the header")
             seen[key] = value
         return seen
 
@@ -140,7 +147,7 @@ def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> Shar
     data_size = file_size - data_start
     entries = []
     for name, entry in parsed.items():
-        where = f"tensor {name!r}"
+        where = f"tensor {_name(name)}"
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _fail(path, f"{where}: entry must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -170,7 +177,7 @@ def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> Shar
     previous_end, previous_name = 0, None
     for begin, end, name, dtype, shape in entries:
         if begin < previous_end:
-            raise _fail(path, f"tensors {previous_name!r} and {name!r} overlap")
+            raise _fail(path, f"tensors {_name(previous_name)} and {_name(name)} overlap")
         if end > begin:
             previous_end, previous_name = end, name
         header.tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)

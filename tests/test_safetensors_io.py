@@ -7,6 +7,7 @@ is at fault), never a stray TypeError/ValueError/OSError.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import struct
@@ -240,12 +241,22 @@ def test_rejects_absurd_header_length(tmp_path):
 
 
 def test_rejects_header_length_just_over_limit_without_reading_it(tmp_path, monkeypatch):
-    # The file is sparse: a length prefix of limit+1 followed by a hole; refusal must come from the limit.
+    # The file is sparse: a length prefix of limit+1 followed by a hole; refusal must come from the limit,
+    # before the header is read (only the 8-byte length prefix is).
     path = tmp_path / "limit.safetensors"
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
         f.truncate(8 + MAX_HEADER_BYTES + 1)
+    reads = []
+
+    class Spy(io.FileIO):
+        def read(self, size=-1):
+            reads.append(size)
+            return super().read(size)
+
+    monkeypatch.setattr(sio, "open", lambda file, mode="r", **kw: Spy(file, mode.replace("b", "")), raising=False)
     refused(path, str(MAX_HEADER_BYTES))
+    assert reads == [8]
 
 
 def test_rejects_missing_file_naming_it(tmp_path):
@@ -455,8 +466,9 @@ def test_error_message_for_long_shape_stays_short(tmp_path):
 
 def test_error_message_for_long_tensor_name_stays_bounded(tmp_path):
     name = "n" * 1_000_000
-    message = refused(write_json(tmp_path / "name.safetensors", {name: entry("F33", (1,), (0, 4))}, 4))
-    assert len(message) < 1_100_000  # names the tensor, but does not multiply it
+    message = refused(write_json(tmp_path / "name.safetensors", {name: entry("F33", (1,), (0, 4))}, 4), "nnnnnnnnnn")
+    assert len(message) < 400  # names the tensor by its start and length, on one readable line
+    assert "1000000 characters" in message
 
 
 # ------------------------------------------------------------------------------------------ byte copies
