@@ -8,6 +8,7 @@ binary units with one decimal ("1.5GiB"), the way budgets are usually given.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any
 
 from .errors import PlanError
@@ -35,7 +36,7 @@ def parse_size(value: Any, key: str) -> int:
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
             raise PlanError(f"{key}: expected a size such as 2GiB or 500MB, got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
+        number, unit = Fraction(match.group(1)), match.group(2).lower()  # exact, where a float would round
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise PlanError(f"{key}: size must be positive, got {value!r}")
