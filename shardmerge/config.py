@@ -1,44 +1,22 @@
 """The plan file: its keys, declared once, validated, and turned into CLI overrides.
 
-Each option in OPTIONS is one key of the YAML plan and, where `flag` is set, one command-line flag.
-Relative paths are resolved against the plan file's directory (or the working directory for a dict).
+Each option is one field of Plan (its parser and help in the field's metadata), one key of the YAML plan and
+one command-line flag; OPTIONS is derived from the fields. Relative paths are resolved against the plan file's directory (or the working directory for a dict).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import PlanError
 from .stores import is_url
+from .units import GiB, parse_size
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}  # fmt: skip
 DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
-
-
-def parse_size(value: Any, key: str) -> int:
-    """'2GiB' -> 2147483648; '5GB' -> 5000000000; bare numbers are bytes; K/M/G/T alone are binary."""
-    if isinstance(value, bool):
-        raise PlanError(f"{key}: expected a size such as 2GiB or 500MB, got {value!r}")
-    if isinstance(value, int):
-        number, unit = value, ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _SIZE_UNITS:
-            raise PlanError(f"{key}: expected a size such as 2GiB or 500MB, got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = int(number * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise PlanError(f"{key}: size must be positive, got {value!r}")
-    return size
 
 
 def _device(value: Any, key: str) -> str:
@@ -74,27 +52,9 @@ def _size_or(word: str) -> Callable[[Any, str], int | str]:
     return parse
 
 
-@dataclass(frozen=True)
-class Option:
-    key: str
-    parse: Callable[[Any, str], Any]
-    default: Any
-    help: str
-    flag: bool = True
-
-
-OPTIONS = [
-    Option("output", _str, None, "output directory for the merged model"),
-    Option("device", _device, "auto", "auto | cpu | cuda | cuda:N"),
-    Option("dtype", _dtype, "keep", "output dtype of floating tensors: keep | bfloat16 | float16 | float32"),
-    Option("max_memory", parse_size, 2 * 2**30, "host-RAM budget for tensor buffers, e.g. 2GiB"),
-    Option("max_gpu_memory", _size_or("auto"), "auto", "GPU-memory budget, e.g. 8GiB, or auto"),
-    Option("max_shard_size", _size_or("keep"), "keep", "keep the base's shard files, or re-shard to e.g. 5GB"),
-    Option("safe_merge", _bool, False, "refuse to write a merged tensor holding NaN or Inf"),
-    Option("overwrite", _bool, False, "replace a non-empty output directory that holds something else"),
-]
-OPTION_KEYS = {o.key for o in OPTIONS}
-ADAPTER_KEYS = {"path", "weight", "peft_version"}
+def _option(parse: Callable[[Any, str], Any], help: str, default: Any = MISSING):
+    """A Plan field that is also a plan key and a command-line flag."""
+    return field(default=default, metadata={"parse": parse, "help": help})
 
 
 @dataclass(frozen=True)
@@ -110,15 +70,33 @@ class AdapterSpec:
 class Plan:
     base: str
     adapters: tuple[AdapterSpec, ...]
-    output: str
-    device: str = "auto"
-    dtype: str = "keep"
-    max_memory: int = 2 * 2**30
-    max_gpu_memory: int | str = "auto"
-    max_shard_size: int | str = "keep"
-    safe_merge: bool = False
-    overwrite: bool = False
+    output: str = _option(_str, "output directory for the merged model")
+    device: str = _option(_device, "auto | cpu | cuda | cuda:N", "auto")
+    dtype: str = _option(_dtype, "output dtype of floating tensors: keep | bfloat16 | float16 | float32", "keep")
+    max_memory: int = _option(parse_size, "host-RAM budget for tensor buffers, e.g. 2GiB", 2 * GiB)
+    max_gpu_memory: int | str = _option(_size_or("auto"), "GPU-memory budget, e.g. 8GiB, or auto", "auto")
+    max_shard_size: int | str = _option(_size_or("keep"), "keep the base's shard files, or re-shard to e.g. 5GB",
+                                        "keep")
+    safe_merge: bool = _option(_bool, "refuse to write a merged tensor holding NaN or Inf", False)
+    overwrite: bool = _option(_bool, "replace a non-empty output directory that holds something else", False)
     source: str | None = field(default=None, compare=False)  # the plan file, for messages
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    parse: Callable[[Any, str], Any]
+    help: str
+
+    @property
+    def switch(self) -> bool:
+        """A true/false option: a flag without a value on the command line."""
+        return self.parse is _bool
+
+
+OPTIONS = [Option(f.name, f.metadata["parse"], f.metadata["help"]) for f in fields(Plan) if "parse" in f.metadata]
+OPTION_KEYS = {o.key for o in OPTIONS}
+ADAPTER_KEYS = {"path", "weight", "peft_version"}
 
 
 def _resolve_path(value: str, root: Path) -> str:

@@ -29,12 +29,13 @@ import torch
 from . import mergemath, terms
 from .cuda import Streams
 from .errors import ShardmergeError, os_reason
-from .journal import OutputState
+from .journal import OutputState, commit_shard
 from .pipeline import Pipeline, SlabPool
 from .planner import MergePlan, OutputShard, TensorTask
 from .progress import Progress
 from .safetensors_io import DTYPE_SIZES
 from .stores import Reader, store_for
+from .units import FLOAT32_BYTES
 
 _QUEUE_DEPTH = 4
 
@@ -329,13 +330,13 @@ class Executor:
                 continue
             start = time.perf_counter()
             name = out.shard.name
+            self._open.remove(out)  # from here on commit_shard publishes it or aborts it
             try:
-                checksum = out.file.publish(self.scratch_bytes)
-                self._open.remove(out)
-                self.state.journal(self.rank, name, out.shard.size, checksum, self.plan.inputs[name])
+                record = commit_shard(self.state, self.rank, name, out.file, out.shard.size, self.scratch_bytes,
+                                      self.plan.inputs[name])
             except OSError as e:
                 raise _write_error(name, e) from None
-            self.result.shards[name] = {"size": out.shard.size, **checksum, "inputs": self.plan.inputs[name]}
+            self.result.shards[name] = record.to_json()  # as it travels to rank 0
             self.result.stages.hash += time.perf_counter() - start
 
     # -- driver ------------------------------------------------------------------------------------------
@@ -357,7 +358,7 @@ class Executor:
             torch.set_num_threads(math_threads)
             if self.pipeline.failure is not None:
                 self._remove_partials()
-        self.result.peak_budget = self.pool.made * self.pool.size + 4 * self.work_elems
+        self.result.peak_budget = self.pool.made * self.pool.size + FLOAT32_BYTES * self.work_elems
         return self.result
 
     def _remove_partials(self) -> None:

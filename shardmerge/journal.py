@@ -5,29 +5,82 @@ Layout while a merge runs:
     OUTPUT/.shardmerge/journal-rN.jsonl one line per finished shard (name, size, XXH3-128 checksum), per writer
     OUTPUT/.shardmerge/tmp/             shards being written; never a final name
     OUTPUT/.shardmerge/lock             flock'd by the running merge
-Shards are fsynced, renamed to their final names, the directory fsynced, then journaled. The index and
-then `shardmerge-manifest.json` are written last; the manifest is what marks the output complete.
+A shard is committed by commit_shard: published by its store (fsynced, checksummed, renamed to its final
+name, the directory fsynced), then journaled. The index and then `shardmerge-manifest.json` (a Manifest)
+are written last; the manifest is what marks the output complete.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ShardmergeError
 from .stores import PendingFile, Store, store_for
+from .units import IO_BUFFER, MiB
 
 STATE_DIR = ".shardmerge"
 MANIFEST_NAME = "shardmerge-manifest.json"
-_STATE_FILE_LIMIT = 64 * 2**20
+_STATE_FILE_LIMIT = 64 * MiB
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard as the journal and the manifest record it: its size and its store's checksum record
+    (XXH3-128 on a local disk), flattened into one JSON object on disk."""
+
+    size: int
+    checksum: dict
+    inputs: dict | None = None  # identity (Store.stat) of every input file the shard was made from
+
+    def to_json(self) -> dict:
+        return {"size": self.size, **self.checksum, "inputs": self.inputs}
+
+    @classmethod
+    def from_json(cls, entry: dict) -> ShardRecord:
+        checksum = {k: v for k, v in entry.items() if k not in ("size", "inputs", "shard", "fingerprint")}
+        return cls(entry["size"], checksum, entry.get("inputs"))
+
+    def matches(self, checksum: dict) -> bool:
+        """Whether a file's checksum record (Store.checksum) agrees with this one."""
+        return all(self.checksum.get(k) == v for k, v in checksum.items())
+
+
+@dataclass
+class Manifest:
+    """`shardmerge-manifest.json`: written last, it marks the output complete and says what it holds."""
+
+    shardmerge_version: str
+    fingerprint: str
+    base: str
+    adapters: list[dict]  # {"path", "weight"}
+    options: dict  # dtype, max_shard_size, device
+    shards: dict[str, ShardRecord]
+    index: str | None  # the index file's name, when there is one
+    total_size: int  # bytes of tensor data in all shards
+    copied_files: dict[str, int]  # the base's other files, with their sizes
+
+    def write(self, store: Store, directory) -> None:
+        record = {**asdict(self), "shards": {name: r.to_json() for name, r in self.shards.items()}}
+        store.put(directory / MANIFEST_NAME, (json.dumps(record, indent=2) + "\n").encode())
+
+    @classmethod
+    def read(cls, store: Store, directory) -> Manifest | None:
+        """The manifest in `directory`, or None where it is missing, unreadable or not one of ours."""
+        raw = _load_json(store, directory / MANIFEST_NAME)
+        try:
+            shards = {name: ShardRecord.from_json(entry) for name, entry in raw["shards"].items()}
+            return cls(**{**raw, "shards": shards})
+        except (KeyError, TypeError, AttributeError):
+            return None
 
 
 @dataclass
 class OutputState:
     directory: Path  # a location in a store
     fingerprint: str
-    finished: dict[str, dict] = field(default_factory=dict)  # shard name -> {"size", checksum record}
+    finished: dict[str, ShardRecord] = field(default_factory=dict)  # shard name -> record
     complete: bool = False
     lock: object = None  # the store's lock handle while this run holds the output
 
@@ -47,17 +100,33 @@ class OutputState:
         """An output shard to write at planned offsets; it appears under its name only when published."""
         return self.store.create(self.directory / name, size, self.tmp_dir / f"{name}.partial", copies)
 
-    def journal(self, rank: int, name: str, size: int, checksum: dict, inputs: dict | None) -> None:
-        """Record one finished shard durably (the shard itself is already published), with the identity of
-        every input file it was made from."""
-        entry = {"shard": name, "size": size, **checksum, "inputs": inputs, "fingerprint": self.fingerprint}
+    def journal(self, rank: int, name: str, record: ShardRecord) -> None:
+        """Record one finished shard durably (the shard itself is already published)."""
+        entry = {"shard": name, **record.to_json(), "fingerprint": self.fingerprint}
         self.store.append(self.state_dir / f"journal-r{rank}.jsonl", (json.dumps(entry) + "\n").encode())
-        self.finished[name] = {"size": size, **checksum, "inputs": inputs}
+        self.finished[name] = record
 
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def commit_shard(state: OutputState, rank: int, name: str, pending: PendingFile, size: int, scratch_size: int,
+                 inputs: dict | None = None) -> ShardRecord:
+    """The commit protocol for one written shard: publish it (the store fsyncs it, checksums it through a
+    buffer of `scratch_size`, renames it to its final name and fsyncs the directory), then journal it. A
+    kill at any point leaves no shard under its final name or a complete one, perhaps not yet journaled (the
+    next run then redoes it). If publishing fails the pending file is aborted. `inputs` are the identities
+    of the input files the shard was made from, so a resume can tell that an input changed."""
+    try:
+        checksum = pending.publish(scratch_size)
+    except BaseException:
+        pending.abort()
+        raise
+    record = ShardRecord(size, checksum, inputs)
+    state.journal(rank, name, record)
+    return record
 
 
 def check_not_inputs(output, inputs: list) -> None:
@@ -85,7 +154,7 @@ def _read_journals(state: OutputState) -> dict[str, dict]:
             except ValueError:
                 continue  # a torn last line from a kill mid-append: that shard is simply redone
             if isinstance(entry, dict) and entry.get("fingerprint") == state.fingerprint and "shard" in entry:
-                finished[entry["shard"]] = {k: v for k, v in entry.items() if k not in ("shard", "fingerprint")}
+                finished[entry["shard"]] = ShardRecord.from_json(entry)
     return finished
 
 
@@ -103,9 +172,9 @@ def open_output(output, fingerprint: str, overwrite: bool, lock: bool = True) ->
     state.store.make_dirs(output)
 
     def inspect():
-        manifest = _load_json(state.store, output / MANIFEST_NAME)
+        manifest = Manifest.read(state.store, output)
         recorded = _load_json(state.store, state.state_dir / "state.json")
-        ours = (manifest or recorded or {}).get("fingerprint")
+        ours = manifest.fingerprint if manifest else (recorded or {}).get("fingerprint")
         entries = [p for p in state.store.list(output) if p.name != STATE_DIR or recorded is not None]
         foreign = bool(entries) and ours != fingerprint
         if foreign and not overwrite:
@@ -126,9 +195,9 @@ def open_output(output, fingerprint: str, overwrite: bool, lock: bool = True) ->
         _clear(state.store, output, keep=state.state_dir / "lock")
         state.store.make_dirs(state.state_dir)
         manifest = recorded = None
-    if manifest and manifest.get("fingerprint") == fingerprint:
+    if manifest and manifest.fingerprint == fingerprint:
         state.complete = True
-        state.finished = dict(manifest.get("shards", {}))
+        state.finished = dict(manifest.shards)
         return state
     state.store.make_dirs(state.tmp_dir)
     if recorded is None:
@@ -147,9 +216,8 @@ def reopen_finished(state: OutputState) -> None:
     state.complete = False
     state.store.make_dirs(state.tmp_dir)
     _record_plan(state)
-    for name, entry in sorted(state.finished.items()):
-        checksum = {k: v for k, v in entry.items() if k not in ("size", "inputs")}
-        state.journal(0, name, entry["size"], checksum, entry.get("inputs"))
+    for name, record in sorted(state.finished.items()):
+        state.journal(0, name, record)
     state.store.delete(state.directory / MANIFEST_NAME)
 
 
@@ -169,23 +237,18 @@ def _clear(store: Store, output, keep) -> None:
             store.delete(path)
 
 
-def verify_finished(state: OutputState, expected_sizes: dict[str, int], scratch_size: int = 8 * 2**20) -> list[str]:
+def verify_finished(state: OutputState, expected_sizes: dict[str, int], scratch_size: int = IO_BUFFER) -> list[str]:
     """Finished shards that are no longer what the journal says (missing, resized, changed): redo them."""
     bad = []
-    for name, entry in list(state.finished.items()):
+    for name, record in list(state.finished.items()):
         path = state.directory / name
         stat = state.store.stat(path)
-        ok = (name in expected_sizes and stat is not None and stat.size == entry["size"] == expected_sizes[name]
-              and checksum_matches(state.store.checksum(path, scratch_size), entry))
+        ok = (name in expected_sizes and stat is not None and stat.size == record.size == expected_sizes[name]
+              and record.matches(state.store.checksum(path, scratch_size)))
         if not ok:
             bad.append(name)
             del state.finished[name]
     return bad
-
-
-def checksum_matches(checksum: dict, entry: dict) -> bool:
-    """Whether a file's checksum record agrees with a journal or manifest entry."""
-    return all(entry.get(k) == v for k, v in checksum.items())
 
 
 def drop_changed_inputs(state: OutputState, inputs: dict[str, dict]) -> list[str]:
@@ -193,8 +256,8 @@ def drop_changed_inputs(state: OutputState, inputs: dict[str, dict]) -> list[str
     re-downloaded from another revision under the same header, an adapter re-saved) are redone, so the output
     never mixes two versions; shards journaled without identities are redone too. Returns the changed files."""
     changed = set()
-    for name, entry in list(state.finished.items()):
-        recorded, now = entry.get("inputs") or {}, inputs.get(name, {})
+    for name, record in list(state.finished.items()):
+        recorded, now = record.inputs or {}, inputs.get(name, {})
         if recorded != now:
             changed |= {path for path in set(recorded) | set(now) if recorded.get(path) != now.get(path)}
             del state.finished[name]

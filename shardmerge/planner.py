@@ -21,21 +21,20 @@ from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter
 from .stores import location, store_for
 from .terms import BiasTerm, ExpertTerm, LoraTerm, RowsTerm, Term
 from .ties import Edits, Tie, find_tie, settle
+from .units import FLOAT32_BYTES, IO_BUFFER, KiB, MiB, format_size
 
 FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
 _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Architectures whose linear layers are transformers' Conv1D, stored (in, out).
 _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
-# Fixed buffers carved out of max_memory: the fallback copy scratch and the checksum read buffer.
-_SCRATCH_MAX = 8 * 2**20
 # What a run holds besides its planned buffers, measured as peak RSS above an idle `import torch, shardmerge`
 # for a merge of tiny tensors: modules imported on first use (yaml, xxhash), five stage threads (stacks and
 # glibc arenas), allocator slack, and the plan of a model of up to PLAN_TENSORS tensors (405B dense has ~1.1k).
 # Each tensor beyond that adds its headers, TensorInfo and TensorTask objects (~1.2 KiB measured; MoE models
 # have ~100k tensors, so this is real memory).
-RUNTIME_BYTES = 8 * 2**20
+RUNTIME_BYTES = 8 * MiB
 PLAN_TENSORS = 1024
-PER_TENSOR_BYTES = 2 * 2**10
+PER_TENSOR_BYTES = 2 * KiB
 
 
 @dataclass
@@ -383,7 +382,7 @@ def _reshard(tasks: list[TensorTask], max_bytes: int) -> list[tuple[str, list[Te
 
 def scratch_bytes(budget: int) -> int:
     """The fixed buffer size for fallback copies and checksum reads, taken from what the budget leaves for buffers."""
-    return min(_SCRATCH_MAX, budget // 16)
+    return min(IO_BUFFER, budget // 16)
 
 
 def fixed_cost(task: TensorTask) -> int:
@@ -414,7 +413,7 @@ class Buffers:
 
     @property
     def total(self) -> int:
-        return (self.slabs * self.slab_bytes + 4 * self.work_elems * self.work_factor + self.factor_bytes
+        return (self.slabs * self.slab_bytes + FLOAT32_BYTES * self.work_elems * self.work_factor + self.factor_bytes
                 + 2 * self.scratch + self.overhead + self.shared_bytes)
 
 
@@ -435,10 +434,10 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     reserved = store_for(location(merge_plan.plan.output)).write_memory()  # the output store's part buffers
     overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS) + reserved
     if merge_plan.plan.max_memory <= overhead:
-        parts = f", {_fmt(reserved)} of upload part buffers" if reserved else ""
-        raise ShardmergeError(f"max_memory {_fmt(merge_plan.plan.max_memory)} is too small: a run of this model holds "
-                              f"{_fmt(overhead)} before any buffer (threads, the plan of {tensors} tensors, allocator"
-                              f"{parts}); set max_memory to at least {_fmt(overhead + 2**20)}")
+        parts = f", {format_size(reserved)} of upload part buffers" if reserved else ""
+        raise ShardmergeError(f"max_memory {format_size(merge_plan.plan.max_memory)} is too small: a run of this model holds "
+                              f"{format_size(overhead)} before any buffer (threads, the plan of {tensors} tensors, allocator"
+                              f"{parts}); set max_memory to at least {format_size(overhead + MiB)}")
     budget = min(budget, merge_plan.plan.max_memory - overhead)  # what the buffers below may use on the host
     scratch = scratch_bytes(budget)
     tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]
@@ -450,13 +449,13 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     shared = _shared_bytes(tasks, (budget - 2 * scratch) // 4)
     factors = 2 * max(fixed_cost(t) for t in tasks) + shared  # the cache is held like factors, whole run long
     # A tiny budget shrinks the chunk too (then a chunk is a whole tile).
-    chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // (SLABS * itemsize + 4 * work_factor)))
+    chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // (SLABS * itemsize + FLOAT32_BYTES * work_factor)))
     for t in tasks:
         rows = t.rows
         t.chunk_rows = rows if on_cuda else max(1, min(rows, chunk_elems // _row_elems(t)))
     # On the CPU the float32 scratch is one chunk; on CUDA it lives on the device, outside max_memory.
     work_elems = 0 if on_cuda else max(t.chunk_rows * _row_elems(t) for t in tasks)
-    fixed = factors + 2 * scratch + 4 * work_elems * work_factor
+    fixed = factors + 2 * scratch + FLOAT32_BYTES * work_elems * work_factor
     per_elem = SLABS * itemsize
     elems = (budget - fixed) // per_elem
     for t in tasks:
@@ -464,8 +463,9 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
         if row > elems:
             need = overhead + fixed + row * per_elem
             raise ShardmergeError(
-                f"max_memory {_fmt(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: one row block needs "
-                f"{_fmt(need)} in all; raise max_memory to at least {_fmt(int(need * 1.1) + 2**20)}")
+                f"max_memory {format_size(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: one row "
+                f"block needs {format_size(need)} in all; raise max_memory to at least "
+                f"{format_size(int(need * 1.1) + MiB)}")
         rows = t.rows
         t.rows_per_tile = max(1, min(rows, elems // row))
         if t.rows_per_tile > t.chunk_rows:
@@ -488,16 +488,9 @@ def _shared_bytes(tasks: list[TensorTask], room: int) -> int:
     for t in tasks:
         for term in t.terms:
             for info in term.shared_reads():
-                by_module.setdefault(term.origin.rpartition(".")[0], {})[info] = 4 * info.numel
+                by_module.setdefault(term.origin.rpartition(".")[0], {})[info] = FLOAT32_BYTES * info.numel
     need = max((sum(sizes.values()) for sizes in by_module.values()), default=0)
     return need if need <= room else 0
-
-
-def _fmt(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n}B"
 
 
 def fingerprint(merge_plan: MergePlan) -> str:
@@ -563,7 +556,7 @@ def describe(merge_plan: MergePlan) -> str:
                  f"({', '.join(s.name for s in merge_plan.shards[:3])}{', ...' if len(merge_plan.shards) > 3 else ''})"
                  f"{' + ' + INDEX_NAME if merge_plan.write_index else ''}")
     lines.append("tensors: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
-    lines.append(f"bytes: {_fmt(read)} to read, {_fmt(written)} to write; max_memory {_fmt(merge_plan.plan.max_memory)}"
+    lines.append(f"bytes: {format_size(read)} to read, {format_size(written)} to write; max_memory {format_size(merge_plan.plan.max_memory)}"
                  f", device {merge_plan.device}")
     return "\n".join(lines)
 

@@ -23,8 +23,9 @@ from .cuda import resolve_device, tile_budget
 from .distributed import Group, Topology, assign, describe_assignment
 from .errors import InterruptedMerge, ShardmergeError, os_reason
 from .journal import (
-    MANIFEST_NAME,
+    Manifest,
     OutputState,
+    ShardRecord,
     check_not_inputs,
     clean_tmp,
     drop_changed_inputs,
@@ -37,6 +38,7 @@ from .planner import MergePlan, build_plan, describe
 from .progress import Progress
 from .sources import INDEX_NAME
 from .stores import location, retries, store_for
+from .units import format_size
 
 
 @dataclass
@@ -66,9 +68,9 @@ class MergeReport:
             return f"{self.output}: already complete for this plan; verified, nothing to redo"
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         return (f"merged into {self.output} in {self.seconds:.1f}s: {self.tensors_merged} tensors merged, "
-                f"{self.tensors_copied} copied, {self.bytes_written / 1e9:.2f} GB written, "
+                f"{self.tensors_copied} copied, {format_size(self.bytes_written)} written, "
                 f"{self.shards_written} shards written, {self.shards_resumed} resumed; peak RSS "
-                f"{self.peak_rss_bytes / 2**20:.0f} MiB; busy: {stages}"
+                f"{format_size(self.peak_rss_bytes)}; busy: {stages}"
                 + (f"; {self.store_retries} transient storage errors retried" if self.store_retries else ""))
 
 
@@ -185,8 +187,8 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
         def finalize():
             if topo.rank == 0:
                 all_shards = dict(state.finished)
-                for r in results:
-                    all_shards.update(r["shards"])
+                for r in results:  # as they came over the wire, JSON
+                    all_shards.update({name: ShardRecord.from_json(e) for name, e in r["shards"].items()})
                 _finalize(merge_plan, state, all_shards)
 
         _agree(group, topo, finalize)  # the others exit 0 only once the index and manifest are in
@@ -256,7 +258,7 @@ def _finalized(output, merge_plan: MergePlan) -> bool:
     return all(store_for(output).stat(output / n) is not None for n in names)
 
 
-def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]) -> None:
+def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, ShardRecord]) -> None:
     try:
         _finalize_files(merge_plan, state, shards)
     except OSError as e:
@@ -264,7 +266,7 @@ def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]
                               "is in, and re-running the same plan finishes it") from None
 
 
-def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str, dict]) -> None:
+def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str, ShardRecord]) -> None:
     """After every shard is in: the base's other files, then the index, then the manifest, each atomic."""
     output, store = state.directory, state.store
     missing = [s.name for s in merge_plan.shards if s.name not in shards]
@@ -277,22 +279,22 @@ def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str,
             store.put(output / path.name, data)
             files[path.name] = len(data)
         else:
-            files[path.name] = store.copy_file(path, output / path.name, staging=state.tmp_dir / path.name)
+            files[path.name] = store.copy_file(store_for(path), path, output / path.name,
+                                               staging=state.tmp_dir / path.name)
     if merge_plan.write_index:
         store.put(output / INDEX_NAME, (json.dumps(merge_plan.index(), indent=2) + "\n").encode())
     plan = merge_plan.plan
-    manifest = {
-        "shardmerge_version": __version__,
-        "fingerprint": merge_plan.fingerprint,
-        "base": str(merge_plan.base.directory),
-        "adapters": [{"path": a.path, "weight": a.weight} for a in merge_plan.adapters],
-        "options": {"dtype": plan.dtype, "max_shard_size": plan.max_shard_size, "device": merge_plan.device},
-        "shards": {name: shards[name] for name in sorted(shards) if name in {s.name for s in merge_plan.shards}},
-        "index": INDEX_NAME if merge_plan.write_index else None,
-        "total_size": merge_plan.total_tensor_bytes,
-        "copied_files": files,
-    }
-    store.put(output / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    Manifest(
+        shardmerge_version=__version__,
+        fingerprint=merge_plan.fingerprint,
+        base=str(merge_plan.base.directory),
+        adapters=[{"path": a.path, "weight": a.weight} for a in merge_plan.adapters],
+        options={"dtype": plan.dtype, "max_shard_size": plan.max_shard_size, "device": merge_plan.device},
+        shards={name: shards[name] for name in sorted(shards) if name in {s.name for s in merge_plan.shards}},
+        index=INDEX_NAME if merge_plan.write_index else None,
+        total_size=merge_plan.total_tensor_bytes,
+        copied_files=files,
+    ).write(store, output)
     finish(state)
 
 

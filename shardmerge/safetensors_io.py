@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import ShardmergeError
 from .stores import location, store_for
+from .units import SHARE_BLOCK
 
 # Bytes per element of each dtype safetensors defines with a whole-byte size.
 DTYPE_SIZES = {
@@ -30,10 +31,6 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # The reference implementation refuses headers above 100 MB; a 405B model's largest is ~100 KB.
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 ALIGNMENT = 8
-# Extent-sharing filesystems (XFS reflink, btrfs) clone whole blocks only, at offsets that are equal modulo the
-# block size in source and destination. 4 KiB is the block of both by default; a larger block is a multiple of it
-# only when the base's data start already agrees, which padding to the base's own length gives.
-SHARE_BLOCK = 4096
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ from .config import looks_like_repo_id
 from .errors import ShardmergeError
 from .safetensors_io import ShardHeader, TensorInfo, read_header
 from .stores import location, store_for
+from .units import GiB, MiB
 
 INDEX_NAME = "model.safetensors.index.json"
+_MAX_JSON = 64 * MiB  # configs and indexes are KBs; a bigger one is hostile or broken
 SINGLE_NAME = "model.safetensors"
 # Weight formats the output must not carry over from the base: they would shadow or contradict our shards.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -25,7 +27,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 # index names: repos often carry the same weights again (Mistral's consolidated.safetensors, variants in
 # sub-folders) and a pattern like *.safetensors would download all of them.
 _HUB_BASE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
-_LEGACY_LIMIT = 16 * 2**30  # a pickled adapter is read whole to be converted
+_LEGACY_LIMIT = 16 * GiB  # a pickled adapter is read whole to be converted
 _HUB_ADAPTER_PATTERNS = ["*.safetensors", "*.json", "adapter_model.bin", "*/adapter_model.safetensors"]
 
 
@@ -50,10 +52,10 @@ class AdapterFiles:
 
 def _json_file(path, what: str) -> dict:
     try:
-        raw = store_for(path).read_small(path, 64 * 2**20)
+        raw = store_for(path).read_small(path, _MAX_JSON)
     except OSError as e:
         raise ShardmergeError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    if len(raw) > 64 * 2**20:
+    if len(raw) > _MAX_JSON:
         raise ShardmergeError(f"{path}: {what} is larger than 64 MiB; refusing to parse it")
     try:
         value = json.loads(raw.decode("utf-8"))

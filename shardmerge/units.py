@@ -16,6 +16,10 @@ from .errors import PlanError
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 FLOAT32_BYTES = 4  # merge math is float32: scratch, factors and GPU tiles are counted in it
 IO_BUFFER = 8 * MiB  # the one buffer size for streaming reads, fallback copies and checksums
+# Extent-sharing filesystems (XFS reflink, btrfs) clone whole blocks only, at offsets that are equal modulo the
+# block size in source and destination. 4 KiB is the block of both by default; a larger block is a multiple of it
+# only when the base's data start already agrees, which padding to the base's own length gives.
+SHARE_BLOCK = 4 * KiB
 
 _UNITS = {
     "": 1, "b": 1,

@@ -7,13 +7,14 @@ import tempfile
 from pathlib import Path
 
 from .errors import ShardmergeError
-from .journal import MANIFEST_NAME, checksum_matches
+from .journal import MANIFEST_NAME, Manifest
 from .safetensors_io import read_header
 from .sources import INDEX_NAME
 from .stores import location, store_for
+from .units import MiB, format_size
 
-_JSON_LIMIT = 64 * 2**20
-_CHECKSUM_BUFFER = 2**20  # small: verify stays within budgets too
+_JSON_LIMIT = 64 * MiB
+_CHECKSUM_BUFFER = MiB  # small: verify stays within budgets too
 
 
 def verify(output: str, plan: str | None = None, samples: int = 8, max_memory: int | None = None) -> list[str]:
@@ -23,27 +24,26 @@ def verify(output: str, plan: str | None = None, samples: int = 8, max_memory: i
     store = store_for(out)
     if not store.is_dir(out):
         return [f"{out}: not a directory"]
-    try:
-        manifest = _json(out / MANIFEST_NAME)
-        shards = manifest["shards"]
-    except (OSError, ValueError, KeyError, TypeError):
+    manifest = Manifest.read(store, out)
+    if manifest is None:
         return [f"{out / MANIFEST_NAME}: missing or unreadable; the merge did not finish (re-run its plan)"]
+    shards = manifest.shards
     problems, headers = [], {}
-    for name, entry in sorted(shards.items()):
+    for name, record in sorted(shards.items()):
         path = out / name
         stat = store.stat(path)
         if stat is None:
             problems.append(f"{path}: shard is missing")
             continue
-        if stat.size != entry["size"]:
-            problems.append(f"{path}: size {stat.size} differs from the manifest's {entry['size']}")
-        elif not checksum_matches(store.checksum(path, _CHECKSUM_BUFFER), entry):
+        if stat.size != record.size:
+            problems.append(f"{path}: size {stat.size} differs from the manifest's {record.size}")
+        elif not record.matches(store.checksum(path, _CHECKSUM_BUFFER)):
             problems.append(f"{path}: checksum differs from the manifest (corrupted or modified)")
         try:
             headers[name] = read_header(path)
         except ShardmergeError as e:
             problems.append(str(e))
-    for name, size in sorted((manifest.get("copied_files") or {}).items()):
+    for name, size in sorted((manifest.copied_files or {}).items()):
         path = out / name
         stat = store.stat(path)
         if stat is None:
@@ -52,8 +52,8 @@ def verify(output: str, plan: str | None = None, samples: int = 8, max_memory: i
             problems.append(f"{path}: size {stat.size} differs from the manifest's {size}")
     stray = [p.name for p in store.list(out) if p.name.endswith(".safetensors") and p.name not in shards]
     problems += [f"{out / name}: shard not listed in the manifest" for name in stray]
-    if manifest.get("index"):
-        problems += _check_index(out / INDEX_NAME, headers, manifest.get("total_size"))
+    if manifest.index:
+        problems += _check_index(out / INDEX_NAME, headers, manifest.total_size)
     if plan is not None and not problems:
         problems += _recompute(out, plan, samples, max_memory)
     return problems
@@ -119,7 +119,7 @@ def _recompute(out, plan_path: str, samples: int, max_memory: int | None) -> lis
 def _block_rows(task, budget: int) -> int:
     """Rows recomputed at once: float64 factors (twice their float32 size) and, per element, the float64 tile,
     its base copy and the terms' temporaries, the written values in float64, and both raw inputs."""
-    from .planner import RUNTIME_BYTES, _fmt, fixed_cost
+    from .planner import RUNTIME_BYTES, fixed_cost
     from .safetensors_io import DTYPE_SIZES
 
     rows = task.rows
@@ -129,8 +129,8 @@ def _block_rows(task, budget: int) -> int:
     room = budget - RUNTIME_BYTES - 2 * fixed_cost(task)
     if room < per_row:
         need = budget - room + per_row
-        raise ShardmergeError(f"max_memory {_fmt(budget)} is too small to recompute tensor {task.name!r} in float64; "
-                              f"give verify --max-memory at least {_fmt(need)}")
+        raise ShardmergeError(f"max_memory {format_size(budget)} is too small to recompute tensor {task.name!r} in float64; "
+                              f"give verify --max-memory at least {format_size(need)}")
     return max(1, min(rows, room // per_row))
 
 

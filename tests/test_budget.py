@@ -7,6 +7,7 @@ milliseconds whatever its shapes.
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from shardmerge.config import load_plan
 from shardmerge.errors import ShardmergeError
 from shardmerge.planner import build_plan
 from shardmerge.safetensors_io import DTYPE_SIZES, encode_header
-from shardmerge.units import KiB, MiB, parse_size
+from shardmerge.units import MiB, parse_size
 
 PEFT = "base_model.model."
 
@@ -43,7 +44,7 @@ def cases(draw):
     layers = draw(st.lists(layer, min_size=1, max_size=4))
     dtype = draw(st.sampled_from(["BF16", "F16", "F32"]))
     out = draw(st.sampled_from(["keep", "bfloat16", "float32"]))
-    budget = draw(st.integers(16 * KiB, 64 * MiB))
+    budget = draw(st.integers(4 * MiB, 72 * MiB))  # the run's own overhead is 8 MiB
     device = draw(st.sampled_from(["cpu", "cuda:0"]))
     return layers, dtype, out, budget, device
 
@@ -111,19 +112,24 @@ def test_planned_buffers_fit_max_memory_or_the_refusal_names_a_budget_that_fits(
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, adapter = write_case(root, layers, dtype)
-        try:
-            merge_plan = plan_for(root, base, adapter, out, budget, device)
-        except ShardmergeError as e:
-            message = str(e)
-            assert "too small" in message and "raise max_memory to at least " in message, message
-            suggested = parse_size(message.rsplit("at least ", 1)[1], "suggested")
-            assert suggested > budget
-            merge_plan, budget = plan_for(root, base, adapter, out, suggested, device), suggested
+        for _ in range(3):  # a refusal for the run's overhead may be followed by one for a tensor's rows
+            try:
+                merge_plan = plan_for(root, base, adapter, out, budget, device)
+                break
+            except ShardmergeError as e:
+                match = re.fullmatch(r"max_memory \S+ is too small.*max_memory to at least (\S+)", str(e))
+                assert match, str(e)
+                suggested = parse_size(match.group(1), "suggested")
+                assert suggested > budget
+                budget = suggested
+        else:
+            pytest.fail(f"three refusals in a row, the last for {budget} bytes")
         check_fits(merge_plan, budget, device.startswith("cuda"))
 
 
 def test_a_tiny_budget_is_refused_naming_the_tensor_and_a_budget(tmp_path):
-    base, adapter = write_case(tmp_path, [{"rows": 64, "cols": 4096, "rank": 8, "kind": "lora"}], "BF16")
-    with pytest.raises(ShardmergeError, match=r"max_memory 16\.0KiB is too small for tensor 'layers\.0\.proj\.weight'"):
-        plan_for(tmp_path, base, adapter, "keep", 16 * KiB, "cpu")
+    base, adapter = write_case(tmp_path, [{"rows": 64, "cols": 2**20, "rank": 8, "kind": "lora"}], "BF16")
+    with pytest.raises(ShardmergeError, match=r"max_memory 9\.0MiB is too small for tensor 'layers\.0\.proj\.weight': "
+                                              r"one row block needs .* raise max_memory to at least "):
+        plan_for(tmp_path, base, adapter, "keep", 9 * MiB, "cpu")
 

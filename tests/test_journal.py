@@ -13,18 +13,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from shardmerge.errors import ShardmergeError
-from shardmerge.journal import (MANIFEST_NAME, STATE_DIR, Manifest, ShardRecord, clean_tmp, commit_shard,
-                                file_checksum, finish, open_output, reopen_finished, verify_finished)
+from shardmerge.journal import (MANIFEST_NAME, STATE_DIR, Manifest, ShardRecord, clean_tmp, commit_shard, finish,
+                                open_output, reopen_finished, verify_finished)
+from shardmerge.stores.local import LOCAL, file_checksum
 
 SHARDS = {f"model-{i:05d}.safetensors": bytes([i]) * (100 + 37 * i) for i in range(4)}
 SIZES = {name: len(data) for name, data in SHARDS.items()}
 
 
-def write_pending(state, name: str) -> tuple[int, Path]:
-    tmp = state.tmp_dir / f"{name}.partial"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, SHARDS[name])
-    return fd, tmp
+def write_pending(state, name: str):
+    pending = state.create(name, SIZES[name])
+    pending.write(SHARDS[name], 0)
+    return pending
 
 
 def manifest_for(state) -> Manifest:
@@ -71,10 +71,9 @@ class OutputDirectory(RuleBasedStateMachine):
     def commit(self, name):
         if name in self.committed:
             return
-        fd, tmp = write_pending(self.state, name)
-        record = commit_shard(self.state, 0, name, fd, tmp, SIZES[name], 4096)
-        assert record == ShardRecord(SIZES[name], file_checksum(self.out / name))
-        assert not tmp.exists() and self.state.finished[name] == record
+        record = commit_shard(self.state, 0, name, write_pending(self.state, name), SIZES[name], 4096)
+        assert record == ShardRecord(SIZES[name], {"xxh3_128": file_checksum(self.out / name)})
+        assert not any(self.state.tmp_dir.iterdir()) and self.state.finished[name] == record
         self.committed.add(name)
         self.stale.discard(name)
         self.stale_journaled.discard(name)
@@ -83,8 +82,7 @@ class OutputDirectory(RuleBasedStateMachine):
     @rule(name=st.sampled_from(sorted(SHARDS)), torn=st.booleans())
     def killed(self, name, torn):
         """SIGKILL mid-shard: a partial file under tmp, maybe a torn journal line; nothing else changes."""
-        fd, _ = write_pending(self.state, name)
-        os.close(fd)
+        os.close(write_pending(self.state, name).fd)  # the process dies: never published nor aborted
         if torn:
             with open(self.state.state_dir / "journal-r0.jsonl", "a") as f:
                 f.write('{"shard": "' + name + '", "si')
@@ -104,7 +102,7 @@ class OutputDirectory(RuleBasedStateMachine):
     @precondition(lambda self: self.state is not None and not self.complete and self.committed == set(SHARDS))
     @rule()
     def finalize(self):
-        manifest_for(self.state).write(self.out)
+        manifest_for(self.state).write(LOCAL, self.out)
         finish(self.state)
         self.state, self.complete = None, True
         assert not (self.out / STATE_DIR).exists()
@@ -146,7 +144,7 @@ class OutputDirectory(RuleBasedStateMachine):
     def manifest_exactly_when_complete(self):
         assert (self.out / MANIFEST_NAME).exists() == self.complete
         if self.complete:
-            manifest = Manifest.read(self.out)
+            manifest = Manifest.read(LOCAL, self.out)
             assert manifest is not None and set(manifest.shards) == set(SHARDS)
 
 
@@ -156,21 +154,20 @@ test_output_directory_state_machine = OutputDirectory.TestCase
 
 def test_manifest_round_trips_and_garbage_reads_as_none(tmp_path):
     manifest = Manifest("0.1.0", "fp", "/base", [{"path": "a", "weight": 1.0}], {"dtype": "keep"},
-                        {"s.safetensors": ShardRecord(10, "ab" * 16)}, None, 10, {"config.json": 3})
-    manifest.write(tmp_path)
-    assert Manifest.read(tmp_path) == manifest
+                        {"s.safetensors": ShardRecord(10, {"xxh3_128": "ab" * 16})}, None, 10, {"config.json": 3})
+    manifest.write(LOCAL, tmp_path)
+    assert Manifest.read(LOCAL, tmp_path) == manifest
     (tmp_path / MANIFEST_NAME).write_text('{"fingerprint": "fp"}')
-    assert Manifest.read(tmp_path) is None
+    assert Manifest.read(LOCAL, tmp_path) is None
     (tmp_path / MANIFEST_NAME).write_text("[1, 2")
-    assert Manifest.read(tmp_path) is None
+    assert Manifest.read(LOCAL, tmp_path) is None
 
 
 def test_journal_lines_of_another_plan_are_not_resumed(tmp_path):
     out = tmp_path / "out"
     state = open_output(out, "plan-A", overwrite=False)
     name = sorted(SHARDS)[0]
-    fd, tmp = write_pending(state, name)
-    commit_shard(state, 0, name, fd, tmp, SIZES[name], 4096)
+    commit_shard(state, 0, name, write_pending(state, name), SIZES[name], 4096)
     state.release()
     (out / STATE_DIR / "state.json").write_text('{"fingerprint": "plan-B"}')
     state = open_output(out, "plan-B", overwrite=False)

@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 
 from ..errors import ShardmergeError
-from ..safetensors_io import SHARE_BLOCK
-from . import PendingFile, Reader, Stat, Store
+from ..units import IO_BUFFER, SHARE_BLOCK, MiB
+from .base import PendingFile, Reader, Stat, Store
 
-_COPY_BUFFER = 2**20  # config and tokenizer files, copied whole; used only when the kernel cannot copy
+_COPY_BUFFER = MiB  # config and tokenizer files, copied whole; used only when the kernel cannot copy
 
 
 def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
@@ -101,7 +101,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def file_checksum(path: Path, buffer_size: int = 8 * 2**20, mapped: bool = False) -> str:
+def file_checksum(path: Path, buffer_size: int = IO_BUFFER, mapped: bool = False) -> str:
     """XXH3-128 of a whole file (`xxhsum -H2` prints the same), read through one fixed buffer.
 
     Checksums guard against corruption, not forgery, and XXH3 runs at memory speed (~20 GB/s here,
@@ -240,16 +240,17 @@ class LocalStore(Store):
         atomic_write(path, data)
 
     def append(self, path: Path, line: bytes) -> None:
-        with open(path, "ab") as f:
+        with open(path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end and os.pread(f.fileno(), 1, end - 1) != b"\n":
+                line = b"\n" + line  # a line torn by a kill mid-append stays torn; this one starts clean
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
-    def copy_file(self, source, path: Path, staging: Path) -> int:
-        from . import store_for
-
-        size = store_for(source).stat(source).size
-        pending, reader = LocalPending(path, size, staging), store_for(source).open(source)
+    def copy_file(self, source_store: Store, source, path: Path, staging: Path) -> int:
+        size = source_store.stat(source).size
+        pending, reader = LocalPending(path, size, staging), source_store.open(source)
         try:
             pending.copy(reader, 0, 0, size, _COPY_BUFFER)
             os.fsync(pending.fd)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from ..errors import ShardmergeError
-from . import PendingFile, Reader, Stat, Store
+from .base import PendingFile, Reader, Stat, Store
 
 MIN_PART = 5 * 2**20  # S3's minimum for every part but the last
 PART = 8 * 2**20  # the size of an assembled part, unless a shard needs more to stay within MAX_PARTS
@@ -307,16 +307,14 @@ class S3Store(Store):
         current = self._missing("get_object", path, Bucket=path.bucket, Key=path.key)
         self.put(path, (current["Body"].read() if current else b"") + line)
 
-    def copy_file(self, source, path: S3Path, staging) -> int:
-        from . import store_for
-
+    def copy_file(self, source_store: Store, source, path: S3Path, staging) -> int:
         if isinstance(source, S3Path):
             self.call("copy_object", path, Bucket=path.bucket, Key=path.key,
                       CopySource={"Bucket": source.bucket, "Key": source.key})
             return self.stat(path).size
-        size = store_for(source).stat(source).size
+        size = source_store.stat(source).size
         data = bytearray(size)
-        with store_for(source).open(source) as reader:
+        with source_store.open(source) as reader:
             reader.read_into(data, 0)
         self.put(path, data)
         return size
