@@ -1,16 +1,18 @@
 """The plan file: its keys, declared once, validated, and turned into CLI overrides.
 
 Each option is one field of Plan (its parser and help in the field's metadata), one key of the YAML plan and
-one command-line flag; OPTIONS is derived from the fields. Relative paths are resolved against the plan file's directory (or the working directory for a dict).
+one command-line flag; OPTIONS is derived from the fields. Relative paths are resolved against the plan file's
+directory (or the working directory for a dict).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import PlanError
 from .stores import is_url

@@ -13,8 +13,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from shardmerge.errors import ShardmergeError
-from shardmerge.journal import (MANIFEST_NAME, STATE_DIR, Manifest, ShardRecord, clean_tmp, commit_shard, finish,
-                                open_output, reopen_finished, verify_finished)
+from shardmerge.journal import (
+    MANIFEST_NAME,
+    STATE_DIR,
+    Manifest,
+    ShardRecord,
+    clean_tmp,
+    commit_shard,
+    finish,
+    open_output,
+    reopen_finished,
+    verify_finished,
+)
 from shardmerge.stores.local import LOCAL, file_checksum
 
 SHARDS = {f"model-{i:05d}.safetensors": bytes([i]) * (100 + 37 * i) for i in range(4)}

@@ -6,7 +6,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class Stat:
     """A file's size and what identifies this version of its contents (inode and mtime on a local disk,
