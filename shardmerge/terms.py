@@ -233,7 +233,7 @@ class ExpertTerm(Term):
     @property
     def fixed_bytes(self) -> int:
         # the packed factors while the slice is cut from them, then the slice itself
-        return _F32 * (self.a.numel + self.b.numel) * 2
+        return FLOAT32_BYTES * (self.a.numel + self.b.numel) * 2
 
     def apply(self, factors, work, base, r0, r1):
         left, right = factors
