@@ -122,7 +122,7 @@ class OutputDirectory(RuleBasedStateMachine):
     def reopen_after_damage(self):
         """A finished output whose shard changed becomes partial again, keeping its good shards."""
         path = self.out / sorted(SHARDS)[0]
-        path.write_bytes(b"\0" + path.read_bytes()[1:])
+        path.write_bytes(bytes([(SHARDS[path.name][0] + 1) % 256]) + path.read_bytes()[1:])
         verify_finished(self.state, SIZES)
         reopen_finished(self.state)
         assert not (self.out / MANIFEST_NAME).exists()
