@@ -104,9 +104,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify
-
     from .units import parse_size
+    from .verify import verify
 
     budget = None if args.max_memory is None else parse_size(args.max_memory, "--max-memory")
     problems = verify(args.output, plan=args.plan, samples=args.samples, max_memory=budget)

@@ -152,7 +152,8 @@ def _adapters(raw: Any, root: Path, where: str) -> list[AdapterSpec]:
     if isinstance(raw, (str, dict)):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
-        raise PlanError(f"{where}adapters: expected a list of adapters (each a path, or a mapping with path and weight)")
+        raise PlanError(f"{where}adapters: expected a list of adapters (each a path, or a mapping with path and "
+                        "weight)")
     specs = []
     for i, item in enumerate(raw):
         key = f"{where}adapters[{i}]"

@@ -14,7 +14,8 @@ HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS, KV_HEADS, RANK = 64, 128, 4, 256, 4,
 PROJECTIONS = {
     "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN * KV_HEADS // HEADS, HIDDEN),
     "self_attn.v_proj": (HIDDEN * KV_HEADS // HEADS, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN), "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
 }  # fmt: skip
 
 
@@ -27,7 +28,8 @@ def write_demo(directory: Path) -> None:
     def randn(*shape, std=0.02):
         return (torch.randn(*shape, generator=generator) * std).to(torch.bfloat16)
 
-    tensors = {"model.embed_tokens.weight": randn(VOCAB, HIDDEN), "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+    tensors = {"model.embed_tokens.weight": randn(VOCAB, HIDDEN),
+               "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
                "lm_head.weight": randn(VOCAB, HIDDEN)}
     for i in range(LAYERS):
         for name, shape in PROJECTIONS.items():

@@ -77,7 +77,8 @@ class _ShardFile:
 
 
 def _write_error(shard_name: str, e: OSError) -> ShardmergeError:
-    return ShardmergeError(f"{shard_name}: writing the output shard failed: {os_reason(e)}; nothing was marked complete, "
+    return ShardmergeError(f"{shard_name}: writing the output shard failed: {os_reason(e)}; nothing was marked "
+                           "complete, "
                            "and re-running the same plan resumes")
 
 

@@ -141,7 +141,8 @@ def check_not_inputs(output, inputs: list) -> None:
 
 
 def _journals(state: OutputState) -> list:
-    return [p for p in state.store.list(state.state_dir) if p.name.startswith("journal-r") and p.name.endswith(".jsonl")]
+    return [p for p in state.store.list(state.state_dir)
+            if p.name.startswith("journal-r") and p.name.endswith(".jsonl")]
 
 
 def _read_journals(state: OutputState) -> dict[str, dict]:

@@ -262,7 +262,8 @@ def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, Shard
     try:
         _finalize_files(merge_plan, state, shards)
     except OSError as e:
-        raise ShardmergeError(f"{e.filename or state.directory}: finishing the output failed: {os_reason(e)}; every shard "
+        raise ShardmergeError(f"{e.filename or state.directory}: finishing the output failed: {os_reason(e)}; "
+                              "every shard "
                               "is in, and re-running the same plan finishes it") from None
 
 

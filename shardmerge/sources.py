@@ -98,7 +98,7 @@ def _from_hub(spec: str, what: str) -> tuple[Path, Path]:
     def fetch(patterns: list[str], rev: str | None) -> Path:
         try:
             return Path(snapshot_download(repo_id, revision=rev, allow_patterns=patterns, tqdm_class=quiet)).resolve()
-        except Exception as e:  # huggingface_hub raises many types; all mean "not available"
+        except Exception as e:  # noqa: BLE001 - huggingface_hub raises many types; all mean "not available"
             raise ShardmergeError(f"{spec}: cannot get the {what} from the Hugging Face Hub: "
                                   f"{_hub_hint(e, repo_id)}") from None
 

@@ -76,7 +76,8 @@ def _check_index(path, headers: dict, total_size) -> list[str]:
         if stored.get(tensor) != shard:
             where = f"is in {stored[tensor]}" if tensor in stored else "is in no shard"
             problems.append(f"{path}: maps {tensor!r} to {shard}, but it {where}")
-    problems += [f"{path}: tensor {t!r} in {s} is missing from the index" for t, s in stored.items() if t not in weight_map]
+    problems += [f"{path}: tensor {t!r} in {s} is missing from the index"
+                 for t, s in stored.items() if t not in weight_map]
     actual = sum(t.nbytes for h in headers.values() for t in h.tensors.values())
     if declared != actual or (total_size is not None and declared != total_size):
         problems.append(f"{path}: total_size {declared} but the shards hold {actual} bytes of tensors")
@@ -129,7 +130,8 @@ def _block_rows(task, budget: int) -> int:
     room = budget - RUNTIME_BYTES - 2 * fixed_cost(task)
     if room < per_row:
         need = budget - room + per_row
-        raise ShardmergeError(f"max_memory {format_size(budget)} is too small to recompute tensor {task.name!r} in float64; "
+        raise ShardmergeError(f"max_memory {format_size(budget)} is too small to recompute tensor {task.name!r} in "
+                              "float64; "
                               f"give verify --max-memory at least {format_size(need)}")
     return max(1, min(rows, room // per_row))
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -53,7 +53,7 @@ def _quiet():
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - logging knobs are best effort
+    except Exception:  # noqa: BLE001  # pragma: no cover - logging knobs are best effort
         pass
 
 

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from synth import lora_pair, tiny_llama, write_adapter, write_plan
 
 

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from synth import lora_pair, write_adapter, write_base
 
 import shardmerge
 from shardmerge.config import load_plan
 from shardmerge.planner import build_plan
-from synth import lora_pair, write_adapter, write_base
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from synth import lora_pair, write_adapter, write_base, write_plan
 
 import shardmerge
 from shardmerge.demo import write_demo
 from shardmerge.distributed import Group, Topology, assign, describe_assignment, topology
 from shardmerge.errors import ShardmergeError
-from synth import lora_pair, write_adapter, write_base, write_plan
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -120,7 +120,7 @@ def _spawn(n: int, argv_for_rank, env: dict[str, str] | None = None,
     results = []
     deadline = time.monotonic() + timeout
     try:
-        for rank, p in enumerate(procs):
+        for p in procs:
             out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     finally:
@@ -440,7 +440,7 @@ def test_a_rank_that_cannot_plan_fails_every_rank_naming_it(tmp_path):
     start = time.monotonic()
     results = _spawn(2, lambda r: _shardmerge(good if r == 0 else bad, "-q"))
     assert time.monotonic() - start < float(TIMEOUT)  # reported, not noticed by a timeout
-    for r, result in enumerate(results):
+    for result in results:
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
         assert "not-mounted" in result.stderr
     assert "rank 1 of 2 failed" in results[0].stderr

@@ -59,7 +59,8 @@ def test_one_experts_row_range_needs_only_that_expert():
     a, b, delta = _packed(True, RANK_MAJOR)
     part = ExpertSlice(1, 1, 2, 5)
     info_a, info_b = experts.narrowed_reads(_info("a", a.shape), _info("b", b.shape), E, True, part)
-    assert (info_a.shape, info_a.offset) == ((R, D2), R * D2 * 2) and (info_b.shape, info_b.offset) == ((3, R * E), 2 * R * E * 2)
+    assert (info_a.shape, info_a.offset) == ((R, D2), R * D2 * 2)
+    assert (info_b.shape, info_b.offset) == ((3, R * E), 2 * R * E * 2)
     left, right = experts.expert_factors(a[R : 2 * R], b[2:5], E, RANK_MAJOR, True, part)
     assert left.shape == (1, 3, R)
     assert torch.allclose(left[0] @ right[0], delta[1, 2:5], rtol=0, atol=1e-12)
@@ -156,8 +157,8 @@ def test_a_transposed_fused_checkpoint_is_recognised_by_its_shape():
     def find(name):
         return _info(name, (2, 4, 6)) if name == "m.experts.gate_up_proj" else None
 
-    shape, parts = experts.checkpoint_slices("m.experts", "gate_up_proj", (2, 6, 4), experts.BUILTIN_RULES["qwen3_vl_moe"],
-                                             find)
+    rules = experts.BUILTIN_RULES["qwen3_vl_moe"]
+    shape, parts = experts.checkpoint_slices("m.experts", "gate_up_proj", (2, 6, 4), rules, find)
     assert shape == (2, 6, 4) and parts == [("m.experts.gate_up_proj", ExpertSlice(0, 2, 0, 6, transposed=True))]
 
 
@@ -183,14 +184,15 @@ def _fused_case(tmp_path: Path):
                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
     config = moe_config("llama4")
-    config.update({"hidden_size": hidden, "intermediate_size": inter, "num_local_experts": experts_, "num_hidden_layers": 1})
+    config.update({"hidden_size": hidden, "intermediate_size": inter, "num_local_experts": experts_,
+                   "num_hidden_layers": 1})
     (base / "config.json").write_text(config.to_json_string())
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     a = torch.randn(rank * experts_, 2 * inter, generator=g) * 0.2  # swapped: A (r*E, d2), B (d1, r*E)
     b = torch.randn(hidden, rank * experts_, generator=g) * 0.2
-    save_file({f"base_model.model.{name.rpartition('.')[0]}.lora_A.weight": a,
-               f"base_model.model.{name.rpartition('.')[0]}.lora_B.weight": b}, str(adapter / "adapter_model.safetensors"))
+    module = f"base_model.model.{name.rpartition('.')[0]}"
+    save_file({f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b}, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": 4, "target_modules": [], "peft_version": "0.21.2",
         "target_parameters": ["feed_forward.experts.gate_up_proj"]}))

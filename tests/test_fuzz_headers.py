@@ -271,7 +271,7 @@ def strict_only(data: bytes) -> bool:
 
     try:
         doc = json.loads(data[8 : 8 + n], object_pairs_hook=hook)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any parse failure means the reference refuses it
         return True
     if any(repeated):
         return False
@@ -291,7 +291,7 @@ def reference_accepts(path: Path) -> dict | None:
                 sl = f.get_slice(name)
                 out[name] = (sl.get_dtype(), tuple(sl.get_shape()))
             return out
-    except Exception:  # the reference raises several types; here we only want accept/refuse
+    except Exception:  # noqa: BLE001 - the reference raises several types; here we only want accept/refuse
         return None
 
 
@@ -402,7 +402,7 @@ def check_read_base(d: Path, expect_index: dict | None) -> BaseModel | None:
     real = d.resolve()
     for shard in base.shards:
         assert shard.path.resolve().is_relative_to(real), f"read a shard outside the model dir: {shard.path}"
-    for name, info in base.tensors.items():
+    for info in base.tensors.values():
         assert info.path.resolve().is_relative_to(real)
     if expect_index is not None:
         for tensor, shard in expect_index.items():
@@ -414,7 +414,7 @@ def check_read_base(d: Path, expect_index: dict | None) -> BaseModel | None:
 def parsed_weight_map(raw: bytes) -> dict | None:
     try:
         doc = json.loads(raw)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any parse failure: no weight map
         return None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     return wm if isinstance(wm, dict) else None

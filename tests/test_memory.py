@@ -6,7 +6,6 @@ import sys
 
 import torch
 from safetensors.torch import load_file
-
 from synth import lora_pair, write_adapter, write_base, write_plan
 
 MiB = 2**20

@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import shardmerge
 from builders import INDEX_NAME, shard_files
-from shardmerge import names
+from safetensors.torch import load_file, save_file
 from tiny_models import sha256
 from vlm_models import build_vlm, make_vlm_adapter
+
+import shardmerge
+from shardmerge import names
 
 # The architecture transformers builds for each family of the built-in table, with config overrides that keep
 # the meta-device model small (the rules do not depend on sizes).

@@ -157,7 +157,8 @@ def peft_moe_reference(base: Path, adapters: list[Path], weights: tuple[float, .
             continue
         owner = path.removeprefix("base_model.model.").replace(".base_layer", "")
         key = f"{owner}.{module.parameter_name}" if isinstance(module, ParamWrapper) else f"{owner}.weight"
-        param = getattr(module.get_base_layer(), module.parameter_name if isinstance(module, ParamWrapper) else "weight")
+        attribute = module.parameter_name if isinstance(module, ParamWrapper) else "weight"
+        param = getattr(module.get_base_layer(), attribute)
         exact.setdefault(key, param.detach().double().clone())
         mag.setdefault(key, param.detach().double().abs())
         for name, w in zip(names, weights):
@@ -345,7 +346,8 @@ def test_peft_version_in_the_plan_resolves_square_experts(tmp_path):
     ref = peft_moe_reference(base, [adapter], (1.0,))  # PEFT 0.21.2 itself, the version named in the plan
     got = _load_output(Built(CASES_BY_ID["gpt-oss"], base, [adapter], tmp_path / "a", ref, with_plan))
     name = "model.layers.0.mlp.experts.down_proj"
-    assert ((got[name].double() - ref.params[name].double()).abs() <= _tolerance(ref.exact[name], ref.mag[name], 1)).all()
+    error = (got[name].double() - ref.params[name].double()).abs()
+    assert (error <= _tolerance(ref.exact[name], ref.mag[name], 1)).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +399,8 @@ def test_unsloth_grouped_by_expert_lora_b_gives_the_same_merge(tmp_path):
     save_file(tensors, str(unsloth / "adapter_model.safetensors"))
     (unsloth / "adapter_config.json").write_text(json.dumps({**config, "lora_B_layout": "grouped_by_expert"}))
     for name, adapter in (("a", peft_adapter), ("b", unsloth)):
-        shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / name), "device": "cpu"})
+        shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / name),
+                          "device": "cpu"})
     a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     assert all(tensor_bytes(a[k]) == tensor_bytes(b[k]) for k in a)
     assert any(tensor_bytes(a[k]) != tensor_bytes(v) for k, v in load_tensors(base).items() if ".experts." in k)
@@ -410,7 +413,8 @@ def test_verify_recomputes_expert_tensors_from_the_inputs(built: Built, tmp_path
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"base": str(built.base), "output": str(built.output), "device": "cpu",
                                 "max_memory": built.case.max_memory,
-                                "adapters": [{"path": str(a), "weight": w} for a, w in zip(built.adapters, built.case.weights)]}))
+                                "adapters": [{"path": str(a), "weight": w}
+                                             for a, w in zip(built.adapters, built.case.weights)]}))
     assert main(["verify", str(built.output), "--plan", str(plan), "--samples", "1000"]) == 0
 
 

@@ -15,14 +15,12 @@ session; each test below checks one behaviour on every case:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 import torch
-
-import shardmerge
 from builders import (
     DTYPES,
     INDEX_NAME,
@@ -39,6 +37,8 @@ from builders import (
     tensor_bytes,
 )
 
+import shardmerge
+
 # --------------------------------------------------------------------------------------------------
 # cases
 # --------------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ class AdapterSpec:
     in_model_dtype: bool = False  # save LoRA tensors in the model dtype instead of PEFT's float32
     seed: int = 1
     std: float = 0.1  # LoRA tensors ~ N(0, std^2)
-    mutate: Optional[Callable[[dict], None]] = None  # edit the saved adapter tensors
+    mutate: Callable[[dict], None] | None = None  # edit the saved adapter tensors
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ CASES = [
     ),
     Case(
         "layers-to-transform",
-        (AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])),),
+        (AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                          layers_to_transform=[1])),),
     ),
     Case(
         "dora-linear",
@@ -137,7 +138,8 @@ CASES = [
     ),
     Case(
         "modules-to-save",
-        (AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "model.norm"])),),
+        (AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                          modules_to_save=["lm_head", "model.norm"])),),
         replaces=True,
     ),
     # tie_word_embeddings: the checkpoint stores model.embed_tokens.weight only; PEFT's merge adds the
@@ -184,7 +186,8 @@ CASES = [
         "two-adapters-weights-0.7-and-minus-0.4",
         (
             AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"]), weight=0.7, seed=1),
-            AdapterSpec(dict(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "down_proj"]), weight=-0.4, seed=2, std=0.2),
+            AdapterSpec(dict(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "down_proj"]), weight=-0.4, seed=2,
+                        std=0.2),
         ),
     ),
     # a budget smaller than the embedding / lm_head tensors: merged in row blocks, same result
@@ -215,7 +218,7 @@ class Built:
     adapter_paths: list[Path]
     output_dir: Path
     ref: PeftReference
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     out: dict = field(default_factory=dict)
 
 
@@ -361,7 +364,8 @@ def test_merged_tensors_match_peft_within_rounding(built: Built):
         if (err > tol).any():
             i = int(torch.argmax(err - tol))
             failures.append(
-                f"{k}: max|shardmerge-PEFT|={err.max().item():.3g} (tol at worst element {tol.flatten()[i].item():.3g}), "
+                f"{k}: max|shardmerge-PEFT|={err.max().item():.3g} "
+                f"(tol at worst element {tol.flatten()[i].item():.3g}), "
                 f"max|PEFT-base|={ref.delta[k].max().item():.3g}, "
                 f"max|shardmerge-base|={(got - ref.base[k].double()).abs().max().item():.3g}"
             )
@@ -418,7 +422,8 @@ def test_adapter_for_another_architecture_is_refused_without_complete_output(tmp
     _, gpt2_adapter = _make(tmp_path, "gpt2", r=4, target_modules=["c_attn"], fan_in_fan_out=True)
     out = tmp_path / "merged"
     with pytest.raises(shardmerge.ShardmergeError):
-        shardmerge.merge({"base": str(llama), "adapters": [{"path": str(gpt2_adapter)}], "output": str(out), "device": "cpu"})
+        shardmerge.merge({"base": str(llama), "adapters": [{"path": str(gpt2_adapter)}], "output": str(out),
+                          "device": "cpu"})
     assert not (out / INDEX_NAME).exists(), "a refused merge left an index (looks complete)"
 
 
@@ -428,14 +433,14 @@ def test_adapter_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
     base = build_base(tmp_path / "base", "llama", torch.bfloat16)
     # same architecture and tensor names, but trained on a model with other projection sizes
     other = tmp_path / "other"
-    from transformers import AutoModelForCausalLM
-
     from builders import tiny_config
+    from transformers import AutoModelForCausalLM
 
     cfg = tiny_config("llama")
     cfg.intermediate_size = 48
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(other))
-    adapter = make_adapter(other, tmp_path / "adapter", LoraConfig(r=4, target_modules=["gate_proj"]), dtype=torch.float32)
+    adapter = make_adapter(other, tmp_path / "adapter", LoraConfig(r=4, target_modules=["gate_proj"]),
+                           dtype=torch.float32)
     out = tmp_path / "merged"
     with pytest.raises(shardmerge.ShardmergeError, match="gate_proj"):
         shardmerge.merge({"base": str(base), "adapters": [{"path": str(adapter)}], "output": str(out), "device": "cpu"})

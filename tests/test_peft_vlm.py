@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import INDEX_NAME, load_tensors, shard_files, tensor_bytes
 from safetensors import safe_open
+from vlm_models import TINY_VLMS, VLMReference, build_vlm, load_vlm, logits, make_vlm_adapter, peft_vlm_reference
 
 import shardmerge
-from builders import INDEX_NAME, load_tensors, shard_files, tensor_bytes
-from vlm_models import TINY_VLMS, VLMReference, build_vlm, load_vlm, logits, make_vlm_adapter, peft_vlm_reference
 
 DTYPE = torch.bfloat16
 

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 import torch
+from synth import lora_pair, tiny_llama, write_adapter, write_base
 
 import shardmerge
-from synth import lora_pair, tiny_llama, write_adapter, write_base
 
 MiB = 2**20
 

@@ -82,7 +82,7 @@ def write_with_encode_header(path, tensors: dict[str, torch.Tensor], metadata=No
     prefix, offsets = encode_header(entries, metadata)
     with open(path, "wb") as f:
         f.write(prefix)
-        for (name, t), offset in zip(tensors.items(), offsets):
+        for t, offset in zip(tensors.values(), offsets):
             assert f.tell() == offset
             f.write(tensor_bytes(t))
     return prefix, offsets

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 
 from shardmerge.cli import main as cli_main  # noqa: E402
-from shardmerge.stores.local import file_checksum  # noqa: E402
 from shardmerge.safetensors_io import read_header  # noqa: E402
+from shardmerge.stores.local import file_checksum  # noqa: E402
 from shardmerge.verify import verify  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

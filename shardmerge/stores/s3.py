@@ -591,7 +591,8 @@ class S3Upload(PendingFile):
             raise ShardmergeError(f"{self.path}: parts {missing[:5]} were never written; re-run to finish")
         done = self.store.call("complete_multipart_upload", self.path, Bucket=self.path.bucket, Key=self.path.key,
                                UploadId=self.upload_id, MultipartUpload={
-                                   "Parts": [{"PartNumber": p.number, "ETag": self.etags[p.number]} for p in self.parts]})
+                                   "Parts": [{"PartNumber": p.number, "ETag": self.etags[p.number]}
+                                             for p in self.parts]})
         self.store.delete(self.staging)
         return {"etag": done["ETag"]}
 
