@@ -217,10 +217,10 @@ def test_a_fused_expert_parameter_four_times_the_budget_merges_within_it(tmp_pat
     assert ((got - exact).abs() <= torch.finfo(torch.bfloat16).eps / 2 * exact.abs() + 1e-30).all()
 
 
-def test_dry_run_prints_one_line_per_fused_parameter_with_e_r_scaling_and_layout(tmp_path, capsys):
+def test_dry_run_prints_one_line_per_fused_parameter_with_e_r_scaling_and_layout(tmp_path):
     base, adapter, name, _, _ = _fused_case(tmp_path)
-    run(load_plan({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu"}),
-        dry_run=True)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("experts")]
+    report = run(load_plan({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"),
+                            "device": "cpu"}), dry_run=True)
+    lines = [line for line in report.description.splitlines() if line.strip().startswith("experts")]
     assert len(lines) == 1
     assert "E=8 r=1 scale=4" in lines[0] and f"fused {name} [8, 768, 3072]" in lines[0]
