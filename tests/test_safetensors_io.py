@@ -7,7 +7,6 @@ is at fault), never a stray TypeError/ValueError/OSError.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import struct
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 from shardmerge import safetensors_io as sio
 from shardmerge.errors import ShardmergeError
 from shardmerge.safetensors_io import MAX_HEADER_BYTES, encode_header, read_header
-from shardmerge.stores.local import copy_range, pread_into, pwrite_all
+from shardmerge.stores.local import LOCAL, copy_range, pread_into, pwrite_all
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -248,13 +247,20 @@ def test_rejects_header_length_just_over_limit_without_reading_it(tmp_path, monk
         f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
         f.truncate(8 + MAX_HEADER_BYTES + 1)
     reads = []
+    real_open = LOCAL.open
 
-    class Spy(io.FileIO):
-        def read(self, size=-1):
-            reads.append(size)
-            return super().read(size)
+    def spied_open(file, *args, **kwargs):
+        reader = real_open(file, *args, **kwargs)
+        real_read = reader.read_into
 
-    monkeypatch.setattr(sio, "open", lambda file, mode="r", **kw: Spy(file, mode.replace("b", "")), raising=False)
+        def read_into(buffer, offset):
+            reads.append(len(memoryview(buffer)))
+            return real_read(buffer, offset)
+
+        reader.read_into = read_into
+        return reader
+
+    monkeypatch.setattr(LOCAL, "open", spied_open)
     refused(path, str(MAX_HEADER_BYTES))
     assert reads == [8]
 
