@@ -81,7 +81,7 @@ def fsync_tree(path: Path) -> int:
     n = 0
     if not path.exists():
         return 0
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         for f in files:
             p = os.path.join(root, f)
             if os.path.islink(p):

@@ -124,7 +124,7 @@ def write_config(base: Path, shape: dict, layers: int) -> None:
         cfg.architectures = ["LlamaForCausalLM"]
         try:
             cfg.dtype = "bfloat16"
-        except Exception:  # older transformers
+        except Exception:  # noqa: BLE001 - older transformers
             cfg.torch_dtype = "bfloat16"
         cfg.save_pretrained(base)
     except ImportError:

@@ -61,7 +61,7 @@ def run(a) -> int:
     idle = sums[jobs[0].name]
     rows = []
     budget = size_arg(a.budget)
-    for g, m in models.items():
+    for g in models:
         mm = metas[g]
         c = next((summarize(j) for j in jobs if j.kind == "copy" and j.group == g), None)
         s = next(summarize(j) for j in jobs if j.kind == "shardmerge" and j.group == g)
