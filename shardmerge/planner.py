@@ -17,7 +17,7 @@ from .config import Plan
 from .errors import ShardmergeError
 from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header, read_header
-from .sources import BaseModel, INDEX_NAME, convert_legacy_adapter, find_adapter, input_identity, read_base
+from .sources import INDEX_NAME, BaseModel, convert_legacy_adapter, find_adapter, input_identity, read_base
 from .stores import location, store_for
 from .terms import BiasTerm, ExpertTerm, LoraTerm, RowsTerm, Term
 from .ties import Edits, Tie, find_tie, settle
@@ -213,7 +213,8 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
             if lora.a.shape[0] != rank * count or lora.b.shape[1] != rank * count:
                 raise ShardmergeError(f"{origin}: lora_A {list(lora.a.shape)} / lora_B {list(lora.b.shape)} do not "
                                       f"hold r={rank} for each of the {count} experts")
-            swap = experts.swapped(lora.a.shape, lora.b.shape, d1, d2, rule, lambda: model.is_transposed(owner), origin)
+            transposed = lambda: model.is_transposed(owner)  # noqa: B023 - called within this iteration only
+            swap = experts.swapped(lora.a.shape, lora.b.shape, d1, d2, rule, transposed, origin)
             stored = _stored_as(parts, shape)
             for name, part in parts:
                 if base.tensors[name].dtype not in FLOAT_DTYPES:
@@ -435,8 +436,9 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS) + reserved
     if merge_plan.plan.max_memory <= overhead:
         parts = f", {format_size(reserved)} of upload part buffers" if reserved else ""
-        raise ShardmergeError(f"max_memory {format_size(merge_plan.plan.max_memory)} is too small: a run of this model holds "
-                              f"{format_size(overhead)} before any buffer (threads, the plan of {tensors} tensors, allocator"
+        raise ShardmergeError(f"max_memory {format_size(merge_plan.plan.max_memory)} is too small: a run of this "
+                              f"model holds {format_size(overhead)} before any buffer (threads, the plan of {tensors} "
+                              "tensors, allocator"
                               f"{parts}); set max_memory to at least {format_size(overhead + MiB)}")
     budget = min(budget, merge_plan.plan.max_memory - overhead)  # what the buffers below may use on the host
     scratch = scratch_bytes(budget)
@@ -449,7 +451,8 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     shared = _shared_bytes(tasks, (budget - 2 * scratch) // 4)
     factors = 2 * max(fixed_cost(t) for t in tasks) + shared  # the cache is held like factors, whole run long
     # A tiny budget shrinks the chunk too (then a chunk is a whole tile).
-    chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // (SLABS * itemsize + FLOAT32_BYTES * work_factor)))
+    per_chunk_elem = SLABS * itemsize + FLOAT32_BYTES * work_factor
+    chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // per_chunk_elem))
     for t in tasks:
         rows = t.rows
         t.chunk_rows = rows if on_cuda else max(1, min(rows, chunk_elems // _row_elems(t)))
@@ -556,7 +559,8 @@ def describe(merge_plan: MergePlan) -> str:
                  f"({', '.join(s.name for s in merge_plan.shards[:3])}{', ...' if len(merge_plan.shards) > 3 else ''})"
                  f"{' + ' + INDEX_NAME if merge_plan.write_index else ''}")
     lines.append("tensors: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
-    lines.append(f"bytes: {format_size(read)} to read, {format_size(written)} to write; max_memory {format_size(merge_plan.plan.max_memory)}"
+    lines.append(f"bytes: {format_size(read)} to read, {format_size(written)} to write; "
+                 f"max_memory {format_size(merge_plan.plan.max_memory)}"
                  f", device {merge_plan.device}")
     return "\n".join(lines)
 

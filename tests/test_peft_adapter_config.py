@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import INDEX_NAME, assert_same_model, build_base, make_adapter, peft_merged, resolve_adapter_dir, run_cli
 from safetensors.torch import load_file, save_file
+from tiny_models import tree_hashes
 
 import shardmerge
-from builders import (INDEX_NAME, assert_same_model, build_base, make_adapter, peft_merged, resolve_adapter_dir,
-                      run_cli)
-from tiny_models import tree_hashes
 
 LAYERS = (0, 1)
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-
-import shardmerge
 from builders import assert_same_model, build_base, run_cli, tiny_config
 from tiny_models import tree_hashes
+
+import shardmerge
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 import torch
+from builders import assert_same_model, build_base, load_tensors, make_adapter, peft_merged, tensor_bytes
 
 import shardmerge
-from builders import assert_same_model, build_base, load_tensors, make_adapter, peft_merged, tensor_bytes
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
@@ -26,7 +26,7 @@ def _gpt2_decoder():
 
 
 def _vision_encoder_decoder():
-    from transformers import ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         ViTConfig(image_size=16, patch_size=8, **TINY), _gpt2_decoder())

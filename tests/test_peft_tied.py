@@ -15,11 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import (
+    INDEX_NAME,
+    assert_same_model,
+    build_base,
+    load_tensors,
+    make_adapter,
+    peft_merged,
+    shard_files,
+    tensor_bytes,
+)
 from safetensors.torch import load_file, save_file
 
 import shardmerge
-from builders import (INDEX_NAME, assert_same_model, build_base, load_tensors, make_adapter, peft_merged, shard_files,
-                      tensor_bytes)
 
 HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import torch
+from builders import assert_same_model, build_base, make_adapter
 
 import shardmerge
-from builders import assert_same_model, build_base, make_adapter
 
 
 def test_weighted_adapters_equal_peft_add_weighted_adapter_cat(tmp_path):

@@ -13,10 +13,9 @@ import signal
 from pathlib import Path
 
 import pytest
+import tiny_models as tm
 import torch
 from safetensors import safe_open
-
-import tiny_models as tm
 from test_crash_safety import killed_run, run_cli
 
 

@@ -25,8 +25,8 @@ MiB = 2**20
 def size_arg(text: str) -> int:
     """An argparse type for sizes, parsed exactly as shardmerge parses max_memory ('256MiB', '2GB', bytes)."""
     sys.path.insert(0, str(PROJECT))
-    from shardmerge.units import parse_size
     from shardmerge.errors import ShardmergeError
+    from shardmerge.units import parse_size
 
     try:
         return parse_size(text, "size")
