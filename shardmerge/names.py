@@ -32,7 +32,6 @@ from .errors import ShardmergeError
 from .sources import BaseModel
 
 
-
 @dataclass(frozen=True)
 class Rule:
     """One checkpoint -> module renaming, applied exactly as transformers applies a WeightRenaming: the

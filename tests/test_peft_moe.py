@@ -28,8 +28,8 @@ from builders import (
 import shardmerge
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
-COMMON = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 64, "head_dim": 8, "tie_word_embeddings": False}
+COMMON = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 64, "head_dim": 8, "tie_word_embeddings": False}
 
 
 def moe_config(family: str):
