@@ -98,6 +98,8 @@ def _merge(args: argparse.Namespace) -> int:
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
             f.write(report_json(report))
+    for line in report.warnings:
+        print(f"shardmerge: warning: {line}", file=sys.stderr)
     if not args.quiet and not args.dry_run:
         print(report.summary(), file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ so memory does not grow with model size, and reusing slabs means the steady stat
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import queue
 import threading
@@ -33,7 +34,6 @@ from .journal import OutputState, commit_shard
 from .pipeline import Pipeline, SlabPool
 from .planner import MergePlan, OutputShard, TensorTask
 from .progress import Progress
-from .safetensors_io import DTYPE_SIZES
 from .stores import Reader, store_for
 from .units import FLOAT32_BYTES
 
@@ -60,6 +60,7 @@ class ExecutionResult:
     bytes_read: int = 0
     bytes_written: int = 0
     peak_budget: int = 0
+    survival: dict[str, list[float]] = field(default_factory=dict)  # merged tensor -> [||kept||^2, ||delta||^2]
 
 
 class _ShardFile:
@@ -93,6 +94,21 @@ class _Tile:
     slab: torch.Tensor | None = None
     out_bytes: int = 0
     ready: object = None  # a CUDA event the writer waits on
+    companions: list = field(default_factory=list)  # (output offset, host tensor): fresh scales, on the last tile
+
+
+@dataclass
+class _TaskState:
+    """What the merger holds for the task whose tiles it is merging."""
+
+    task: TensorTask
+    host: dict  # the terms' tensors as the reader read them
+    side: list  # a quantized source's scale tensors, as stored (on the merge device once prepared)
+    factors: list = field(default_factory=list)
+    fresh: list = field(default_factory=list)  # the scales requantized, filled tile by tile
+    amax: torch.Tensor | None = None  # max |merged| over the tensor, from the pre-pass
+    kept_sq: torch.Tensor | float = 0.0  # delta survival: ||round(W + D) - W||^2 so far
+    delta_sq: torch.Tensor | float = 0.0  # ||D||^2 so far
 
 
 class Executor:
@@ -156,10 +172,12 @@ class Executor:
     def _read_task(self, out: _ShardFile, task: TensorTask) -> None:
         # Only host reads here: the merger makes the factors, so on CUDA they are uploaded on its stream.
         read = self._reader_for(task)
-        self.pipeline.put(self.tiles, ("task", task, {info: read(info) for t in task.terms for info in t.reads()}))
+        host = {info: read(info) for t in task.terms for info in t.reads()}
+        side = [self._read(s) for s in task.quant.scales] if task.quant is not None else []
+        self.pipeline.put(self.tiles, _TaskState(task, host, side))
         blocks = _row_blocks(task)
         src = task.source
-        for prepass in [True, False] if task.column_norms else [False]:
+        for prepass in [True, False] if task.prepass else [False]:
             for i, (r0, r1) in enumerate(blocks):
                 tile = _Tile(out, task, r0, r1, prepass, last=not prepass and i == len(blocks) - 1)
                 tile.slab = self.pool.take()
@@ -207,84 +225,112 @@ class Executor:
             return self.streams.factors(task.terms, host)
         return terms.load_factors(task.terms, lambda info: host[info].to(torch.float32))
 
+    def _prepare(self, state: _TaskState) -> None:
+        """Factors, and a quantized source's scales, on the merge device (on CUDA, on the compute stream)."""
+        state.factors = self._factors(state.task, state.host)
+        with self.streams.computing() if self.streams is not None else contextlib.nullcontext():
+            state.side = [s.to(self.device) for s in state.side]
+        state.fresh = [s.clone() for s in state.side] if state.task.requant else []
+
     def merger(self) -> None:
-        factors: list = []
+        state = None
         work = None
         while (item := self.pipeline.get(self.tiles)) is not None:
-            if isinstance(item, tuple):
-                _, task, host = item
-                factors = self._factors(task, host)
+            if isinstance(item, _TaskState):
+                state = item
+                self._prepare(state)
                 continue
             if work is None:
                 work = self.streams.empty(self.work_elems) if self.streams else torch.empty(self.work_elems)
             start = time.perf_counter()
-            self._merge_tile(item, factors, work)
+            self._merge_tile(item, state, work)
+            if item.last:
+                self._finish_task(item, state)
             self.result.stages.merge += time.perf_counter() - start
             if item.prepass:
                 self.pool.give(item.slab)
                 continue
-            if item.last:
-                self._count(tensors_merged=1 if item.task.terms else 0)
             self.pipeline.put(self.writes, item)
         self.pipeline.put(self.writes, None)
 
-    def _merge_tile(self, tile: _Tile, factors: list, work_buffer: torch.Tensor) -> None:
+    def _finish_task(self, tile: _Tile, state: _TaskState) -> None:
+        """After the last tile: its fresh scales go with it to the writer; its delta survival is recorded."""
+        task = state.task
+        if self.streams is not None:
+            self.streams.compute.synchronize()  # the fresh scales and sums are computed on that stream
+        tile.companions = [(c.out_offset, f.cpu()) for c, f in zip(task.companions, state.fresh)]
+        if task.terms:
+            self._count(tensors_merged=1)
+            with self._counts:
+                self.result.survival[task.name] = [float(state.kept_sq), float(state.delta_sq)]
+
+    def _merge_tile(self, tile: _Tile, state: _TaskState, work_buffer: torch.Tensor) -> None:
         """Merge one tile in float32 and write the rounded result back into the tile's own slab."""
         task, src = tile.task, tile.task.source
         rows = tile.r1 - tile.r0
         raw = tile.slab[: rows * task.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
         tile.out_bytes = rows * task.out_row_bytes
         out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
-        if self.streams is not None:
-            tile.ready = self.streams.merge(raw, out, lambda on_device: self._rounded(tile, factors, on_device,
-                                                                                      work_buffer, out.dtype))
+        if self.streams is not None:  # the whole tile at once, on the device
+            tile.ready = self.streams.merge(raw, out, lambda on_device: self._merge_rows(
+                tile, state, on_device, work_buffer, 0, rows))
         else:
-            self._merge_chunks(tile, factors, raw, out, work_buffer)
+            self._merge_chunks(tile, state, raw, out, work_buffer)
 
-    def _rounded(self, tile: _Tile, factors: list, raw: torch.Tensor, work_buffer: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor | None:
-        """A whole tile merged and rounded to `dtype` (the GPU path), or None for the DoRA pre-pass."""
-        result = self._merge_rows(tile, factors, raw, work_buffer, 0, tile.r1 - tile.r0)
-        if result is None:
-            return None
-        rounded = result.to(dtype)
-        self._check_finite(tile.task, rounded)
-        return rounded
-
-    def _merge_chunks(self, tile: _Tile, factors: list, raw: torch.Tensor, out: torch.Tensor,
+    def _merge_chunks(self, tile: _Tile, state: _TaskState, raw: torch.Tensor, out: torch.Tensor,
                       work_buffer: torch.Tensor) -> None:
         """The CPU path: the tile in cache-sized chunks, each rounded into the slab as soon as it is merged."""
-        task, src, rows = tile.task, tile.task.source, tile.r1 - tile.r0
+        task, rows = tile.task, tile.r1 - tile.r0
         # The output is rounded into the same slab. Walking chunks forward, a chunk's output lands only on
-        # input already consumed when the output dtype is no wider than the input; when it is wider (bf16 ->
-        # float32), walking backward keeps every chunk's output beyond the input still to be read.
+        # input already consumed when an output row is no wider than an input row; when it is wider (bf16 ->
+        # float32, FP8 -> bf16), walking backward keeps every chunk's output beyond the input still to be read.
         step = task.chunk_rows
         starts = list(range(0, rows, step))
-        if DTYPE_SIZES[task.out_dtype] > DTYPE_SIZES[src.dtype]:
+        if task.out_row_bytes > task.row_bytes:
             starts.reverse()
         for c0 in starts:
             c1 = min(c0 + step, rows)
-            result = self._merge_rows(tile, factors, raw, work_buffer, c0, c1)
-            if result is not None:
-                out[c0:c1].copy_(result)
-                self._check_finite(task, out[c0:c1])
+            rounded = self._merge_rows(tile, state, raw, work_buffer, c0, c1)
+            if rounded is not None:
+                out[c0:c1].copy_(rounded)
 
-    def _merge_rows(self, tile: _Tile, factors: list, raw: torch.Tensor, work_buffer: torch.Tensor,
+    def _merge_rows(self, tile: _Tile, state: _TaskState, raw: torch.Tensor, work_buffer: torch.Tensor,
                     c0: int, c1: int) -> torch.Tensor | None:
-        """Rows c0:c1 of a tile merged in float32, or None for the DoRA column-norm pre-pass."""
-        task = tile.task
-        chunk = raw[c0:c1]
-        work = work_buffer[: chunk.numel()].view(chunk.shape)
-        work.copy_(chunk)
+        """Rows c0:c1 of a tile merged in float32 and rounded to the output (requantized for a kept quantized
+        format), or None in a pre-pass (DoRA column norms, a per-tensor scale's maximum)."""
+        task, q = tile.task, tile.task.quant
         r0, r1 = tile.r0 + c0, tile.r0 + c1
+        work = work_buffer[: (r1 - r0) * _row_elems(task)].view(r1 - r0, -1)
+        work.copy_(raw[c0:c1] if q is None else q.codec.dequantize(q, raw[c0:c1], state.side, r0))
         if tile.prepass:
-            terms.column_pass(task.terms, factors, work, r0, r1, task.rows)
+            if task.column_norms:
+                terms.column_pass(task.terms, state.factors, work, r0, r1, task.rows)
+            else:
+                peak = terms.merge_tile(task.terms, state.factors, work, r0, r1).abs().max()
+                state.amax = peak if state.amax is None else torch.maximum(state.amax, peak)
             return None
-        return terms.merge_tile(task.terms, factors, work, r0, r1)
+        base = work.clone() if task.terms else None
+        merged = terms.merge_tile(task.terms, state.factors, work, r0, r1)
+        self._check_finite(task, merged)
+        if task.requant:
+            amax = None if state.amax is None else float(state.amax)
+            rounded = q.codec.requantize(q, merged, state.fresh, r0, amax)
+            kept = q.codec.dequantize(q, rounded, state.fresh, r0) if base is not None else None
+        else:  # copies, so that the survival sums below may work in place
+            rounded = merged.to(mergemath.TORCH_DTYPES[task.out_dtype], copy=True)
+            kept = rounded.to(torch.float32, copy=True) if base is not None else None
+        if base is not None:
+            state.kept_sq += torch.linalg.vector_norm(kept.sub_(base)).square()
+            state.delta_sq += torch.linalg.vector_norm(merged.sub_(base)).square()
+        return rounded
 
-    def _check_finite(self, task: TensorTask, rounded: torch.Tensor) -> None:
-        """safe_merge: checked after rounding, so an overflow to the output dtype's Inf is caught too."""
-        if self.plan.plan.safe_merge and rounded.is_floating_point() and not bool(torch.isfinite(rounded).all()):
+    def _check_finite(self, task: TensorTask, merged: torch.Tensor) -> None:
+        """safe_merge: the float32 merge, and its rounding to the output dtype, which may overflow to Inf (a
+        requantized format saturates instead)."""
+        if not self.plan.plan.safe_merge:
+            return
+        rounded = merged if task.requant else merged.to(mergemath.TORCH_DTYPES[task.out_dtype])
+        if rounded.is_floating_point() and not bool(torch.isfinite(rounded).all()):
             origin = ", ".join(t.origin for t in task.terms) or "dtype conversion"
             raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); "
                                   f"from {origin}")
@@ -299,9 +345,17 @@ class Executor:
                                       tile.task.out_offset + tile.r0 * tile.task.out_row_bytes)
             except OSError as e:
                 raise _write_error(tile.shard.shard.name, e) from None
+            written = tile.out_bytes
+            for offset, tensor in tile.companions:
+                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+                try:
+                    tile.shard.file.write(data, offset)
+                except OSError as e:
+                    raise _write_error(tile.shard.shard.name, e) from None
+                written += data.nbytes
             self.result.stages.write += time.perf_counter() - start
             self.pool.give(tile.slab)
-            self._count(bytes_written=tile.out_bytes)
+            self._count(bytes_written=written)
             self.progress.advance(tile.out_bytes, 1 if tile.last else 0)
             if tile.shard.piece_done():
                 self.pipeline.put(self.finished, tile.shard)
@@ -390,3 +444,7 @@ def _copy_runs(tasks: list[TensorTask]) -> list[tuple[Path, int, int, int, int]]
             runs.append([src.path, src.offset, t.out_offset, src.nbytes, 1])
     return [tuple(r) for r in runs]
 
+
+def _row_elems(task: TensorTask) -> int:
+    """Elements of the logical tensor in one row (a slice along dim 0, or along (expert, d1))."""
+    return task.source.numel // task.rows if task.rows else max(task.source.numel, 1)

@@ -4,6 +4,7 @@ how, in what tiles, and where every output byte goes. No tensor data is read her
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -15,6 +16,7 @@ from . import experts
 from .adapters import Adapter, LoraModule, load_adapter, module_scaling
 from .config import Plan
 from .errors import ShardmergeError
+from .formats import Quantized, detect
 from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header, read_header
 from .sources import INDEX_NAME, BaseModel, convert_legacy_adapter, find_adapter, input_identity, read_base
@@ -38,22 +40,45 @@ PER_TENSOR_BYTES = 2 * KiB
 
 
 @dataclass
+class Companion:
+    """A scale tensor a requantized weight rewrites: written with the weight's last tile."""
+
+    source: TensorInfo
+    out_offset: int = 0
+
+
+@dataclass
 class TensorTask:
     name: str
-    source: TensorInfo  # the base tensor, or the adapter tensor replacing it
+    source: TensorInfo  # the base tensor, or the adapter tensor replacing it (quantized: the logical tensor)
     out_dtype: str
     out_offset: int = 0  # absolute, in the output shard
     terms: list[Term] = field(default_factory=list)  # applied in order
     rows_per_tile: int = 0
     chunk_rows: int = 0
+    quant: Quantized | None = None  # the source is quantized: tiles are dequantized as they are read
+    requant: bool = False  # written back in the source's format, with `companions` (its fresh scales)
+    companions: list[Companion] = field(default_factory=list)
 
     @property
     def out_nbytes(self) -> int:
+        if self.requant:
+            return self.quant.codes.nbytes
         return self.source.numel * DTYPE_SIZES[self.out_dtype]
 
     @property
+    def total_nbytes(self) -> int:
+        return self.out_nbytes + sum(c.source.nbytes for c in self.companions)
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """Its tensors in the output header: (name, dtype, shape, nbytes)."""
+        shape = self.quant.codes.shape if self.requant else self.source.shape
+        return [(self.name, self.out_dtype, shape, self.out_nbytes)] + [
+            (c.source.name, c.source.dtype, c.source.shape, c.source.nbytes) for c in self.companions]
+
+    @property
     def is_copy(self) -> bool:
-        return not self.terms and self.source.dtype == self.out_dtype
+        return not self.terms and self.quant is None and self.source.dtype == self.out_dtype
 
     @property
     def column_norms(self) -> bool:
@@ -74,6 +99,20 @@ class TensorTask:
     @property
     def out_row_bytes(self) -> int:
         return self.out_nbytes // self.rows if self.rows else self.out_nbytes
+
+    @property
+    def needs_amax(self) -> bool:
+        """Requantizing with one scale for the tensor needs the merged tensor's maximum first."""
+        return self.requant and self.quant.codec.needs_amax(self.quant)
+
+    @property
+    def prepass(self) -> bool:
+        return self.column_norms or self.needs_amax
+
+    @property
+    def row_unit(self) -> int:
+        """Tiles and chunks start on multiples of this many rows: whole scale blocks."""
+        return self.quant.codec.row_block(self.quant) if self.quant is not None else 1
 
 
 @dataclass
@@ -96,13 +135,15 @@ class MergePlan:
     buffers: Buffers | None = None
     config: dict | None = None  # config.json to write instead of the base's (PEFT untied the embeddings)
     inputs: dict[str, dict] = field(default_factory=dict)  # output shard -> {input file: identity} it is made from
+    quant_label: str = ""  # the base's quantized format, if any
+    dropped_files: set[str] = field(default_factory=set)  # base files that would describe what is no longer so
 
     @property
     def total_tensor_bytes(self) -> int:
-        return sum(t.out_nbytes for s in self.shards for t in s.tasks)
+        return sum(t.total_nbytes for s in self.shards for t in s.tasks)
 
     def index(self) -> dict:
-        weight_map = {t.name: s.name for s in self.shards for t in s.tasks}
+        weight_map = {e[0]: s.name for s in self.shards for t in s.tasks for e in t.entries()}
         metadata = {k: v for k, v in self.base.index_metadata.items() if k != "total_size"}
         return {"metadata": {**metadata, "total_size": self.total_tensor_bytes}, "weight_map": weight_map}
 
@@ -136,7 +177,8 @@ def _known_model_type(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING_NAMES
 
 
-def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, config: dict) -> LoraTerm:
+def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, config: dict,
+               quantized: bool = False) -> LoraTerm:
     a, b, w = module.a.shape, module.b.shape, target.shape
     origin = f"{adapter.path}: {module.module}"
     mismatch = ShardmergeError(
@@ -160,9 +202,9 @@ def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, config:
         transposed = False
     else:
         raise mismatch
-    if target.dtype not in FLOAT_DTYPES:
-        raise ShardmergeError(f"{origin}: base tensor {target.name!r} is {target.dtype}, not a float tensor; "
-                              "merging into quantized weights is not supported")
+    if target.dtype not in FLOAT_DTYPES and not quantized:
+        raise ShardmergeError(f"{origin}: base tensor {target.name!r} is {target.dtype}, neither a float tensor nor "
+                              "a weight of a quantized format named in config.json; cannot merge into it")
     if module.magnitude is not None:
         norm_axis = w[1] if transposed else w[0]
         if module.magnitude.numel != norm_axis:
@@ -250,8 +292,10 @@ def _shard_inputs(shards: list[OutputShard], adapters: list[Adapter]) -> dict[st
     return out
 
 
-def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None) -> Edits:
-    """Every adapter tensor matched to the base tensor it changes (or to a tied head the base does not store)."""
+def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None,
+             quantized: set[str] = frozenset()) -> Edits:
+    """Every adapter tensor matched to the base tensor it changes (or to a tied head the base does not store);
+    `quantized` names the logical tensors of a quantized base's weights."""
     edits = Edits()
     token_rows: dict[str, list[tuple[str, set[int]]]] = {}
 
@@ -273,7 +317,8 @@ def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Ti
             edits.replace(name, tensor, own=target_name in adapter.own_copies)
         for module in adapter.modules:
             name, base_tensor = target(module.module + ".weight", weights_file, module.a.name)
-            edits.terms.setdefault(name, []).append(_lora_term(module, adapter, base_tensor, base.config))
+            term = _lora_term(module, adapter, base_tensor, base.config, name in quantized)
+            edits.terms.setdefault(name, []).append(term)
             if module.b_bias is not None:
                 bias_name, base_bias = target(module.module + ".bias", weights_file, module.b_bias.name)
                 if base_bias.shape != module.b_bias.shape:
@@ -331,10 +376,19 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
     """Read headers and configs, match every adapter tensor, lay out and tile the output. `budget` is the
     bytes tiles may fill (cuda.tile_budget: on CUDA also bounded by GPU memory); default max_memory."""
     base = read_base(plan.base)
+    codec = detect(base.config, base.directory)
+    quantized = codec.weights(base.tensors) if codec else {}
+    view = _logical_view(base, quantized)
+    by_name = {q.name: q for q in quantized.values()}
     adapters = _read_adapters(plan, scratch)
-    tie = find_tie(base)
-    edits = _collect(base, adapters, BaseNames(base), tie)
-    settle(tie, edits, base)
+    tie = find_tie(view)
+    edits = _collect(view, adapters, BaseNames(view), tie, set(by_name))
+    settle(tie, edits, view)
+    if plan.dtype == "keep":
+        for name in sorted(set(edits.replaced) & set(by_name)):
+            raise ShardmergeError(f"{edits.replaced[name].path}: {edits.replaced[name].name!r} replaces {name!r}, a "
+                                  f"{codec.label} weight; replacing a quantized weight needs a float output "
+                                  "(dtype: bfloat16)")
 
     def task(name: str, tensor: TensorInfo) -> TensorTask:
         out_dtype = tensor.dtype
@@ -343,7 +397,8 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
         return TensorTask(name, edits.replaced.get(name, tensor), out_dtype, terms=edits.terms.get(name, []))
 
     added = {after: name for name, after in edits.added}  # a head that was tied: beside its embedding
-    layout = [(shard.path.name, [task(n, t) for n, t in _with_added(shard.tensors, added)]) for shard in base.shards]
+    layout = [(shard.path.name, _shard_tasks(_with_added(shard.tensors, added), quantized, edits, plan.dtype, task))
+              for shard in base.shards]
     if plan.max_shard_size != "keep":
         layout = _reshard([t for _, tasks in layout for t in tasks], plan.max_shard_size)
     shards = [OutputShard(name, tasks) for name, tasks in layout]
@@ -353,17 +408,72 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
         # A kept layout keeps the base's data start, so copied tensors stay block-aligned with their source
         # and an extent-sharing filesystem shares their blocks instead of copying them.
         like = base_shards[shard.name].data_start if plan.max_shard_size == "keep" else None
-        entries = [(t.name, t.out_dtype, t.source.shape, t.out_nbytes) for t in shard.tasks]
+        entries = [e for t in shard.tasks for e in t.entries()]
         shard.header, offsets = encode_header(entries, meta, like)
-        for t, offset in zip(shard.tasks, offsets):
-            t.out_offset = offset
-        shard.size = len(shard.header) + sum(t.out_nbytes for t in shard.tasks)
+        offsets = iter(offsets)
+        for t in shard.tasks:
+            t.out_offset = next(offsets)
+            for c in t.companions:
+                c.out_offset = next(offsets)
+        shard.size = len(shard.header) + sum(t.total_nbytes for t in shard.tasks)
     write_index = base.has_index or len(shards) > 1
-    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device, config=edits.config,
+    config = edits.config
+    if codec is not None and plan.dtype != "keep":  # a plain float checkpoint now: nothing may say otherwise
+        config = {k: v for k, v in (config or base.config).items() if k != "quantization_config"}
+        config["dtype"] = plan.dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = plan.dtype
+    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device, config=config,
                            inputs=_shard_inputs(shards, adapters))
+    if codec is not None:
+        merge_plan.quant_label = codec.label
+        if plan.dtype != "keep":
+            merge_plan.dropped_files = set(codec.extra_files)
     merge_plan.buffers = _tile(merge_plan, plan.max_memory if budget is None else budget)
     merge_plan.fingerprint = fingerprint(merge_plan)
     return merge_plan
+
+
+def _logical_view(base: BaseModel, quantized: dict[str, Quantized]) -> BaseModel:
+    """The base as adapters see it: each quantized weight one logical tensor, its scales hidden."""
+    if not quantized:
+        return base
+    hidden = {t.name for q in quantized.values() for t in q.scales + q.passengers}
+    tensors = {}
+    for name, tensor in base.tensors.items():
+        if name in quantized:
+            tensors[quantized[name].name] = quantized[name].logical
+        elif name not in hidden:
+            tensors[name] = tensor
+    return dataclasses.replace(base, tensors=tensors)
+
+
+def _shard_tasks(tensors, quantized: dict[str, Quantized], edits, dtype: str, plain) -> list[TensorTask]:
+    """One shard's tasks from its (name, tensor) pairs. A quantized weight that is merged, or any when
+    dequantizing, becomes one task on its logical tensor; its scales travel with it (rewritten when requantized,
+    dropped when dequantized), and so do passengers such as input_scale when dequantizing. Everything else is
+    `plain(name, tensor)`."""
+    owner = {t.name: q for q in quantized.values() for t in q.scales + q.passengers}
+    tasks = []
+    for name, tensor in tensors:
+        q = quantized.get(name) or owner.get(name)
+        converted = q is not None and (dtype != "keep" or q.name in edits.terms)
+        if q is None or not converted:
+            tasks.append(plain(name, tensor))
+        elif name in quantized:
+            tasks.append(_quant_task(q, edits.terms.get(q.name, []), edits.replaced.get(q.name), dtype))
+        elif dtype == "keep" and tensor in q.passengers:
+            tasks.append(plain(name, tensor))  # input_scale and the like describe activations: a merge leaves them
+    return tasks
+
+
+def _quant_task(q: Quantized, terms: list, replacement: TensorInfo | None, dtype: str) -> TensorTask:
+    if replacement is not None:  # a float output (checked when planning), so no format is kept
+        return TensorTask(q.name, replacement, _OUT_DTYPES[dtype], terms=terms)
+    if dtype == "keep":
+        return TensorTask(q.codes.name, q.logical, q.codes.dtype, terms=terms, quant=q, requant=True,
+                          companions=[Companion(s) for s in q.scales])
+    return TensorTask(q.name, q.logical, _OUT_DTYPES[dtype], terms=terms, quant=q)
 
 
 def _reshard(tasks: list[TensorTask], max_bytes: int) -> list[tuple[str, list[TensorTask]]]:
@@ -387,8 +497,13 @@ def scratch_bytes(budget: int) -> int:
 
 
 def fixed_cost(task: TensorTask) -> int:
-    """Bytes held for a whole task: every term's factors."""
-    return sum(t.fixed_bytes for t in task.terms)
+    """Bytes held for a whole task: every term's factors, and a quantized source's scales as stored, twice
+    when requantized (the fresh ones), plus float32 for decoding them."""
+    total = sum(t.fixed_bytes for t in task.terms)
+    if task.quant is not None:
+        scales = task.quant.scales
+        total += (2 if task.requant else 1) * sum(s.nbytes for s in scales) + 4 * sum(s.numel for s in scales)
+    return total
 
 
 @dataclass(frozen=True)
@@ -397,7 +512,8 @@ class Buffers:
 
     `slabs` tile buffers of `slab_bytes` circulate reader -> merger -> writer (a tile's output is written
     back into its own slab); the merger owns one float32 scratch of `work_elems` (one chunk on the CPU, a
-    whole tile on the GPU; x5 with DoRA for its temporaries); two tasks' factors may be alive at once; and
+    whole tile on the GPU; times `work_factor` for the temporaries of DoRA, delta survival and codecs); two
+    tasks' factors may be alive at once; and
     two `scratch` shares cover the fallback copy buffer (made only if the kernel copy fails) and the
     checksum's mmap window. `total` counts all of that and the run's fixed overhead, so it bounds the
     process's peak RSS above an idle `import torch, shardmerge`."""
@@ -428,6 +544,12 @@ def _row_elems(task: TensorTask) -> int:
     return task.source.numel // task.rows if task.rows else max(task.source.numel, 1)
 
 
+# Float32 chunk-sized temporaries: delta survival keeps the base and the rounded result beside the merge;
+# decoding and encoding a quantized chunk (unpacked codes, scales per element, absolute values) takes four.
+_SURVIVAL_WORK = 2
+_CODEC_WORK = 4
+
+
 def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     """Choose rows per tile (and per cache-sized chunk) for every tensor that is not a plain copy, and
     the buffers that implies."""
@@ -447,6 +569,7 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
         return Buffers(0, 0, 0, 1, 0, scratch, overhead)
     itemsize = max(max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks)
     work_factor = max((x.work_copies for t in tasks for x in t.terms), default=1)
+    work_factor += _SURVIVAL_WORK + (_CODEC_WORK if any(t.quant is not None for t in tasks) else 0)
     on_cuda = merge_plan.device.startswith("cuda")
     shared = _shared_bytes(tasks, (budget - 2 * scratch) // 4)
     factors = 2 * max(fixed_cost(t) for t in tasks) + shared  # the cache is held like factors, whole run long
@@ -454,28 +577,35 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     per_chunk_elem = SLABS * itemsize + FLOAT32_BYTES * work_factor
     chunk_elems = max(1, min(CHUNK_ELEMS, (budget - factors - 2 * scratch) // per_chunk_elem))
     for t in tasks:
-        rows = t.rows
-        t.chunk_rows = rows if on_cuda else max(1, min(rows, chunk_elems // _row_elems(t)))
+        rows, unit = t.rows, t.row_unit
+        chunk = max(unit, chunk_elems // _row_elems(t))
+        t.chunk_rows = rows if on_cuda else min(rows, chunk - chunk % unit)
     # On the CPU the float32 scratch is one chunk; on CUDA it lives on the device, outside max_memory.
     work_elems = 0 if on_cuda else max(t.chunk_rows * _row_elems(t) for t in tasks)
     fixed = factors + 2 * scratch + FLOAT32_BYTES * work_elems * work_factor
     per_elem = SLABS * itemsize
     elems = (budget - fixed) // per_elem
     for t in tasks:
-        row = _row_elems(t)
-        if row > elems:
-            need = overhead + fixed + row * per_elem
+        rows, unit, row = t.rows, t.row_unit, _row_elems(t)
+        block = min(rows, unit) * row
+        if block > elems:
+            need = overhead + fixed + block * per_elem
+            what = "one row block" if unit == 1 else f"one block of {unit} rows (its scale grid)"
             raise ShardmergeError(
-                f"max_memory {format_size(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: one row "
-                f"block needs {format_size(need)} in all; raise max_memory to at least "
+                f"max_memory {format_size(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: {what} "
+                f"needs {format_size(need)} in all; raise max_memory to at least "
                 f"{format_size(int(need * 1.1) + MiB)}")
-        rows = t.rows
         t.rows_per_tile = max(1, min(rows, elems // row))
+        if t.rows_per_tile < rows:
+            t.rows_per_tile = max(unit, t.rows_per_tile - t.rows_per_tile % unit)
         if t.rows_per_tile > t.chunk_rows:
             # Whole chunks per tile: the same chunks, so the same bytes, whatever the budget.
             t.rows_per_tile -= t.rows_per_tile % t.chunk_rows
         else:
             t.chunk_rows = t.rows_per_tile
+        if t.column_norms and t.needs_amax:
+            raise ShardmergeError(f"{t.name}: DoRA on a transposed layer into a per-tensor-scaled quantized weight "
+                                  "needs two pre-passes, which shardmerge does not do; use dtype: bfloat16")
     tile_elems = max(t.rows_per_tile * _row_elems(t) for t in tasks)
     slab = max(t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype])
                for t in tasks)
@@ -537,6 +667,9 @@ def describe(merge_plan: MergePlan) -> str:
     for i, a in enumerate(merge_plan.adapters):
         lines.append(f"adapter {i}: {a.path} (weight {a.weight:g}, {len(a.modules)} LoRA modules, "
                      f"{len(a.param_loras)} expert parameters, {len(a.replacements)} replaced tensors)")
+    if merge_plan.quant_label:
+        mode = "kept" if merge_plan.plan.dtype == "keep" else f"dequantized to {merge_plan.plan.dtype}"
+        lines.append(f"quantized: {merge_plan.quant_label}, {mode}")
     counts = {"merged": 0, "replaced": 0, "copied byte for byte": 0, "converted": 0}
     read = 0
     seen: set[str] = set()  # an expert parameter's line is the same for each base tensor it covers: print it once

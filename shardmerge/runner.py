@@ -60,6 +60,9 @@ class MergeReport:
     ranks: int = 1
     store_retries: int = 0  # transient object-store errors retried (after backoff) by this process
     description: str = ""  # a dry run's plan report (and shard assignment), for the caller to print
+    # Per merged tensor: the share of its float32 delta the written output holds, ||round(W+D) - W|| / ||D||.
+    delta_survival: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
 
     def summary(self) -> str:
         if self.dry_run:
@@ -250,11 +253,35 @@ def _report(merge_plan: MergePlan, results: list[dict], resumed: int, topo: Topo
         for k, v in r["stages"].items():
             stages[k] = stages.get(k, 0.0) + v
     report.stage_seconds = stages
+    sums: dict[str, list[float]] = {}
+    for r in results:
+        sums.update(r["survival"])
+    report.delta_survival = {name: (kept / delta) ** 0.5 if delta > 0 else 1.0
+                             for name, (kept, delta) in sorted(sums.items())}
+    report.warnings = _survival_warnings(merge_plan, report.delta_survival)
     return report
 
 
+SURVIVAL_WARNING = 0.5  # below this share of the delta kept, "most of it was rounded away"
+
+
+def _survival_warnings(merge_plan: MergePlan, survival: dict[str, float]) -> list[str]:
+    lost = sorted((share, name) for name, share in survival.items() if share < SURVIVAL_WARNING)
+    if not lost:
+        return []
+    dtypes = {t.name: t.out_dtype for s in merge_plan.shards for t in s.tasks}
+    narrow = any(dtypes.get(name) not in ("BF16", "F16", "F32", "F64") for _, name in lost)
+    named = ", ".join(f"{name} ({share:.0%} kept)" for share, name in lost[:3])
+    more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+    line = (f"most of the adapter's change was rounded away in {len(lost)} of {len(survival)} merged tensors: "
+            f"{named}{more}; the output format cannot represent changes that small, use "
+            f"{'dtype: bfloat16' if narrow else 'dtype: float32'} to keep them")
+    return [line]
+
+
 def _finalized(output, merge_plan: MergePlan) -> bool:
-    names = [p.name for p in merge_plan.base.other_files] + ([INDEX_NAME] if merge_plan.write_index else [])
+    names = [p.name for p in merge_plan.base.other_files if p.name not in merge_plan.dropped_files]
+    names += [INDEX_NAME] if merge_plan.write_index else []
     return all(store_for(output).stat(output / n) is not None for n in names)
 
 
@@ -275,6 +302,8 @@ def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str,
         raise ShardmergeError(f"{output}: shards {', '.join(missing[:3])} were not written; re-run to finish")
     files = {}
     for path in merge_plan.base.other_files:
+        if path.name in merge_plan.dropped_files:
+            continue
         if path.name == "config.json" and merge_plan.config is not None:  # PEFT's merge changed the config
             data = (json.dumps(merge_plan.config, indent=2) + "\n").encode()
             store.put(output / path.name, data)

@@ -104,10 +104,15 @@ def _recompute(out, plan_path: str, samples: int, max_memory: int | None) -> lis
         step = max(1, len(tasks) // max(samples, 1))
         problems = []
         for shard, task in tasks[::step][:samples]:
-            written = read_header(out / shard.name).tensors.get(task.name)
-            if written is None or (written.dtype, written.shape) != (task.out_dtype, task.source.shape):
+            header = read_header(out / shard.name)
+            written = header.tensors.get(task.name)
+            _, dtype, shape, _ = task.entries()[0]
+            if written is None or (written.dtype, written.shape) != (dtype, tuple(shape)):
                 problems.append(f"{out / shard.name}: tensor {task.name!r} is missing or not the planned "
-                                f"{task.out_dtype} {list(task.source.shape)}")
+                                f"{dtype} {list(shape)}")
+                continue
+            if task.requant:
+                problems += _check_requantized(out / shard.name, task, header, _block_rows(task, plan.max_memory))
                 continue
             error = _max_error(task, written, _block_rows(task, plan.max_memory))
             tolerance = 2 * torch.finfo(mergemath.TORCH_DTYPES[task.out_dtype]).eps
@@ -119,45 +124,98 @@ def _recompute(out, plan_path: str, samples: int, max_memory: int | None) -> lis
 
 def _block_rows(task, budget: int) -> int:
     """Rows recomputed at once: float64 factors (twice their float32 size) and, per element, the float64 tile,
-    its base copy and the terms' temporaries, the written values in float64, and both raw inputs."""
+    its base copy and the terms' temporaries (a quantized base's codec's too), the written values in float64,
+    and both raw inputs."""
     from .planner import RUNTIME_BYTES, fixed_cost
     from .safetensors_io import DTYPE_SIZES
 
     rows = task.rows
     row_elems = task.source.numel // rows if rows else 1
-    copies = max(t.work_copies for t in task.terms) + 3
+    copies = max(t.work_copies for t in task.terms) + 3 + (4 if task.quant is not None else 0)
     per_row = row_elems * (8 * copies + DTYPE_SIZES[task.source.dtype] + DTYPE_SIZES[task.out_dtype])
     room = budget - RUNTIME_BYTES - 2 * fixed_cost(task)
-    if room < per_row:
-        need = budget - room + per_row
+    if room < per_row * task.row_unit:
+        need = budget - room + per_row * task.row_unit
         raise ShardmergeError(f"max_memory {format_size(budget)} is too small to recompute tensor {task.name!r} in "
                               "float64; "
                               f"give verify --max-memory at least {format_size(need)}")
-    return max(1, min(rows, room // per_row))
+    block = max(1, min(rows, room // per_row))
+    unit = task.row_unit  # a quantized tensor's scale blocks stay whole
+    return block if block == rows else max(unit, block - block % unit)
 
 
-def _max_error(task, written, block: int) -> float:
-    """The largest relative error of the written tensor against its float64 recomputation, block by block."""
+def _expected_blocks(task, block: int):
+    """(r0, r1, the float64 merge of rows r0:r1) for every block of rows; a quantized base is dequantized by
+    its codec first."""
     from . import terms
 
     rows = task.rows
     factors = terms.load_factors(task.terms, lambda info: _rows64(info, 0, info.shape[0] if info.shape else 1)
                                  .reshape(info.shape))
+    side = [_whole(s) for s in task.quant.scales] if task.quant is not None else []
     blocks = [(r0, min(r0 + block, rows)) for r0 in range(0, rows, block)]
     if any(t.column_norms for t in task.terms):  # column norms need every row before any row merges
         for r0, r1 in blocks:
-            terms.column_pass(task.terms, factors, _rows64(task.source, r0, r1, rows), r0, r1, rows)
-    worst = 0.0
+            terms.column_pass(task.terms, factors, _base_rows(task, side, r0, r1), r0, r1, rows)
     for r0, r1 in blocks:
-        expected = terms.merge_tile(task.terms, factors, _rows64(task.source, r0, r1, rows), r0, r1)
-        actual = _rows64(written, r0, r1, rows)
+        yield r0, r1, terms.merge_tile(task.terms, factors, _base_rows(task, side, r0, r1), r0, r1)
+
+
+def _max_error(task, written, block: int) -> float:
+    """The largest relative error of the written tensor against its float64 recomputation, block by block."""
+    worst = 0.0
+    for r0, r1, expected in _expected_blocks(task, block):
+        actual = _rows64(written, r0, r1, task.rows)
         worst = max(worst, ((actual - expected).abs() / expected.abs().clamp_min(1e-3)).max().item())
     return worst
+
+
+def _check_requantized(path: Path, task, header, block: int) -> list[str]:
+    """A requantized tensor may be no further (in norm) from the float64 merge than requantizing that merge is
+    (1.5x: float32 arithmetic can move a value across a rounding boundary)."""
+    q = task.quant
+    fresh = [_whole(s) for s in q.scales]
+    written = [_whole(header.tensors[c.source.name]) for c in task.companions]
+    amax = max(float(e.abs().max()) for _, _, e in _expected_blocks(task, block)) if task.needs_amax else None
+    error = ideal = 0.0
+    for r0, r1, expected in _expected_blocks(task, block):
+        requantized = q.codec.requantize(q, expected.float(), fresh, r0, amax)
+        ideal += (q.codec.dequantize(q, requantized, fresh, r0).double() - expected).square().sum().item()
+        actual = q.codec.dequantize(q, _rows(header.tensors[task.name], r0, r1), written, r0).double()
+        error += (actual - expected).square().sum().item()
+    if error ** 0.5 > 1.5 * ideal ** 0.5 + 1e-9:
+        line = (f"{path}: tensor {task.name!r} ({q.codec.label}) is further from a recomputation from the inputs "
+                f"than requantizing it is (error {error ** 0.5:.3g}, requantized {ideal ** 0.5:.3g})")
+        return [line]
+    return []
+
+
+def _base_rows(task, side: list, r0: int, r1: int):
+    """Rows r0:r1 of the unmerged tensor in float64."""
+    import torch
+
+    q = task.quant
+    if q is None:
+        return _rows64(task.source, r0, r1, task.rows)
+    return q.codec.dequantize(q, _rows(q.codes, r0, r1), side, r0).to(torch.float64)
+
+
+def _whole(info):
+    """A (small) tensor as stored, whole."""
+    rows = info.shape[0] if info.shape else 1
+    return _rows(info, 0, rows).reshape(info.shape)
 
 
 def _rows64(info, r0: int, r1: int, rows: int | None = None):
     """Rows r0:r1 of a tensor read straight from its file, as a 2-D float64 tile; `rows` is how many rows the
     tensor is cut into (the task's: dim 0, or (expert, d1) for a stack of experts), default dim 0."""
+    import torch
+
+    return _rows(info, r0, r1, rows).to(torch.float64)
+
+
+def _rows(info, r0: int, r1: int, rows: int | None = None):
+    """Rows r0:r1 of a tensor read straight from its file, as stored, 2-D (`rows` as for _rows64)."""
     import torch
 
     from .mergemath import TORCH_DTYPES
@@ -166,4 +224,4 @@ def _rows64(info, r0: int, r1: int, rows: int | None = None):
     raw = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
     with store_for(info.path).open(info.path) as reader:
         reader.read_into(raw.numpy(), info.offset + r0 * row_bytes)
-    return raw.view(TORCH_DTYPES[info.dtype]).to(torch.float64).reshape(r1 - r0, -1)
+    return raw.view(TORCH_DTYPES[info.dtype]).reshape(r1 - r0, -1)

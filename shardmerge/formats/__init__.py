@@ -1,0 +1,91 @@
+"""Quantized base checkpoints: which format a base is in, and its codec (one class per format).
+
+The format comes from config.json's `quantization_config` (ModelOpt: also `hf_quant_config.json`);
+formats we cannot requantize faithfully are refused by name rather than merged wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ShardmergeError
+from .base import Codec, Quantized
+from .fp4 import MXFP4, CompressedNVFP4, ModelOptNVFP4
+from .fp8 import BlockFP8, CompressedFP8, FbgemmFP8
+
+# Packed-integer and codebook formats: their codes cannot be rewritten from a merged float tile here.
+_REFUSED = {
+    "gptq": "GPTQ (packed int4/int8)", "awq": "AWQ (packed int4)", "bitsandbytes": "bitsandbytes (nf4/int8)",
+    "aqlm": "AQLM (codebooks)", "vptq": "VPTQ (codebooks)", "hqq": "HQQ", "eetq": "EETQ (int8)",
+    "quanto": "quanto", "torchao": "torchao", "gguf": "GGUF", "bitnet": "BitNet (ternary)", "spqr": "SpQR",
+    "higgs": "HIGGS", "fp_quant": "FP-Quant", "auto-round": "AutoRound (packed int)", "quark": "Quark",
+}  # fmt: skip
+
+__all__ = ["Codec", "Quantized", "detect"]
+
+
+def detect(config: dict, directory: Path) -> Codec | None:
+    """The base's codec, or None for a float checkpoint; one line naming the format if it is refused."""
+    qc = config.get("quantization_config")
+    if qc is None and isinstance(config.get("text_config"), dict):
+        qc = config["text_config"].get("quantization_config")
+    modelopt = _modelopt_file(directory)
+    if qc is None and modelopt is None:
+        return None
+    if qc is None or qc.get("quant_method") == "modelopt":
+        return _modelopt(qc or {}, modelopt or {}, directory)
+    if not isinstance(qc, dict):
+        raise ShardmergeError(f"{directory / 'config.json'}: quantization_config is not a JSON object")
+    method = str(qc.get("quant_method", "")).lower()
+    where = f"{directory}: the base is quantized with"
+    if method in _REFUSED:
+        raise ShardmergeError(f"{where} {_REFUSED[method]}, which shardmerge cannot merge into; merge into the "
+                              "unquantized base model instead")
+    if method == "fp8":
+        return BlockFP8(qc)
+    if method == "fbgemm_fp8":
+        return FbgemmFP8(qc)
+    if method == "mxfp4":
+        return MXFP4(qc)
+    if method == "compressed-tensors":
+        return _compressed(qc, where)
+    raise ShardmergeError(f"{where} an unknown quant_method {qc.get('quant_method')!r}; shardmerge merges into "
+                          "fp8, fbgemm_fp8, mxfp4, compressed-tensors (FP8, NVFP4) and modelopt NVFP4 bases")
+
+
+def _compressed(qc: dict, where: str) -> Codec:
+    fmt = qc.get("format")
+    formats = {fmt} if fmt else set()
+    formats |= {g.get("format") for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)} - {None}
+    if formats == {"float-quantized"} or formats == {"naive-quantized"} and _all_float8(qc):
+        return CompressedFP8(qc)
+    if formats == {"nvfp4-pack-quantized"}:
+        return CompressedNVFP4(qc.get("ignore"))
+    raise ShardmergeError(f"{where} compressed-tensors format {', '.join(sorted(map(str, formats))) or '(none)'}, "
+                          "which shardmerge cannot merge into (float-quantized FP8 and nvfp4-pack-quantized are "
+                          "supported)")
+
+
+def _all_float8(qc: dict) -> bool:
+    groups = (qc.get("config_groups") or {}).values()
+    return bool(groups) and all(((g or {}).get("weights") or {}).get("type") == "float" for g in groups)
+
+
+def _modelopt_file(directory: Path) -> dict | None:
+    path = directory / "hf_quant_config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ShardmergeError(f"{path}: not readable JSON ({e})") from None
+    return value.get("quantization", value) if isinstance(value, dict) else {}
+
+
+def _modelopt(qc: dict, file: dict, directory: Path) -> Codec:
+    algo = str(qc.get("quant_algo") or file.get("quant_algo") or "").upper()
+    if algo != "NVFP4":
+        raise ShardmergeError(f"{directory}: the base is quantized with ModelOpt {algo or '(no quant_algo)'}, "
+                              "which shardmerge cannot merge into (ModelOpt NVFP4 is supported)")
+    return ModelOptNVFP4(qc.get("exclude_modules") or file.get("exclude_modules"))

@@ -1,0 +1,401 @@
+"""Quantized bases: merged into their own format (dtype: keep) or dequantized to a float dtype, against the
+tests' float64 reference quantizers (tests/quant_models.py) and against PEFT and transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from builders import _quiet, rounding_tolerance
+from quant_models import (
+    Format,
+    float_model,
+    formats,
+    mxfp4_dequantize,
+    mxfp4_quantize,
+    quantized_linears,
+    tiny_llama_config,
+    write_quantized,
+)
+from safetensors.torch import load_file
+
+from shardmerge import ShardmergeError, merge
+from shardmerge.cli import main
+
+FORMATS = formats()
+TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]  # gate_proj: ragged rows; down_proj: ragged columns
+SCALING = 2.0  # lora_alpha 16 / r 8
+
+
+def make_adapter(model, directory: Path, std: float = 0.02, seed: int = 1) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    _quiet()
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(peft_model.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    peft_model.save_pretrained(str(directory))
+    return directory
+
+
+def deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """module -> float64 scaling * B @ A, from the saved adapter."""
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for key, a in state.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            out[module] = SCALING * b.double() @ a.double()
+    return out
+
+
+@dataclass
+class Case:
+    fmt: Format
+    base: Path
+    tensors: dict[str, torch.Tensor]  # the base checkpoint's
+    adapter: Path
+    modules: list[str]  # the quantized Linear modules
+
+
+def build_case(tmp_path: Path, fmt_key: str, std: float = 0.02, config=None) -> Case:
+    config = config or tiny_llama_config()
+    model = float_model(config)
+    fmt = FORMATS[fmt_key]
+    base = tmp_path / "base"
+    tensors = write_quantized(base, model, fmt)
+    adapter = make_adapter(float_model(config), tmp_path / "adapter", std)
+    return Case(fmt, base, tensors, adapter, quantized_linears(model))
+
+
+def run_merge(base: Path, adapter: Path, out: Path, **options):
+    return merge({"base": str(base), "adapters": [{"path": str(adapter)}], "output": str(out), **options})
+
+
+@pytest.mark.parametrize("fmt_key", list(FORMATS))
+def test_keep_requantizes_merged_weights_no_worse_than_the_reference(tmp_path, fmt_key):
+    c = build_case(tmp_path, fmt_key)
+    report = run_merge(c.base, c.adapter, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(out) == sorted(c.tensors)
+    for name, t in out.items():  # same names, dtypes (scales too) and shapes
+        assert (t.dtype, t.shape) == (c.tensors[name].dtype, c.tensors[name].shape), name
+    for module, delta in deltas(c.adapter).items():
+        base_w = c.fmt.dequantize(module, c.tensors)
+        exact = base_w + delta
+        reference_error = (c.fmt.requantize(module, exact) - exact).norm()
+        error = (c.fmt.dequantize(module, out) - exact).norm()
+        assert error <= 1.5 * reference_error + 1e-9, (module, error, reference_error)
+        if c.fmt.bits == 8:  # FP8 keeps most of this delta; FP4's rounding error is larger than the delta itself
+            assert error < (base_w - exact).norm(), module
+        name = f"{module}.weight" if f"{module}.weight" in out else f"{module}.weight_packed"
+        assert 0 < report.delta_survival[name] <= 1.5
+
+
+@pytest.mark.parametrize("fmt_key", ["fp8:bf16", "ct:tensor:f32", "nvfp4-modelopt"])
+def test_keep_copies_untouched_quantized_tensors_and_config_byte_for_byte(tmp_path, fmt_key):
+    c = build_case(tmp_path, fmt_key)
+    run_merge(c.base, c.adapter, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    merged = set(deltas(c.adapter))
+    untouched = [m for m in c.modules if m not in merged]
+    assert untouched
+    for module in untouched:
+        for name in c.fmt.names(module):
+            assert out[name].reshape(-1).view(torch.uint8).equal(c.tensors[name].reshape(-1).view(torch.uint8)), name
+    for module in merged:  # activation scales describe the layer's input: a merge leaves them as they were
+        for name in c.fmt.names(module):
+            if "input" in name:
+                assert out[name].equal(c.tensors[name]), name
+    assert (tmp_path / "out" / "config.json").read_bytes() == (c.base / "config.json").read_bytes()
+    for extra in c.fmt.extra_files:
+        assert (tmp_path / "out" / extra).read_bytes() == (c.base / extra).read_bytes()
+
+
+def _peft_reference(config, tensors, fmt, adapter, modules) -> tuple[torch.Tensor, dict, dict]:
+    """PEFT's merge into a bf16 model holding the dequantized base weights: logits, parameters, and the
+    float64 bound |W| + |s| |B| @ |A| on what PEFT rounds, per parameter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = {}
+    for name in model.state_dict():
+        module = name.rsplit(".", 1)[0]
+        quantized = module in modules and name.endswith(".weight")
+        state[name] = fmt.dequantize(module, tensors).to(torch.bfloat16) if quantized else tensors[name]
+    model.load_state_dict(state)
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    mag = {name: p.double().abs() for name, p in state.items()}
+    for key, a in lora.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            b = lora[key.replace(".lora_A.", ".lora_B.")]
+            mag[f"{module}.weight"] += SCALING * b.double().abs() @ a.double().abs()
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    with torch.no_grad():
+        return merged(INPUT_IDS).logits.float(), merged.state_dict(), mag
+
+
+INPUT_IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fmt_key", ["fp8:f32", "ct:channel:bf16", "nvfp4-modelopt"])
+def test_bfloat16_output_loads_in_plain_transformers_and_matches_peft(tmp_path, fmt_key):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama_config()
+    c = build_case(tmp_path, fmt_key, config=config)
+    run_merge(c.base, c.adapter, tmp_path / "out", dtype="bfloat16")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in saved and saved["dtype"] == "bfloat16"
+    assert not (tmp_path / "out" / "hf_quant_config.json").exists()
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    assert not any("scale" in name or name.endswith("_packed") for name in out)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        logits = loaded(INPUT_IDS).logits.float()
+    expected, peft_state, mag = _peft_reference(config, c.tensors, c.fmt, c.adapter, c.modules)
+    for name, p in loaded.state_dict().items():
+        tolerance = rounding_tolerance(torch.bfloat16, peft_state[name].double(), mag[name], steps=1)
+        assert ((p.double() - peft_state[name].double()).abs() <= tolerance).all(), name
+    assert torch.allclose(logits, expected, atol=0.05 * expected.abs().max().item())
+
+
+def test_bfloat16_output_dequantizes_unmerged_weights_too(tmp_path):
+    c = build_case(tmp_path, "fp8:bf16")
+    run_merge(c.base, c.adapter, tmp_path / "out", dtype="float32")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for module in set(c.modules) - set(deltas(c.adapter)):
+        assert torch.equal(out[f"{module}.weight"].double(), c.fmt.dequantize(module, c.tensors)), module
+
+
+def _survival(out_w: torch.Tensor, base_w: torch.Tensor, delta: torch.Tensor) -> float:
+    return ((out_w - base_w).norm() / delta.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
+def test_delta_survival_matches_a_direct_computation(tmp_path, dtype):
+    c = build_case(tmp_path, "fp8:f32", std=0.004)
+    report = run_merge(c.base, c.adapter, tmp_path / "out", dtype=dtype)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(report.delta_survival) == sorted(f"{m}.weight" for m in deltas(c.adapter))
+    for module, delta in deltas(c.adapter).items():
+        base_w = c.fmt.dequantize(module, c.tensors)
+        out_w = c.fmt.dequantize(module, out) if dtype == "keep" else out[f"{module}.weight"].double()
+        assert report.delta_survival[f"{module}.weight"] == pytest.approx(_survival(out_w, base_w, delta), rel=1e-3)
+
+
+def test_delta_survival_of_a_bf16_base_matches_a_direct_computation(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_llama_config()
+    model = float_model(config)
+    base = tmp_path / "base"
+    base.mkdir()
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps(model.config.to_dict()))
+    adapter = make_adapter(float_model(config), tmp_path / "adapter", std=0.004)
+    report = run_merge(base, adapter, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for module, delta in deltas(adapter).items():
+        name = f"{module}.weight"
+        direct = _survival(out[name].double(), tensors[name].double(), delta)
+        assert report.delta_survival[name] == pytest.approx(direct, rel=1e-3)
+
+
+def test_rounded_away_deltas_warn_once_from_the_cli_and_never_from_the_library(tmp_path, capsys):
+    c = build_case(tmp_path, "fp8:f32", std=0.0005)
+    report = run_merge(c.base, c.adapter, tmp_path / "lib")
+    assert capsys.readouterr().err == ""
+    assert len(report.warnings) == 1 and "dtype: bfloat16" in report.warnings[0]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}],
+                                "output": str(tmp_path / "cli")}))
+    assert main([str(plan), "--quiet", "--report-json", str(tmp_path / "report.json")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shardmerge: warning:") and f"{len(TARGETS)} of {len(TARGETS)}" in err[0]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["delta_survival"] == pytest.approx(report.delta_survival)
+    assert all(share < 0.5 for share in saved["delta_survival"].values())
+
+
+@pytest.mark.parametrize("fmt_key", ["fp8:bf16", "ct:tensor:f32"])  # block scales; one scale (a pre-pass)
+def test_a_quantized_tensor_larger_than_max_memory_merges_within_it(tmp_path, fmt_key):
+    from safetensors.torch import save_file
+
+    fmt = FORMATS[fmt_key]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16384, 1000, generator=g, dtype=torch.float64) * 0.05  # 16 MB of FP8, ragged columns
+    tensors = fmt.quantize("layer.proj", w)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file(tensors, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"quantization_config": fmt.config}))
+    a = torch.randn(4, 1000, generator=g) * 0.05
+    b = torch.randn(16384, 4, generator=g) * 0.05
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["proj"]}))
+    budget = 14 * 2**20  # 8 MiB of fixed runtime overhead, 6 MiB for buffers
+    report = run_merge(base, adapter, tmp_path / "out", max_memory=budget)
+    assert tensors["layer.proj.weight"].numel() > budget and 0 < report.peak_budget_bytes <= budget
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    exact = fmt.dequantize("layer.proj", tensors) + 2.0 * b.double() @ a.double()
+    reference_error = (fmt.requantize("layer.proj", exact) - exact).norm()
+    assert (fmt.dequantize("layer.proj", out) - exact).norm() <= 1.5 * reference_error
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
+def test_verify_with_the_plan_accepts_quantized_outputs_and_catches_a_changed_code(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from shardmerge.verify import verify
+
+    c = build_case(tmp_path, "fp8:bf16")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o"),
+                                "dtype": dtype}))
+    assert main([str(plan), "--quiet"]) == 0
+    assert verify(str(tmp_path / "o"), plan=str(plan)) == []
+    shard = tmp_path / "o" / "model.safetensors"
+    out = load_file(str(shard))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    out[name] = (out[name].float() * 1.5).to(out[name].dtype)
+    save_file(out, str(tmp_path / "changed.safetensors"))
+    (tmp_path / "changed.safetensors").replace(shard)
+    from shardmerge.verify import _recompute
+
+    assert any(name in p for p in _recompute(tmp_path / "o", str(plan), samples=8, max_memory=None))
+
+
+def test_transformers_dequantizes_the_kept_fp8_output_as_the_reference_does(tmp_path):
+    """transformers' FineGrainedFP8 dequantizes on a CPU; its grid must divide the weights, so no ragged blocks."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama_config(intermediate=384)
+    c = build_case(tmp_path, "fp8:f32", config=config)
+    run_merge(c.base, c.adapter, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).state_dict()
+    for module, delta in deltas(c.adapter).items():
+        expected = c.fmt.dequantize(module, out)  # the float64 reference dequantization of what was written
+        assert torch.allclose(loaded[f"{module}.weight"].double(), expected, rtol=2**-20, atol=0), module
+        exact = c.fmt.dequantize(module, c.tensors) + delta
+        assert (loaded[f"{module}.weight"].double() - exact).norm() <= 1.5 * (c.fmt.requantize(module, exact) - exact).norm()
+
+
+@pytest.mark.parametrize("quant_method, named", [("gptq", "GPTQ"), ("awq", "AWQ"), ("bitsandbytes", "bitsandbytes"),
+                                                 ("someday", "unknown quant_method 'someday'")])
+def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, capsys, quant_method, named):
+    c = build_case(tmp_path, "fp8:f32")
+    config = json.loads((c.base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": quant_method, "bits": 4}
+    (c.base / "config.json").write_text(json.dumps(config))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o")}))
+    assert main([str(plan), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0]
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_mxfp4_experts_dequantize_to_the_float_layout(tmp_path):
+    """gpt-oss stores experts as MXFP4 blocks (E, out, in/32, 16); a float output stores (E, in, out)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 96, 64, generator=g, dtype=torch.float64)  # (E, out, in)
+    blocks, scales = mxfp4_quantize(w)
+    base = tmp_path / "base"
+    base.mkdir()
+    prefix = "model.layers.0.mlp.experts.gate_up_proj"
+    dense = torch.randn(64, 64, generator=g).to(torch.bfloat16)
+    save_file({f"{prefix}_blocks": blocks, f"{prefix}_scales": scales, "model.layers.0.self_attn.q_proj.weight": dense},
+              str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mxfp4",
+                                                                          "modules_to_not_convert": ["self_attn"]}}))
+    a, b = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                             "target_modules": ["q_proj"]}))
+    run_merge(base, adapter, tmp_path / "out", dtype="bfloat16")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(out) == [prefix, "model.layers.0.self_attn.q_proj.weight"]
+    expected = mxfp4_dequantize(blocks, scales).transpose(1, 2)  # (E, in, out)
+    assert out[prefix].shape == (4, 64, 96)
+    assert torch.equal(out[prefix], expected.to(torch.bfloat16))
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert math.isclose(1.0, 1.0)
+
+
+@pytest.mark.parametrize("fmt_key", ["ct:channel:bf16", "ct:block:f32", "ct:tensor:f32", "nvfp4-ct"])
+def test_compressed_tensors_dequantizes_the_kept_output_as_the_reference_does(tmp_path, fmt_key):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    c = build_case(tmp_path, fmt_key)
+    run_merge(c.base, c.adapter, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+    state = loaded.state_dict()
+    for module in c.modules:
+        expected = c.fmt.dequantize(module, out)
+        # compressed-c.tensors unpacks FP4 into bf16 and dequantizes there; FP8 it dequantizes exactly as written
+        tolerance = 2.0**-8 * expected.abs() if c.fmt.bits == 4 else 0 * expected
+        assert ((state[f"{module}.weight"].double() - expected).abs() <= tolerance).all(), module
+
+
+def _codec_weight(codec, shape, scale_shape, scale_dtype, codes_dtype="F8_E4M3"):
+    from shardmerge.safetensors_io import DTYPE_SIZES, TensorInfo
+
+    def info(name, dtype, shp):
+        return TensorInfo(name, dtype, tuple(shp), Path("mem"), 0, math.prod(shp) * DTYPE_SIZES[dtype])
+
+    tensors = {"m.weight": info("m.weight", codes_dtype, shape),
+               "m.weight_scale_inv": info("m.weight_scale_inv", scale_dtype, scale_shape)}
+    return codec.weights(tensors)["m.weight"]
+
+
+@pytest.mark.parametrize("scale_dtype", ["U8", "F8_E8M0"])
+def test_ue8m0_scales_stored_as_bytes_or_e8m0_requantize_to_powers_of_two_in_tiles(scale_dtype):
+    from quant_models import fp8_dequantize, fp8_quantize
+
+    from shardmerge.formats.fp8 import BlockFP8
+
+    codec = BlockFP8({"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"})
+    q = _codec_weight(codec, (320, 200), (3, 2), scale_dtype)
+    x = torch.randn(320, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref_codes, ref_scale = fp8_quantize(x, 128, 128, torch.float32, pow2=True)
+    stored = torch.ones(3, 2, dtype=torch.float32)
+    stored = stored.to(torch.uint8) if scale_dtype == "U8" else stored.to(torch.float8_e8m0fnu)
+    codes = torch.cat([codec.requantize(q, x[r0:r0 + 128].float(), [stored], r0, None) for r0 in (0, 128, 256)])
+    assert torch.equal(codec.dequantize(q, codes, [stored], 0).double(), fp8_dequantize(ref_codes, ref_scale, 128, 128))
+    decoded = torch.exp2(stored.double() - 127) if scale_dtype == "U8" else stored.double()
+    assert torch.equal(decoded, ref_scale.double())
+
+
+def test_fp8_codes_outside_the_config_grid_are_refused_naming_the_tensor():
+    from shardmerge.formats.fp8 import BlockFP8
+
+    codec = BlockFP8({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    with pytest.raises(ShardmergeError, match="'m.weight_scale_inv'.*128x128 block grid"):
+        _codec_weight(codec, (320, 200), (2, 2), "F32")
