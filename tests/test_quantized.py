@@ -80,13 +80,12 @@ def run_merge(base: Path, adapter: Path, out: Path, **options):
     return merge({"base": str(base), "adapters": [{"path": str(adapter)}], "output": str(out), **options})
 
 
-@pytest.mark.parametrize("fmt_key", list(FORMATS))
-def test_keep_requantizes_merged_weights_no_worse_than_the_reference(tmp_path, fmt_key):
-    c = build_case(tmp_path, fmt_key)
-    report = run_merge(c.base, c.adapter, tmp_path / "out")
-    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+def assert_requantized_no_worse_than_the_reference(c: Case, out_dir: Path, report) -> None:
+    """Every merged weight dequantizes no further from the exact float64 merge than the tests' own
+    requantization of that merge (1.5x); names, dtypes (scales too) and shapes are the base's."""
+    out = load_file(str(out_dir / "model.safetensors"))
     assert sorted(out) == sorted(c.tensors)
-    for name, t in out.items():  # same names, dtypes (scales too) and shapes
+    for name, t in out.items():
         assert (t.dtype, t.shape) == (c.tensors[name].dtype, c.tensors[name].shape), name
     for module, delta in deltas(c.adapter).items():
         base_w = c.fmt.dequantize(module, c.tensors)
@@ -98,6 +97,22 @@ def test_keep_requantizes_merged_weights_no_worse_than_the_reference(tmp_path, f
             assert error < (base_w - exact).norm(), module
         name = f"{module}.weight" if f"{module}.weight" in out else f"{module}.weight_packed"
         assert 0 < report.delta_survival[name] <= 1.5
+
+
+@pytest.mark.parametrize("fmt_key", list(FORMATS))
+def test_keep_requantizes_merged_weights_no_worse_than_the_reference(tmp_path, fmt_key):
+    c = build_case(tmp_path, fmt_key)
+    report = run_merge(c.base, c.adapter, tmp_path / "out")
+    assert_requantized_no_worse_than_the_reference(c, tmp_path / "out", report)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt_key", ["fp8:bf16", "ct:tensor:f32", "nvfp4-modelopt"])
+def test_keep_requantizes_on_the_gpu_no_worse_than_the_reference(tmp_path, fmt_key):
+    c = build_case(tmp_path, fmt_key)
+    report = run_merge(c.base, c.adapter, tmp_path / "out", device="cuda")
+    assert_requantized_no_worse_than_the_reference(c, tmp_path / "out", report)
 
 
 @pytest.mark.parametrize("fmt_key", ["fp8:bf16", "ct:tensor:f32", "nvfp4-modelopt"])
@@ -399,3 +414,61 @@ def test_fp8_codes_outside_the_config_grid_are_refused_naming_the_tensor():
     codec = BlockFP8({"quant_method": "fp8", "weight_block_size": [128, 128]})
     with pytest.raises(ShardmergeError, match="'m.weight_scale_inv'.*128x128 block grid"):
         _codec_weight(codec, (320, 200), (2, 2), "F32")
+
+
+def test_mxfp4_codec_requantizes_expert_tiles_as_the_reference_does():
+    from shardmerge.formats.fp4 import MXFP4
+    from shardmerge.safetensors_io import TensorInfo
+
+    codec = MXFP4({"quant_method": "mxfp4"})
+    tensors = {"e.gate_up_proj_blocks": TensorInfo("e.gate_up_proj_blocks", "U8", (3, 96, 2, 16), Path("mem"), 0, 9216),
+               "e.gate_up_proj_scales": TensorInfo("e.gate_up_proj_scales", "U8", (3, 96, 2), Path("mem"), 0, 576)}
+    q = codec.weights(tensors)["e.gate_up_proj_blocks"]
+    assert (q.name, q.shape) == ("e.gate_up_proj", (3, 64, 96))  # the float layout: (E, in, out)
+    w = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scales = torch.zeros(3, 96, 2, dtype=torch.uint8)
+    codes = torch.cat([codec.requantize(q, w[e:e + 1].reshape(1, -1).float(), [scales], e, None) for e in range(3)])
+    ref_blocks, ref_scales = mxfp4_quantize(w.transpose(1, 2))
+    assert torch.equal(scales, ref_scales)
+    assert torch.equal(codec.dequantize(q, codes, [scales], 0).double().reshape(3, 64, 96),
+                       mxfp4_dequantize(ref_blocks, ref_scales).transpose(1, 2))
+
+
+def _tiny_gpt_oss():
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    config = GptOssConfig(num_hidden_layers=1, num_local_experts=4, vocab_size=128, hidden_size=64,
+                          intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                          num_experts_per_tok=2, max_position_embeddings=64, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
+    """transformers dequantizes gpt-oss MXFP4 experts on a CPU; a bf16 output must hold the same experts, and
+    load in plain transformers."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    _quiet()
+    model = _tiny_gpt_oss()
+    base = tmp_path / "base"
+    model.save_pretrained(str(base))
+    state = load_file(str(base / "model.safetensors"))
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4_quantize(state.pop(name).double().transpose(1, 2))  # stored (E, out, in)
+        state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (base / "config.json").write_text(json.dumps(config))
+    reference = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=Mxfp4Config(dequantize=True),
+                                                     dtype=torch.bfloat16).state_dict()
+    adapter = make_adapter(_tiny_gpt_oss(), tmp_path / "adapter")
+    run_merge(base, adapter, tmp_path / "out", dtype="bfloat16")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.bfloat16).state_dict()
+    experts = [n for n in loaded if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(experts) == 2
+    for name in experts:
+        assert torch.equal(loaded[name], reference[name]), name

@@ -82,7 +82,7 @@ class MXFP4(Codec):
     def requantize(self, q, x, side, r0, amax):
         n = x.shape[0]
         _, cols, out = q.shape
-        stored = x.reshape(n, cols, out).transpose(1, 2)  # (n, out, in), as the blocks are laid out
+        stored = x.reshape(n, cols, out).transpose(1, 2).contiguous()  # (n, out, in), as the blocks are laid out
         peak = stored.abs().unflatten(-1, (cols // 32, 32)).amax(-1)
         # The next power of two at or above amax/6, so no code saturates.
         exponent = torch.ceil(torch.log2((peak / E2M1_MAX).clamp_min(2.0**-127))).clamp_(-127, 127)
