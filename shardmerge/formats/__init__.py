@@ -6,9 +6,6 @@ formats we cannot requantize faithfully are refused by name rather than merged w
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from ..errors import ShardmergeError
 from .base import Codec, Quantized
 from .fp4 import MXFP4, CompressedNVFP4, ModelOptNVFP4
@@ -25,7 +22,7 @@ _REFUSED = {
 __all__ = ["Codec", "Quantized", "detect"]
 
 
-def detect(config: dict, directory: Path) -> Codec | None:
+def detect(config: dict, directory) -> Codec | None:
     """The base's codec, or None for a float checkpoint; one line naming the format if it is refused."""
     qc = config.get("quantization_config")
     if qc is None and isinstance(config.get("text_config"), dict):
@@ -72,18 +69,18 @@ def _all_float8(qc: dict) -> bool:
     return bool(groups) and all(((g or {}).get("weights") or {}).get("type") == "float" for g in groups)
 
 
-def _modelopt_file(directory: Path) -> dict | None:
+def _modelopt_file(directory) -> dict | None:
+    from ..sources import _json_file
+    from ..stores import store_for
+
     path = directory / "hf_quant_config.json"
-    if not path.is_file():
+    if store_for(path).stat(path) is None:
         return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ShardmergeError(f"{path}: not readable JSON ({e})") from None
-    return value.get("quantization", value) if isinstance(value, dict) else {}
+    value = _json_file(path, "ModelOpt quantization config")
+    return value.get("quantization", value)
 
 
-def _modelopt(qc: dict, file: dict, directory: Path) -> Codec:
+def _modelopt(qc: dict, file: dict, directory) -> Codec:
     algo = str(qc.get("quant_algo") or file.get("quant_algo") or "").upper()
     if algo != "NVFP4":
         raise ShardmergeError(f"{directory}: the base is quantized with ModelOpt {algo or '(no quant_algo)'}, "
