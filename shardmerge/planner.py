@@ -384,11 +384,11 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
     tie = find_tie(view)
     edits = _collect(view, adapters, BaseNames(view), tie, set(by_name))
     settle(tie, edits, view)
-    if plan.dtype == "keep":
-        for name in sorted(set(edits.replaced) & set(by_name)):
-            raise ShardmergeError(f"{edits.replaced[name].path}: {edits.replaced[name].name!r} replaces {name!r}, a "
-                                  f"{codec.label} weight; replacing a quantized weight needs a float output "
-                                  "(dtype: bfloat16)")
+    clash = sorted(set(edits.replaced) & set(by_name)) if plan.dtype == "keep" else []
+    if clash:
+        replacement = edits.replaced[clash[0]]
+        raise ShardmergeError(f"{replacement.path}: {replacement.name!r} replaces {clash[0]!r}, a {codec.label} "
+                              "weight; replacing a quantized weight needs a float output (dtype: bfloat16)")
 
     def task(name: str, tensor: TensorInfo) -> TensorTask:
         out_dtype = tensor.dtype

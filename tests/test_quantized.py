@@ -472,3 +472,26 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
     assert len(experts) == 2
     for name in experts:
         assert torch.equal(loaded[name], reference[name]), name
+
+
+def test_expert_lora_into_quantized_experts_is_refused_naming_the_tensor(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    _quiet()
+    model = _tiny_gpt_oss()
+    base = tmp_path / "base"
+    model.save_pretrained(str(base))
+    state = load_file(str(base / "model.safetensors"))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    state[name + "_blocks"], state[name + "_scales"] = mxfp4_quantize(state.pop(name).double().transpose(1, 2))
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (base / "config.json").write_text(json.dumps(config))
+    peft_model = get_peft_model(_tiny_gpt_oss(), LoraConfig(r=2, target_modules=[],
+                                                            target_parameters=["mlp.experts.gate_up_proj"]))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(ShardmergeError, match=f"'{name}' is U8.*merging into quantized weights is not supported"):
+        run_merge(base, tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
