@@ -222,7 +222,7 @@ def float_model(config, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(noise * 0.05 if p.ndim >= 2 else 1 + 0.1 * noise)
     return model

@@ -282,7 +282,8 @@ def test_verify_with_the_plan_accepts_quantized_outputs_and_catches_a_changed_co
 
     c = build_case(tmp_path, "fp8:bf16")
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o"),
+    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}],
+                                "output": str(tmp_path / "o"),
                                 "dtype": dtype}))
     assert main([str(plan), "--quiet"]) == 0
     assert verify(str(tmp_path / "o"), plan=str(plan)) == []
@@ -310,7 +311,8 @@ def test_transformers_dequantizes_the_kept_fp8_output_as_the_reference_does(tmp_
         expected = c.fmt.dequantize(module, out)  # the float64 reference dequantization of what was written
         assert torch.allclose(loaded[f"{module}.weight"].double(), expected, rtol=2**-20, atol=0), module
         exact = c.fmt.dequantize(module, c.tensors) + delta
-        assert (loaded[f"{module}.weight"].double() - exact).norm() <= 1.5 * (c.fmt.requantize(module, exact) - exact).norm()
+        reference_error = (c.fmt.requantize(module, exact) - exact).norm()
+        assert (loaded[f"{module}.weight"].double() - exact).norm() <= 1.5 * reference_error
 
 
 @pytest.mark.parametrize("quant_method, named", [("gptq", "GPTQ"), ("awq", "AWQ"), ("bitsandbytes", "bitsandbytes"),
@@ -321,7 +323,8 @@ def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, cap
     config["quantization_config"] = {"quant_method": quant_method, "bits": 4}
     (c.base / "config.json").write_text(json.dumps(config))
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o")}))
+    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}],
+                                "output": str(tmp_path / "o")}))
     assert main([str(plan), "--quiet"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0]
