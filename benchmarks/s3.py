@@ -36,10 +36,17 @@ def start_server() -> tuple[subprocess.Popen, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     os.environ.update(env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -71,7 +78,7 @@ def upload_dir(client, directory: Path, prefix: str) -> None:
 def download_prefix(client, prefix: str, directory: Path) -> None:
     directory.mkdir(parents=True)
     for obj in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]:
-        client.download_file(BUCKET, obj["Key"], str(directory / obj["Key"][len(prefix) + 1:]))
+        client.download_file(BUCKET, obj["Key"], str(directory / obj["Key"][len(prefix) + 1 :]))
 
 
 def clear_prefix(client, prefix: str) -> None:
@@ -82,7 +89,7 @@ def clear_prefix(client, prefix: str) -> None:
 def digests(client, prefix: str) -> dict[str, str]:
     out = {}
     for obj in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]:
-        name = obj["Key"][len(prefix) + 1:]
+        name = obj["Key"][len(prefix) + 1 :]
         if name != "shardmerge-manifest.json":  # it names the paths it was made from
             body = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"]
             h = hashlib.sha256()
@@ -93,8 +100,9 @@ def digests(client, prefix: str) -> dict[str, str]:
 
 
 def plan(path: Path, base: str, adapter: str, output: str) -> Path:
-    path.write_text(json.dumps({"base": base, "adapters": [adapter], "output": output, "device": "cpu",
-                                "max_memory": "1GiB"}))
+    path.write_text(
+        json.dumps({"base": base, "adapters": [adapter], "output": output, "device": "cpu", "max_memory": "1GiB"})
+    )
     return path
 
 
@@ -112,9 +120,15 @@ def download_merge_upload(client, work: Path) -> tuple[dict[str, float], int]:
     download_prefix(client, "base", stage / "base")
     download_prefix(client, "adapter", stage / "adapter")
     t1 = time.perf_counter()
-    merged, rss = timed([sys.executable, "-m", "shardmerge",
-                         str(plan(work / "local.yaml", str(stage / "base"), str(stage / "adapter"),
-                                  str(stage / "merged"))), "-q"])
+    merged, rss = timed(
+        [
+            sys.executable,
+            "-m",
+            "shardmerge",
+            str(plan(work / "local.yaml", str(stage / "base"), str(stage / "adapter"), str(stage / "merged"))),
+            "-q",
+        ]
+    )
     t2 = time.perf_counter()
     upload_dir(client, stage / "merged", "plain")
     t3 = time.perf_counter()
@@ -164,20 +178,30 @@ def report(meta: dict, streamed: list, plain: list, same: bool, a) -> str:
         ("  merge local -> local (shardmerge)", phases["merge"], p_rss, None),
         ("  upload (boto3 transfer manager)", phases["upload"], None, None),
     ]
-    setup = (f"`python benchmarks/s3.py --size-gb {a.size_gb:g} --runs {a.runs}`: a {size / 1e9:.2f} GB bf16 model "
-             f"({meta['shards']} shards, {meta['layers']} layers, LoRA r={meta['rank']} on every projection), "
-             "moto's S3 server in its own process on 127.0.0.1, `device: cpu`, `max_memory: 1GiB`; medians of "
-             f"{a.runs}. Outputs identical (SHA-256 of every object): {'yes' if same else 'NO'}.")
-    lines = [MARK, "", setup, "",
-             "| route | wall s | MB/s | peak RSS of the merge | local disk staged |", "|---|---:|---:|---:|---:|"]
+    setup = (
+        f"`python benchmarks/s3.py --size-gb {a.size_gb:g} --runs {a.runs}`: a {size / 1e9:.2f} GB bf16 model "
+        f"({meta['shards']} shards, {meta['layers']} layers, LoRA r={meta['rank']} on every projection), "
+        "moto's S3 server in its own process on 127.0.0.1, `device: cpu`, `max_memory: 1GiB`; medians of "
+        f"{a.runs}. Outputs identical (SHA-256 of every object): {'yes' if same else 'NO'}."
+    )
+    lines = [
+        MARK,
+        "",
+        setup,
+        "",
+        "| route | wall s | MB/s | peak RSS of the merge | local disk staged |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, seconds, rss, disk in rows:
         rss_text = "" if rss is None else f"{rss / 2**20:.0f} MiB"
         disk_text = "" if disk is None else f"{disk / 1e9:.2f} GB"
         lines.append(f"| {name} | {seconds:.1f} | {size / 1e6 / seconds:.1f} | {rss_text} | {disk_text} |")
-    verdict = (f"Streaming runs at {phases['total'] / s_time:.2f}x the plain route's throughput here and stages nothing "
-               "on local disk. moto is one Python process on the same (shared, loaded) cores as the client, so every "
-               "request is expensive: the streaming route makes more, smaller requests (windows, parts, server-side "
-               "copies) and pays for it; this does not measure real S3.")
+    verdict = (
+        f"Streaming runs at {phases['total'] / s_time:.2f}x the plain route's throughput here and stages nothing "
+        "on local disk. moto is one Python process on the same (shared, loaded) cores as the client, so every "
+        "request is expensive: the streaming route makes more, smaller requests (windows, parts, server-side "
+        "copies) and pays for it; this does not measure real S3."
+    )
     lines += ["", verdict]
     return "\n".join(lines) + "\n"
 
@@ -187,7 +211,7 @@ def write_results(table: str) -> None:
     if MARK in text:
         start = text.index(MARK)
         following = text.find("\n## ", start + len(MARK))
-        text = text[:start] + table + (text[following + 1:] if following >= 0 else "")
+        text = text[:start] + table + (text[following + 1 :] if following >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + table
     RESULTS.write_text(text)

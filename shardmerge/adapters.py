@@ -97,26 +97,36 @@ def check_config(files: AdapterFiles) -> None:
         raise ShardmergeError(f"{where}: peft_type is {peft_type!r}; shardmerge merges LoRA adapters only")
     for key in _UNSUPPORTED_VARIANTS:
         if config.get(key) not in (None, False, {}, []):
-            raise ShardmergeError(f"{where}: {key}={config[key]!r} is a LoRA variant shardmerge cannot merge "
-                                  "exactly; merge it with PEFT instead")
+            raise ShardmergeError(
+                f"{where}: {key}={config[key]!r} is a LoRA variant shardmerge cannot merge "
+                "exactly; merge it with PEFT instead"
+            )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
         if init.lower() == "loftq":
-            way_out = ("merge into the base LoftQ produced (save it after get_peft_model) with init_lora_weights: "
-                       "true in adapter_config.json")
+            way_out = (
+                "merge into the base LoftQ produced (save it after get_peft_model) with init_lora_weights: "
+                "true in adapter_config.json"
+            )
         else:
-            way_out = ("re-save the adapter with save_pretrained(..., path_initial_model_for_weight_conversion=<the "
-                       "adapter saved right after initialisation>), which writes a plain rank-2r LoRA that merges here")
-        raise ShardmergeError(f"{where}: init_lora_weights={init!r} was saved unconverted: PEFT re-runs that "
-                              f"initialisation on load, changing the base weights before merging; {way_out}")
+            way_out = (
+                "re-save the adapter with save_pretrained(..., path_initial_model_for_weight_conversion=<the "
+                "adapter saved right after initialisation>), which writes a plain rank-2r LoRA that merges here"
+            )
+        raise ShardmergeError(
+            f"{where}: init_lora_weights={init!r} was saved unconverted: PEFT re-runs that "
+            f"initialisation on load, changing the base weights before merging; {way_out}"
+        )
 
 
 def config_warnings(files: AdapterFiles) -> list[str]:
     """What PEFT merges as given but the user may not expect."""
     if files.config.get("init_lora_weights") == "lora_ga":
-        return [f"{files.directory / 'adapter_config.json'}: init_lora_weights='lora_ga' changed the base weights "
-                "when training started; like PEFT, this merges into the base given, so it must be the base saved "
-                "after LoRA-GA initialisation (or re-save the adapter with path_initial_model_for_weight_conversion)"]
+        return [
+            f"{files.directory / 'adapter_config.json'}: init_lora_weights='lora_ga' changed the base weights "
+            "when training started; like PEFT, this merges into the base given, so it must be the base saved "
+            "after LoRA-GA initialisation (or re-save the adapter with path_initial_model_for_weight_conversion)"
+        ]
     return []
 
 
@@ -171,9 +181,11 @@ def _follow_config(files: AdapterFiles, module: LoraModule) -> list[str]:
         notes.append(f"lora_magnitude_vector of {module.module!r} (use_dora is false)")
         module.magnitude = None
     elif module.magnitude is None and config.get("use_dora"):
-        raise ShardmergeError(f"{files.weights}: module {module.module!r} has no lora_magnitude_vector, but "
-                              f"{files.directory / 'adapter_config.json'} says use_dora: true; re-save the adapter "
-                              "with PEFT or fix use_dora")
+        raise ShardmergeError(
+            f"{files.weights}: module {module.module!r} has no lora_magnitude_vector, but "
+            f"{files.directory / 'adapter_config.json'} says use_dora: true; re-save the adapter "
+            "with PEFT or fix use_dora"
+        )
     if module.b_bias is not None and not config.get("lora_bias"):
         notes.append(f"lora_B.bias of {module.module!r} (lora_bias is false)")
         module.b_bias = None
@@ -226,14 +238,20 @@ def _token_indices(files: AdapterFiles, module: str, values: TensorInfo) -> tupl
     if isinstance(spec, dict):  # PEFT's pattern rule; a single entry stands for the one embedding saved
         spec = pattern_value(spec, module, next(iter(spec.values())) if len(spec) == 1 else None)
     if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
-        raise ShardmergeError(f"{files.directory / 'adapter_config.json'}: trainable_token_indices gives no list of "
-                              f"token ids for {module!r}")
+        raise ShardmergeError(
+            f"{files.directory / 'adapter_config.json'}: trainable_token_indices gives no list of "
+            f"token ids for {module!r}"
+        )
     if len(set(spec)) != len(spec):
-        raise ShardmergeError(f"{files.directory / 'adapter_config.json'}: trainable_token_indices for {module!r} "
-                              "lists a token id twice; PEFT cannot train one row twice")
+        raise ShardmergeError(
+            f"{files.directory / 'adapter_config.json'}: trainable_token_indices for {module!r} "
+            "lists a token id twice; PEFT cannot train one row twice"
+        )
     if len(values.shape) != 2 or values.shape[0] != len(spec):
-        raise ShardmergeError(f"{files.weights}: {values.name!r} {list(values.shape)} does not hold one row for each "
-                              f"of the {len(spec)} trainable_token_indices")
+        raise ShardmergeError(
+            f"{files.weights}: {values.name!r} {list(values.shape)} does not hold one row for each "
+            f"of the {len(spec)} trainable_token_indices"
+        )
     return tuple(spec)
 
 
@@ -285,8 +303,10 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
             continue
         ignored += _follow_config(files, module)
         if module.module in adapter.token_rows:
-            raise ShardmergeError(f"{files.weights}: {module.module!r} carries both LoRA and trainable tokens, which "
-                                  "PEFT does not build on one embedding; train one of them")
+            raise ShardmergeError(
+                f"{files.weights}: {module.module!r} carries both LoRA and trainable tokens, which "
+                "PEFT does not build on one embedding; train one of them"
+            )
         if module.a is None or module.b is None:
             missing = "A" if module.a is None else "B"
             raise ShardmergeError(f"{files.weights}: module {module.module!r} has no lora_{missing} tensor")
@@ -295,11 +315,13 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
         if module.rank != rank or module.b.shape[1:2] != (rank,):
             raise ShardmergeError(
                 f"{files.weights}: module {module.module!r} has rank {module.rank} (lora_A {list(module.a.shape)}, "
-                f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}")
+                f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}"
+            )
         adapter.modules.append(module)
     if ignored:
-        adapter.warnings.append(f"{files.weights}: ignoring {len(ignored)} sets of tensors that PEFT's load ignores "
-                                f"too, e.g. {ignored[0]}")
+        adapter.warnings.append(
+            f"{files.weights}: ignoring {len(ignored)} sets of tensors that PEFT's load ignores too, e.g. {ignored[0]}"
+        )
     adapter.warnings += config_warnings(files)
     if not adapter.modules and not adapter.replacements and not adapter.token_rows and not adapter.param_loras:
         raise ShardmergeError(f"{files.weights}: adapter holds no tensors")
@@ -308,7 +330,16 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
 
 def _check_param_module(files: AdapterFiles, module: LoraModule) -> None:
     """PEFT's ParamWrapper saves exactly lora_A.weight and lora_B.weight (it refuses bias, DoRA, embeddings)."""
-    if module.a is None or module.b is None or module.b_bias is not None or module.magnitude is not None \
-            or module.embedding or len(module.a.shape) != 2 or len(module.b.shape) != 2:
-        raise ShardmergeError(f"{files.weights}: {module.module!r} is a target_parameters module but does not hold "
-                              "exactly a 2-D lora_A.weight and lora_B.weight")
+    if (
+        module.a is None
+        or module.b is None
+        or module.b_bias is not None
+        or module.magnitude is not None
+        or module.embedding
+        or len(module.a.shape) != 2
+        or len(module.b.shape) != 2
+    ):
+        raise ShardmergeError(
+            f"{files.weights}: {module.module!r} is a target_parameters module but does not hold "
+            "exactly a 2-D lora_A.weight and lora_B.weight"
+        )

@@ -35,13 +35,16 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 
 def _verify_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardmerge verify",
-                                     description="Check a merged output against its manifest and index.")
+    parser = argparse.ArgumentParser(
+        prog="shardmerge verify", description="Check a merged output against its manifest and index."
+    )
     parser.add_argument("output", help="a directory shardmerge wrote")
     parser.add_argument("--plan", help="also recompute a sample of merged tensors from this plan's inputs")
     parser.add_argument("--samples", type=int, default=8, help="merged tensors to recompute with --plan")
-    parser.add_argument("--max-memory", help="host-RAM budget for the recomputation, e.g. 2GiB (default: the plan's "
-                        "max_memory, as a merge)")
+    parser.add_argument(
+        "--max-memory",
+        help="host-RAM budget for the recomputation, e.g. 2GiB (default: the plan's max_memory, as a merge)",
+    )
     return parser
 
 
@@ -74,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: still one line, with the way to get the details
         if os.environ.get("SHARDMERGE_TRACEBACK"):
             raise
-        print(f"shardmerge: error: internal error {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
-              "(please report it; set SHARDMERGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(
+            f"shardmerge: error: internal error {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+            "(please report it; set SHARDMERGE_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 70
     finally:
         if previous is not None:

@@ -77,8 +77,9 @@ class Plan:
     dtype: str = _option(_dtype, "output dtype of floating tensors: keep | bfloat16 | float16 | float32", "keep")
     max_memory: int = _option(parse_size, "host-RAM budget for tensor buffers, e.g. 2GiB", 2 * GiB)
     max_gpu_memory: int | str = _option(_size_or("auto"), "GPU-memory budget, e.g. 8GiB, or auto", "auto")
-    max_shard_size: int | str = _option(_size_or("keep"), "keep the base's shard files, or re-shard to e.g. 5GB",
-                                        "keep")
+    max_shard_size: int | str = _option(
+        _size_or("keep"), "keep the base's shard files, or re-shard to e.g. 5GB", "keep"
+    )
     safe_merge: bool = _option(_bool, "refuse to write a merged tensor holding NaN or Inf", False)
     overwrite: bool = _option(_bool, "replace a non-empty output directory that holds something else", False)
     source: str | None = field(default=None, compare=False)  # the plan file, for messages
@@ -152,8 +153,9 @@ def _adapters(raw: Any, root: Path, where: str) -> list[AdapterSpec]:
     if isinstance(raw, (str, dict)):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
-        raise PlanError(f"{where}adapters: expected a list of adapters (each a path, or a mapping with path and "
-                        "weight)")
+        raise PlanError(
+            f"{where}adapters: expected a list of adapters (each a path, or a mapping with path and weight)"
+        )
     specs = []
     for i, item in enumerate(raw):
         key = f"{where}adapters[{i}]"

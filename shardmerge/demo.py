@@ -28,9 +28,11 @@ def write_demo(directory: Path) -> None:
     def randn(*shape, std=0.02):
         return (torch.randn(*shape, generator=generator) * std).to(torch.bfloat16)
 
-    tensors = {"model.embed_tokens.weight": randn(VOCAB, HIDDEN),
-               "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
-               "lm_head.weight": randn(VOCAB, HIDDEN)}
+    tensors = {
+        "model.embed_tokens.weight": randn(VOCAB, HIDDEN),
+        "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        "lm_head.weight": randn(VOCAB, HIDDEN),
+    }
     for i in range(LAYERS):
         for name, shape in PROJECTIONS.items():
             tensors[f"model.layers.{i}.{name}.weight"] = randn(*shape)
@@ -47,27 +49,54 @@ def write_demo(directory: Path) -> None:
         weight_map.update({k: file for k in group})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (base / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (base / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
-    }, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": HIDDEN,
+                "intermediate_size": INTERMEDIATE,
+                "num_hidden_layers": LAYERS,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": KV_HEADS,
+                "vocab_size": VOCAB,
+                "max_position_embeddings": 128,
+                "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+                "hidden_act": "silu",
+            },
+            indent=2,
+        )
+    )
     adapter = directory / "adapter"
     adapter.mkdir(parents=True, exist_ok=True)
     lora = {}
     for i in range(LAYERS):
         for name, (out_features, in_features) in PROJECTIONS.items():
             key = f"base_model.model.model.layers.{i}.{name}"
-            lora[f"{key}.lora_A.weight"] = (torch.randn(RANK, in_features, generator=generator) * 0.1)
-            lora[f"{key}.lora_B.weight"] = (torch.randn(out_features, RANK, generator=generator) * 0.1)
+            lora[f"{key}.lora_A.weight"] = torch.randn(RANK, in_features, generator=generator) * 0.1
+            lora[f"{key}.lora_B.weight"] = torch.randn(out_features, RANK, generator=generator) * 0.1
     save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": [p.split(".")[1] for p in PROJECTIONS],
-        "base_model_name_or_path": str(base), "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "bias": "none", "task_type": "CAUSAL_LM",
-    }, indent=2))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": RANK,
+                "lora_alpha": 16,
+                "target_modules": [p.split(".")[1] for p in PROJECTIONS],
+                "base_model_name_or_path": str(base),
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+                "bias": "none",
+                "task_type": "CAUSAL_LM",
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,11 +54,15 @@ def topology() -> Topology:
         try:
             rank, world, local = int(env.get(rank_var) or 0), int(env[world_var]), int(env.get(local_var) or 0)
         except ValueError:
-            raise ShardmergeError(f"{rank_var}/{world_var}/{local_var} in the environment are not integers "
-                                  f"({env.get(rank_var)!r}/{env.get(world_var)!r}/{env.get(local_var)!r})") from None
+            raise ShardmergeError(
+                f"{rank_var}/{world_var}/{local_var} in the environment are not integers "
+                f"({env.get(rank_var)!r}/{env.get(world_var)!r}/{env.get(local_var)!r})"
+            ) from None
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise ShardmergeError(f"{rank_var}={rank} {world_var}={world} {local_var}={local} in the environment "
-                                  "do not describe a rank of a job")
+            raise ShardmergeError(
+                f"{rank_var}={rank} {world_var}={world} {local_var}={local} in the environment "
+                "do not describe a rank of a job"
+            )
         return Topology(rank, world, local)
     return Topology()
 
@@ -113,9 +117,11 @@ class Group:
             return
         addr, port = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "").strip()
         if not addr or not port:
-            raise ShardmergeError(f"rank {topo.rank} of {topo.world_size}: MASTER_ADDR/MASTER_PORT are not set; "
-                                  "launch with torchrun or accelerate launch, or export them in the Slurm script "
-                                  "(see configs/slurm-merge.sbatch)")
+            raise ShardmergeError(
+                f"rank {topo.rank} of {topo.world_size}: MASTER_ADDR/MASTER_PORT are not set; "
+                "launch with torchrun or accelerate launch, or export them in the Slurm script "
+                "(see configs/slurm-merge.sbatch)"
+            )
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise ShardmergeError(f"MASTER_PORT={port!r} is not a TCP port number")
         self.where = f"{addr}:{port}"
@@ -124,8 +130,11 @@ class Group:
         import torch.distributed as dist
 
         try:
-            store, _, _ = next(dist.rendezvous(f"env://?rank={topo.rank}&world_size={topo.world_size}",
-                                               timeout=timedelta(seconds=self.timeout)))
+            store, _, _ = next(
+                dist.rendezvous(
+                    f"env://?rank={topo.rank}&world_size={topo.world_size}", timeout=timedelta(seconds=self.timeout)
+                )
+            )
             self.store = dist.PrefixStore(_PREFIX, store)
             self.store.set(f"hb/{topo.rank}", b"0")
             beat_store = dist.PrefixStore(_PREFIX, store.clone())  # its own connection, for the heartbeat thread
@@ -133,10 +142,12 @@ class Group:
             raise ShardmergeError(
                 f"rank {topo.rank} of {topo.world_size}: could not join the other ranks at {self.where} within "
                 f"{self.timeout:.0f}s ({_first_line(e)}); check that all {topo.world_size} ranks were started "
-                "and that MASTER_ADDR/MASTER_PORT name rank 0's node and a free port") from None
+                "and that MASTER_ADDR/MASTER_PORT name rank 0's node and a free port"
+            ) from None
         self._stop = threading.Event()
-        self._heart = threading.Thread(target=self._heartbeat, args=(beat_store,), name="shardmerge-heartbeat",
-                                       daemon=True)
+        self._heart = threading.Thread(
+            target=self._heartbeat, args=(beat_store,), name="shardmerge-heartbeat", daemon=True
+        )
         self._heart.start()
 
     # -- liveness ---------------------------------------------------------------------------------------
@@ -149,9 +160,11 @@ class Group:
                 return
 
     def _lost(self, e: BaseException) -> ShardmergeError:
-        return ShardmergeError(f"rank {self.topo.rank} of {self.topo.world_size}: lost contact with the rendezvous "
-                               f"store at {self.where}, hosted by rank 0 (or by torchrun's agent): {_first_line(e)}; "
-                               "rank 0 or its node probably failed, see its log; re-run to resume")
+        return ShardmergeError(
+            f"rank {self.topo.rank} of {self.topo.world_size}: lost contact with the rendezvous "
+            f"store at {self.where}, hosted by rank 0 (or by torchrun's agent): {_first_line(e)}; "
+            "rank 0 or its node probably failed, see its log; re-run to resume"
+        )
 
     def _wait_for(self, keys: dict[int, str], left_is_error: bool = True) -> None:
         """Wait until every rank in `keys` has set its key, for as long as those ranks are alive.
@@ -186,16 +199,20 @@ class Group:
             if not left_is_error:
                 del pending[rank]
                 return
-            raise ShardmergeError(f"rank {rank} of {self.topo.world_size} stopped early (it failed: see its error); "
-                                  "nothing was marked complete, re-run to resume")
+            raise ShardmergeError(
+                f"rank {rank} of {self.topo.world_size} stopped early (it failed: see its error); "
+                "nothing was marked complete, re-run to resume"
+            )
         beat = self.store.get(f"hb/{rank}") if self.store.check([f"hb/{rank}"]) else None
         if rank not in seen or seen[rank][0] != beat:
             seen[rank] = (beat, now)
         elif now - seen[rank][1] > self.timeout:
             state = "never joined" if beat is None else f"no heartbeat for {self.timeout:.0f}s"
-            raise ShardmergeError(f"rank {rank} of {self.topo.world_size} stopped responding ({state}: killed, out "
-                                  "of memory, or its node failed; see its log); nothing was marked complete, re-run "
-                                  "to resume")
+            raise ShardmergeError(
+                f"rank {rank} of {self.topo.world_size} stopped responding ({state}: killed, out "
+                "of memory, or its node failed; see its log); nothing was marked complete, re-run "
+                "to resume"
+            )
 
     # -- messages ---------------------------------------------------------------------------------------
     def gather(self, value) -> list:

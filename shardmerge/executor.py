@@ -78,9 +78,11 @@ class _ShardFile:
 
 
 def _write_error(shard_name: str, e: OSError) -> ShardmergeError:
-    return ShardmergeError(f"{shard_name}: writing the output shard failed: {os_reason(e)}; nothing was marked "
-                           "complete, "
-                           "and re-running the same plan resumes")
+    return ShardmergeError(
+        f"{shard_name}: writing the output shard failed: {os_reason(e)}; nothing was marked "
+        "complete, "
+        "and re-running the same plan resumes"
+    )
 
 
 @dataclass
@@ -272,13 +274,15 @@ class Executor:
         tile.out_bytes = rows * task.out_row_bytes
         out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
         if self.streams is not None:  # the whole tile at once, on the device
-            tile.ready = self.streams.merge(raw, out, lambda on_device: self._merge_rows(
-                tile, state, on_device, work_buffer, 0, rows))
+            tile.ready = self.streams.merge(
+                raw, out, lambda on_device: self._merge_rows(tile, state, on_device, work_buffer, 0, rows)
+            )
         else:
             self._merge_chunks(tile, state, raw, out, work_buffer)
 
-    def _merge_chunks(self, tile: _Tile, state: _TaskState, raw: torch.Tensor, out: torch.Tensor,
-                      work_buffer: torch.Tensor) -> None:
+    def _merge_chunks(
+        self, tile: _Tile, state: _TaskState, raw: torch.Tensor, out: torch.Tensor, work_buffer: torch.Tensor
+    ) -> None:
         """The CPU path: the tile in cache-sized chunks, each rounded into the slab as soon as it is merged."""
         task, rows = tile.task, tile.r1 - tile.r0
         # The output is rounded into the same slab. Walking chunks forward, a chunk's output lands only on
@@ -294,8 +298,9 @@ class Executor:
             if rounded is not None:
                 out[c0:c1].copy_(rounded)
 
-    def _merge_rows(self, tile: _Tile, state: _TaskState, raw: torch.Tensor, work_buffer: torch.Tensor,
-                    c0: int, c1: int) -> torch.Tensor | None:
+    def _merge_rows(
+        self, tile: _Tile, state: _TaskState, raw: torch.Tensor, work_buffer: torch.Tensor, c0: int, c1: int
+    ) -> torch.Tensor | None:
         """Rows c0:c1 of a tile merged in float32 and rounded to the output (requantized for a kept quantized
         format), or None in a pre-pass (DoRA column norms, a per-tensor scale's maximum)."""
         task, q = tile.task, tile.task.quant
@@ -332,8 +337,7 @@ class Executor:
         rounded = merged if task.requant else merged.to(mergemath.TORCH_DTYPES[task.out_dtype])
         if rounded.is_floating_point() and not bool(torch.isfinite(rounded).all()):
             origin = ", ".join(t.origin for t in task.terms) or "dtype conversion"
-            raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); "
-                                  f"from {origin}")
+            raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); from {origin}")
 
     def writer(self) -> None:
         while (tile := self.pipeline.get(self.writes)) is not None:
@@ -341,8 +345,9 @@ class Executor:
                 tile.ready.synchronize()
             start = time.perf_counter()
             try:
-                tile.shard.file.write(tile.slab[: tile.out_bytes].numpy(),
-                                      tile.task.out_offset + tile.r0 * tile.task.out_row_bytes)
+                tile.shard.file.write(
+                    tile.slab[: tile.out_bytes].numpy(), tile.task.out_offset + tile.r0 * tile.task.out_row_bytes
+                )
             except OSError as e:
                 raise _write_error(tile.shard.shard.name, e) from None
             written = tile.out_bytes
@@ -387,8 +392,9 @@ class Executor:
             name = out.shard.name
             self._open.remove(out)  # from here on commit_shard publishes it or aborts it
             try:
-                record = commit_shard(self.state, self.rank, name, out.file, out.shard.size, self.scratch_bytes,
-                                      self.plan.inputs[name])
+                record = commit_shard(
+                    self.state, self.rank, name, out.file, out.shard.size, self.scratch_bytes, self.plan.inputs[name]
+                )
             except OSError as e:
                 raise _write_error(name, e) from None
             self.result.shards[name] = record.to_json()  # as it travels to rank 0
@@ -436,8 +442,12 @@ def _copy_runs(tasks: list[TensorTask]) -> list[tuple[Path, int, int, int, int]]
         if not t.is_copy or t.out_nbytes == 0:
             continue
         src = t.source
-        if runs and runs[-1][0] == src.path and runs[-1][1] + runs[-1][3] == src.offset \
-                and runs[-1][2] + runs[-1][3] == t.out_offset:
+        if (
+            runs
+            and runs[-1][0] == src.path
+            and runs[-1][1] + runs[-1][3] == src.offset
+            and runs[-1][2] + runs[-1][3] == t.out_offset
+        ):
             runs[-1][3] += src.nbytes
             runs[-1][4] += 1
         else:

@@ -109,6 +109,7 @@ _BUILTIN_FAMILIES = {
 
 # -- the adapter side -------------------------------------------------------------------------------------
 
+
 def is_param_module(module: str, targets: list[str]) -> bool:
     """Whether a saved LoRA module is a ParamWrapper: its name (without `.base_layer`) owns a parameter
     `target_parameters` names (PEFT matches `<module>.<param>` by equality or a dotted suffix)."""
@@ -132,8 +133,10 @@ def assign_params(owner: str, loras: list[ParamLora], params: list[str]) -> dict
     first registered is innermost (deepest). `params` are the owner's targeted parameters in that order."""
     if len(params) != len(loras) or sorted(x.depth for x in loras) != list(range(len(loras))):
         depths = sorted(x.depth for x in loras)
-        raise ShardmergeError(f"{loras[0].a.path}: {owner!r} has LoRA at nesting depths {depths} but targets "
-                              f"{len(params)} parameters ({', '.join(params) or 'none'}) there")
+        raise ShardmergeError(
+            f"{loras[0].a.path}: {owner!r} has LoRA at nesting depths {depths} but targets "
+            f"{len(params)} parameters ({', '.join(params) or 'none'}) there"
+        )
     by_depth = {x.depth: x for x in loras}
     return {p: by_depth[len(params) - 1 - i] for i, p in enumerate(params)}
 
@@ -151,6 +154,7 @@ def lora_b_layout(config: dict, where) -> str:
 
 
 # -- orientation --------------------------------------------------------------------------------------------
+
 
 def swap_rule(peft_version) -> str | None:
     """PEFT's 3-D swap rule for the version that saved an adapter, or None when the version does not tell."""
@@ -173,19 +177,22 @@ def swapped(a: tuple, b: tuple, d1: int, d2: int, rule: str | None, is_transpose
     `is_transposed()` (asked only then) says how the experts module is laid out."""
     fits_swapped, fits_plain = (a[1], b[0]) == (d2, d1), (a[1], b[0]) == (d1, d2)
     if not (fits_swapped or fits_plain):
-        raise ShardmergeError(f"{origin}: lora_A {list(a)} / lora_B {list(b)} fit no orientation of the expert "
-                              f"parameter (E, {d1}, {d2})")
+        raise ShardmergeError(
+            f"{origin}: lora_A {list(a)} / lora_B {list(b)} fit no orientation of the expert parameter (E, {d1}, {d2})"
+        )
     if fits_swapped != fits_plain:
         return fits_swapped
     if rule is None:
         raise ShardmergeError(
             f"{origin}: the expert layout is ambiguous: the experts are square ({d1}x{d2}) and the adapter "
             "does not say which PEFT version saved it; set peft_version in the plan's adapter entry (the PEFT "
-            "version that trained it, e.g. peft_version: 0.21.2)")
+            "version that trained it, e.g. peft_version: 0.21.2)"
+        )
     return {_NEVER: False, _IF_TRANSPOSED: is_transposed(), _UNLESS_TRANSPOSED: not is_transposed()}[rule]
 
 
 # -- the model side ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class OwnerFacts:
@@ -257,6 +264,7 @@ class ModelFacts:
 
 # -- the checkpoint side ------------------------------------------------------------------------------------
 
+
 def rules_for(config: dict) -> tuple[ExpertRule, ...]:
     """The expert rules for a base's model type, from transformers when importable, else built in."""
     model_type = str(config.get("model_type", ""))
@@ -296,13 +304,17 @@ def transformers_rules(model_type: str) -> tuple[ExpertRule, ...]:
         elif ops == [Transpose] and (t.operations[0].dim0, t.operations[0].dim1) in ((1, 2), (2, 1)):
             rules.append(ExpertRule(param, transposed=True))
         elif ops == [Interleave] and t.operations[0].dim == 1 and len(t.source_patterns) == 1:
-            rules.append(ExpertRule(param, interleaved=True,
-                                    fused_name=t.source_patterns[0].replace("\\", "").rpartition(".")[2]))
+            rules.append(
+                ExpertRule(
+                    param, interleaved=True, fused_name=t.source_patterns[0].replace("\\", "").rpartition(".")[2]
+                )
+            )
     return tuple(rules)
 
 
-def checkpoint_slices(module: str, param: str, shape: tuple | None, rules: tuple[ExpertRule, ...],
-                      find) -> tuple[tuple, list[tuple[str, ExpertSlice]]]:
+def checkpoint_slices(
+    module: str, param: str, shape: tuple | None, rules: tuple[ExpertRule, ...], find
+) -> tuple[tuple, list[tuple[str, ExpertSlice]]]:
     """The module parameter `module.param`'s shape (E, d1, d2) and every base tensor holding part of it, with
     the part it holds; `find(name)` gives the base tensor (TensorInfo) a module-side name stands for, checkpoint
     renames included (names.BaseNames), or None. `shape` is the parameter's shape
@@ -319,14 +331,17 @@ def checkpoint_slices(module: str, param: str, shape: tuple | None, rules: tuple
         for source in rule.sources:
             info = find(f"{module}.{e}.{source}.weight")
             if info is None or len(info.shape) != 2:
-                raise ShardmergeError(f"the base stores the experts of {module}.{param} one by one but "
-                                      f"{module}.{e}.{source}.weight is missing or not 2-D")
+                raise ShardmergeError(
+                    f"the base stores the experts of {module}.{param} one by one but "
+                    f"{module}.{e}.{source}.weight is missing or not 2-D"
+                )
             out.append((info.name, ExpertSlice(e, 1, rows, rows + info.shape[0])))
             rows += info.shape[0]
     found = (len(out) // len(rule.sources), rows, find(out[0][0]).shape[1])
     if shape is not None and tuple(shape) != found:
-        raise ShardmergeError(f"the base's experts of {module}.{param} make {list(found)}, but the model "
-                              f"defines it as {list(shape)}")
+        raise ShardmergeError(
+            f"the base's experts of {module}.{param} make {list(found)}, but the model defines it as {list(shape)}"
+        )
     return found, out
 
 
@@ -347,12 +362,14 @@ def _fused(info: TensorInfo, shape: tuple | None, rule: ExpertRule) -> tuple[tup
     # transformers' Transpose(check_dims=True) leaves a tensor that already has the module's shape as it is
     transposed = info.shape != shape and (experts, y, x) == shape
     if not transposed and info.shape != shape:
-        raise ShardmergeError(f"base tensor {info.name!r} {list(info.shape)} does not hold the expert parameter "
-                              f"{list(shape)}")
+        raise ShardmergeError(
+            f"base tensor {info.name!r} {list(info.shape)} does not hold the expert parameter {list(shape)}"
+        )
     return shape, [(info.name, ExpertSlice(0, experts, 0, shape[1], transposed, rule.interleaved))]
 
 
 # -- factors ------------------------------------------------------------------------------------------------
+
 
 def narrowed_reads(a: TensorInfo, b: TensorInfo, experts: int, swap: bool, part: ExpertSlice):
     """The parts of lora_A and lora_B a base tensor's slice needs, as contiguous byte ranges: A_e for its experts
@@ -366,8 +383,14 @@ def narrowed_reads(a: TensorInfo, b: TensorInfo, experts: int, swap: bool, part:
 def _rows(info: TensorInfo, r0: int, r1: int) -> TensorInfo:
     if (r0, r1) == (0, info.shape[0]):
         return info
-    return TensorInfo(info.name, info.dtype, (r1 - r0, *info.shape[1:]), info.path, info.offset + r0 * info.row_bytes,
-                      (r1 - r0) * info.row_bytes)
+    return TensorInfo(
+        info.name,
+        info.dtype,
+        (r1 - r0, *info.shape[1:]),
+        info.path,
+        info.offset + r0 * info.row_bytes,
+        (r1 - r0) * info.row_bytes,
+    )
 
 
 def expert_factors(a, b, experts: int, layout: str, swap: bool, part: ExpertSlice):

@@ -112,8 +112,15 @@ class OutputState:
             self.lock = None
 
 
-def commit_shard(state: OutputState, rank: int, name: str, pending: PendingFile, size: int, scratch_size: int,
-                 inputs: dict | None = None) -> ShardRecord:
+def commit_shard(
+    state: OutputState,
+    rank: int,
+    name: str,
+    pending: PendingFile,
+    size: int,
+    scratch_size: int,
+    inputs: dict | None = None,
+) -> ShardRecord:
     """The commit protocol for one written shard: publish it (the store fsyncs it, checksums it through a
     buffer of `scratch_size`, renames it to its final name and fsyncs the directory), then journal it. A
     kill at any point leaves no shard under its final name or a complete one, perhaps not yet journaled (the
@@ -141,8 +148,9 @@ def check_not_inputs(output, inputs: list) -> None:
 
 
 def _journals(state: OutputState) -> list:
-    return [p for p in state.store.list(state.state_dir)
-            if p.name.startswith("journal-r") and p.name.endswith(".jsonl")]
+    return [
+        p for p in state.store.list(state.state_dir) if p.name.startswith("journal-r") and p.name.endswith(".jsonl")
+    ]
 
 
 def _read_journals(state: OutputState) -> dict[str, dict]:
@@ -162,8 +170,9 @@ def _read_journals(state: OutputState) -> dict[str, dict]:
 def _lock(state: OutputState) -> object:
     handle = state.store.lock(state.state_dir / "lock")
     if handle is None:
-        raise ShardmergeError(f"{state.directory}: another shardmerge run is writing this directory; wait for it or "
-                              "choose another output")
+        raise ShardmergeError(
+            f"{state.directory}: another shardmerge run is writing this directory; wait for it or choose another output"
+        )
     return handle
 
 
@@ -180,10 +189,17 @@ def open_output(output, fingerprint: str, overwrite: bool, lock: bool = True) ->
         foreign = bool(entries) and ours != fingerprint
         if foreign and not overwrite:
             state.release()
-            what = ("the finished output of a different plan" if manifest else
-                    "a partial output of a different plan" if recorded else "files shardmerge did not write")
-            raise ShardmergeError(f"{output}: directory is not empty and holds {what}; choose an empty output "
-                                  "directory or set overwrite: true (--overwrite) to replace its contents")
+            what = (
+                "the finished output of a different plan"
+                if manifest
+                else "a partial output of a different plan"
+                if recorded
+                else "files shardmerge did not write"
+            )
+            raise ShardmergeError(
+                f"{output}: directory is not empty and holds {what}; choose an empty output "
+                "directory or set overwrite: true (--overwrite) to replace its contents"
+            )
         return manifest, recorded, foreign
 
     inspect()  # refuse before writing anything
@@ -244,8 +260,12 @@ def verify_finished(state: OutputState, expected_sizes: dict[str, int], scratch_
     for name, record in list(state.finished.items()):
         path = state.directory / name
         stat = state.store.stat(path)
-        ok = (name in expected_sizes and stat is not None and stat.size == record.size == expected_sizes[name]
-              and record.matches(state.store.checksum(path, scratch_size)))
+        ok = (
+            name in expected_sizes
+            and stat is not None
+            and stat.size == record.size == expected_sizes[name]
+            and record.matches(state.store.checksum(path, scratch_size))
+        )
         if not ok:
             bad.append(name)
             del state.finished[name]

@@ -90,8 +90,9 @@ def add_bias(work: torch.Tensor, vector: torch.Tensor, scale: float, r0: int, r1
     work.add_(vector[r0:r1].reshape(work.shape), alpha=scale)
 
 
-def replace_rows(work: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, weight: float, r0: int,
-                 r1: int) -> None:
+def replace_rows(
+    work: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, weight: float, r0: int, r1: int
+) -> None:
     """Trainable tokens: rows `indices` (int64, of the whole tensor) become `values`, or with weight w move
     that fraction of the way, W + w * (values - W); only the ones inside rows r0:r1 touch this tile."""
     inside = (indices >= r0) & (indices < r1)
@@ -99,8 +100,9 @@ def replace_rows(work: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     work[rows] = values if weight == 1.0 else work[rows] + weight * (values - work[rows])
 
 
-def add_experts(work: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, transposed: bool,
-                r0: int, r1: int) -> None:
+def add_experts(
+    work: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, transposed: bool, r0: int, r1: int
+) -> None:
     """work += scale * rows r0:r1 of a stack of expert deltas ΔP[e] = left[e] @ right[e], in place.
 
     left (n, d1, r) and right (n, r, d2) hold n consecutive experts. Stored plainly the tensor's rows run

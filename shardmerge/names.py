@@ -85,6 +85,7 @@ class Renames:
 # ---- the built-in table: transformers 5's rules for the common families, used when transformers is absent
 # (or does not know the architecture). tests/test_names.py checks it against transformers for every family.
 
+
 def _llava_rules(towers: Sequence[str] = ("vision_tower", "multi_modal_projector")) -> tuple[Rule, ...]:
     """LlavaForConditionalGeneration and the families transformers maps like it: the hub layout keeps the
     language model's own `model.`/`lm_head` under `language_model.`; in memory the towers sit under `model.`."""
@@ -120,8 +121,10 @@ _FAMILIES = {
     "gemma3": _Family(_llava_rules()),
     "paligemma": _Family(_llava_rules()),
     "internvl": _Family(_llava_rules()),
-    "mllama": _Family(_llava_rules(("vision_model", "multi_modal_projector")),
-                      (("vision_config", "vision_model"), ("text_config", "language_model"))),
+    "mllama": _Family(
+        _llava_rules(("vision_model", "multi_modal_projector")),
+        (("vision_config", "vision_model"), ("text_config", "language_model")),
+    ),
     "llava_next": _Family(_LLAVA_NEXT),
     "llava_next_video": _Family(_LLAVA_NEXT),
     "llava_onevision": _Family(_LLAVA_NEXT),
@@ -147,8 +150,11 @@ _LEGACY = (
 
 def _architecture(config: dict) -> str:
     architectures = config.get("architectures")
-    return architectures[0] if isinstance(architectures, list) and architectures and isinstance(
-        architectures[0], str) else ""
+    return (
+        architectures[0]
+        if isinstance(architectures, list) and architectures and isinstance(architectures[0], str)
+        else ""
+    )
 
 
 def _table_family(config: dict) -> str | None:
@@ -330,23 +336,31 @@ class BaseNames:
     def find(self, name: str) -> str | None:
         found, _ = self.candidates(name)
         if len(found) > 1:
-            raise ShardmergeError(f"{name!r} matches several base tensors ({', '.join(found[:6])}); "
-                                  "the adapter and base checkpoint layouts are ambiguous")
+            raise ShardmergeError(
+                f"{name!r} matches several base tensors ({', '.join(found[:6])}); "
+                "the adapter and base checkpoint layouts are ambiguous"
+            )
         return found[0] if found else None
 
     def require(self, name: str, adapter_file: Path, key: str) -> str:
         found, how = self.candidates(name)
         if len(found) > 1:
             if how == "renamed":
-                why = (f"through {self.renames.family}'s checkpoint renames ({self.renames.source}): the base "
-                       "checkpoint stores that tensor under more than one layout; keep one of them")
+                why = (
+                    f"through {self.renames.family}'s checkpoint renames ({self.renames.source}): the base "
+                    "checkpoint stores that tensor under more than one layout; keep one of them"
+                )
             else:
                 why = "by a model-class prefix: the adapter and base checkpoint layouts are ambiguous"
-            raise ShardmergeError(f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which matches several "
-                                  f"base tensors {why} ({', '.join(found[:6])})")
+            raise ShardmergeError(
+                f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which matches several "
+                f"base tensors {why} ({', '.join(found[:6])})"
+            )
         if not found:
             close = difflib.get_close_matches(name, list(self.base.tensors), n=1)
             hint = f" (closest: {close[0]!r})" if close else ""
-            raise ShardmergeError(f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which is not in the "
-                                  f"base model {self.base.directory}{hint}")
+            raise ShardmergeError(
+                f"{adapter_file}: adapter tensor {key!r} targets {name!r}, which is not in the "
+                f"base model {self.base.directory}{hint}"
+            )
         return found[0]

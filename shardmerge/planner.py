@@ -74,7 +74,8 @@ class TensorTask:
         """Its tensors in the output header: (name, dtype, shape, nbytes)."""
         shape = self.quant.codes.shape if self.requant else self.source.shape
         return [(self.name, self.out_dtype, shape, self.out_nbytes)] + [
-            (c.source.name, c.source.dtype, c.source.shape, c.source.nbytes) for c in self.companions]
+            (c.source.name, c.source.dtype, c.source.shape, c.source.nbytes) for c in self.companions
+        ]
 
     @property
     def is_copy(self) -> bool:
@@ -177,12 +178,14 @@ def _known_model_type(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING_NAMES
 
 
-def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, config: dict,
-               quantized: bool = False) -> LoraTerm:
+def _lora_term(
+    module: LoraModule, adapter: Adapter, target: TensorInfo, config: dict, quantized: bool = False
+) -> LoraTerm:
     a, b, w = module.a.shape, module.b.shape, target.shape
     origin = f"{adapter.path}: {module.module}"
     mismatch = ShardmergeError(
-        f"{origin}: lora_A {list(a)} / lora_B {list(b)} do not fit base tensor {target.name!r} {list(w)}")
+        f"{origin}: lora_A {list(a)} / lora_B {list(b)} do not fit base tensor {target.name!r} {list(w)}"
+    )
     if module.embedding:
         if len(w) != 2 or len(a) != 2 or len(b) != 2 or (a[1], b[0]) != w:
             raise mismatch
@@ -203,13 +206,17 @@ def _lora_term(module: LoraModule, adapter: Adapter, target: TensorInfo, config:
     else:
         raise mismatch
     if target.dtype not in FLOAT_DTYPES and not quantized:
-        raise ShardmergeError(f"{origin}: base tensor {target.name!r} is {target.dtype}, neither a float tensor nor "
-                              "a weight of a quantized format named in config.json; cannot merge into it")
+        raise ShardmergeError(
+            f"{origin}: base tensor {target.name!r} is {target.dtype}, neither a float tensor nor "
+            "a weight of a quantized format named in config.json; cannot merge into it"
+        )
     if module.magnitude is not None:
         norm_axis = w[1] if transposed else w[0]
         if module.magnitude.numel != norm_axis:
-            raise ShardmergeError(f"{origin}: lora_magnitude_vector {list(module.magnitude.shape)} does not fit "
-                                  f"base tensor {target.name!r} {list(w)}")
+            raise ShardmergeError(
+                f"{origin}: lora_magnitude_vector {list(module.magnitude.shape)} does not fit "
+                f"base tensor {target.name!r} {list(w)}"
+            )
     return LoraTerm(module.a, module.b, module.scaling, adapter.weight, transposed, module.magnitude, origin)
 
 
@@ -248,20 +255,26 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
             origin = f"{adapter.path}: {owner}.{param}"
             shape, parts = experts.checkpoint_slices(owner, param, None, rules, find)
             if not parts:
-                raise ShardmergeError(f"{adapter.weights}: adapter tensor {lora.a.name!r} targets {owner}.{param}, "
-                                      f"which is not in the base model {base.directory}, fused or per expert")
+                raise ShardmergeError(
+                    f"{adapter.weights}: adapter tensor {lora.a.name!r} targets {owner}.{param}, "
+                    f"which is not in the base model {base.directory}, fused or per expert"
+                )
             rank, scaling = module_scaling(adapter.config, f"{owner}.{param}")
             count, d1, d2 = shape
             if lora.a.shape[0] != rank * count or lora.b.shape[1] != rank * count:
-                raise ShardmergeError(f"{origin}: lora_A {list(lora.a.shape)} / lora_B {list(lora.b.shape)} do not "
-                                      f"hold r={rank} for each of the {count} experts")
+                raise ShardmergeError(
+                    f"{origin}: lora_A {list(lora.a.shape)} / lora_B {list(lora.b.shape)} do not "
+                    f"hold r={rank} for each of the {count} experts"
+                )
             transposed = lambda: model.is_transposed(owner)  # noqa: B023 - called within this iteration only
             swap = experts.swapped(lora.a.shape, lora.b.shape, d1, d2, rule, transposed, origin)
             stored = _stored_as(parts, shape)
             for name, part in parts:
                 if base.tensors[name].dtype not in FLOAT_DTYPES:
-                    raise ShardmergeError(f"{origin}: base tensor {name!r} is {base.tensors[name].dtype}, not a float "
-                                          "tensor; merging into quantized weights is not supported")
+                    raise ShardmergeError(
+                        f"{origin}: base tensor {name!r} is {base.tensors[name].dtype}, not a float "
+                        "tensor; merging into quantized weights is not supported"
+                    )
                 a, b = experts.narrowed_reads(lora.a, lora.b, count, swap, part)
                 yield name, ExpertTerm(a, b, count, swap, layout, part, scaling, adapter.weight, origin, stored)
 
@@ -270,8 +283,11 @@ def _stored_as(parts: list, shape: tuple) -> str:
     """How the base stores an expert parameter, for the dry run."""
     first_name, first = parts[0]
     if first.count > 1:
-        return f"fused {first_name} {list(shape)}" + (" transposed" if first.transposed else "") + \
-            (" gate/up interleaved" if first.interleaved else "")
+        return (
+            f"fused {first_name} {list(shape)}"
+            + (" transposed" if first.transposed else "")
+            + (" gate/up interleaved" if first.interleaved else "")
+        )
     leaves = list(dict.fromkeys(name.removesuffix(".weight").rpartition(".")[2] for name, _ in parts))
     module = first_name.removesuffix(".weight").rpartition(".")[0].rpartition(".")[0]  # drop ".<expert>.<leaf>"
     leaf = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
@@ -285,15 +301,17 @@ def _shard_inputs(shards: list[OutputShard], adapters: list[Adapter]) -> dict[st
     identities: dict = {}
     out = {}
     for shard in shards:
-        paths = {t.source.path for t in shard.tasks} | {x.path for t in shard.tasks for term in t.terms
-                                                         for x in term.reads()}
+        paths = {t.source.path for t in shard.tasks} | {
+            x.path for t in shard.tasks for term in t.terms for x in term.reads()
+        }
         files = sorted({originals.get(p, p) for p in paths}, key=str)
         out[shard.name] = {str(p): identities.setdefault(p, input_identity(p)) for p in files}
     return out
 
 
-def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None,
-             quantized: set[str] = frozenset()) -> Edits:
+def _collect(
+    base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None, quantized: set[str] = frozenset()
+) -> Edits:
     """Every adapter tensor matched to the base tensor it changes (or to a tied head the base does not store);
     `quantized` names the logical tensors of a quantized base's weights."""
     edits = Edits()
@@ -312,8 +330,10 @@ def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Ti
                 _require_head(base, adapter, target_name, tensor)
             name, base_tensor = target(target_name, weights_file, tensor.name)
             if tensor.shape != base_tensor.shape:
-                raise ShardmergeError(f"{tensor.path}: {tensor.name!r} {list(tensor.shape)} cannot replace base "
-                                      f"tensor {name!r} {list(base_tensor.shape)} (resized vocabulary?)")
+                raise ShardmergeError(
+                    f"{tensor.path}: {tensor.name!r} {list(tensor.shape)} cannot replace base "
+                    f"tensor {name!r} {list(base_tensor.shape)} (resized vocabulary?)"
+                )
             edits.replace(name, tensor, own=target_name in adapter.own_copies)
         for module in adapter.modules:
             name, base_tensor = target(module.module + ".weight", weights_file, module.a.name)
@@ -322,25 +342,33 @@ def _collect(base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Ti
             if module.b_bias is not None:
                 bias_name, base_bias = target(module.module + ".bias", weights_file, module.b_bias.name)
                 if base_bias.shape != module.b_bias.shape:
-                    raise ShardmergeError(f"{module.b_bias.path}: {module.b_bias.name!r} does not fit base bias "
-                                          f"{bias_name!r} {list(base_bias.shape)}")
+                    raise ShardmergeError(
+                        f"{module.b_bias.path}: {module.b_bias.name!r} does not fit base bias "
+                        f"{bias_name!r} {list(base_bias.shape)}"
+                    )
                 edits.terms.setdefault(bias_name, []).append(
-                    BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}"))
+                    BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}")
+                )
         for name, term in _expert_terms(adapter, base, names):
             edits.terms.setdefault(name, []).append(term)
         for module_name, (indices, values) in adapter.token_rows.items():
             name, target_tensor = target(module_name + ".weight", weights_file, values.name)
             shape = target_tensor.shape
             if len(shape) != 2 or values.shape[1] != shape[1] or max(indices, default=0) >= shape[0]:
-                raise ShardmergeError(f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
-                                      f"{max(indices, default=0)} does not fit base tensor {name!r} {list(shape)}")
+                raise ShardmergeError(
+                    f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
+                    f"{max(indices, default=0)} does not fit base tensor {name!r} {list(shape)}"
+                )
             for origin, rows in token_rows.get(name, []):  # PEFT activates one trainable-tokens adapter per layer
                 if rows & set(indices):
-                    raise ShardmergeError(f"{values.path}: trainable token ids {sorted(rows & set(indices))[:8]} of "
-                                          f"{name!r} are also trained by {origin}; PEFT cannot combine them: merge one")
+                    raise ShardmergeError(
+                        f"{values.path}: trainable token ids {sorted(rows & set(indices))[:8]} of "
+                        f"{name!r} are also trained by {origin}; PEFT cannot combine them: merge one"
+                    )
             token_rows.setdefault(name, []).append((adapter.path, set(indices)))
             edits.terms.setdefault(name, []).append(
-                RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}"))
+                RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}")
+            )
     return edits
 
 
@@ -359,9 +387,11 @@ def _require_head(base: BaseModel, adapter: Adapter, target_name: str, tensor: T
     head_class = _HEAD_CLASSES.get(adapter.config.get("task_type"), "ForSequenceClassification")
     wanted = architecture.split("For")[0] + head_class
     labels = f"num_labels={tensor.shape[0]}" if tensor.shape else "num_labels"
-    raise ShardmergeError(f"{adapter.weights}: the adapter trains the classification head {module!r}, which the base "
-                          f"{base.directory} ({architecture}) does not have; merge into the base saved as {wanted} "
-                          f"(from_pretrained(base, {labels}).save_pretrained(...))")
+    raise ShardmergeError(
+        f"{adapter.weights}: the adapter trains the classification head {module!r}, which the base "
+        f"{base.directory} ({architecture}) does not have; merge into the base saved as {wanted} "
+        f"(from_pretrained(base, {labels}).save_pretrained(...))"
+    )
 
 
 def _with_added(tensors: dict[str, TensorInfo], added: dict[str, str]):
@@ -387,8 +417,10 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
     clash = sorted(set(edits.replaced) & set(by_name)) if plan.dtype == "keep" else []
     if clash:
         replacement = edits.replaced[clash[0]]
-        raise ShardmergeError(f"{replacement.path}: {replacement.name!r} replaces {clash[0]!r}, a {codec.label} "
-                              "weight; replacing a quantized weight needs a float output (dtype: bfloat16)")
+        raise ShardmergeError(
+            f"{replacement.path}: {replacement.name!r} replaces {clash[0]!r}, a {codec.label} "
+            "weight; replacing a quantized weight needs a float output (dtype: bfloat16)"
+        )
 
     def task(name: str, tensor: TensorInfo) -> TensorTask:
         out_dtype = tensor.dtype
@@ -397,8 +429,10 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
         return TensorTask(name, edits.replaced.get(name, tensor), out_dtype, terms=edits.terms.get(name, []))
 
     added = {after: name for name, after in edits.added}  # a head that was tied: beside its embedding
-    layout = [(shard.path.name, _shard_tasks(_with_added(shard.tensors, added), quantized, edits, plan.dtype, task))
-              for shard in base.shards]
+    layout = [
+        (shard.path.name, _shard_tasks(_with_added(shard.tensors, added), quantized, edits, plan.dtype, task))
+        for shard in base.shards
+    ]
     if plan.max_shard_size != "keep":
         layout = _reshard([t for _, tasks in layout for t in tasks], plan.max_shard_size)
     shards = [OutputShard(name, tasks) for name, tasks in layout]
@@ -423,8 +457,9 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
         config["dtype"] = plan.dtype
         if "torch_dtype" in config:
             config["torch_dtype"] = plan.dtype
-    merge_plan = MergePlan(plan, base, adapters, shards, write_index, device, config=config,
-                           inputs=_shard_inputs(shards, adapters))
+    merge_plan = MergePlan(
+        plan, base, adapters, shards, write_index, device, config=config, inputs=_shard_inputs(shards, adapters)
+    )
     if codec is not None:
         merge_plan.quant_label = codec.label
         if plan.dtype != "keep":
@@ -471,8 +506,15 @@ def _quant_task(q: Quantized, terms: list, replacement: TensorInfo | None, dtype
     if replacement is not None:  # a float output (checked when planning), so no format is kept
         return TensorTask(q.name, replacement, _OUT_DTYPES[dtype], terms=terms)
     if dtype == "keep":
-        return TensorTask(q.codes.name, q.logical, q.codes.dtype, terms=terms, quant=q, requant=True,
-                          companions=[Companion(s) for s in q.scales])
+        return TensorTask(
+            q.codes.name,
+            q.logical,
+            q.codes.dtype,
+            terms=terms,
+            quant=q,
+            requant=True,
+            companions=[Companion(s) for s in q.scales],
+        )
     return TensorTask(q.name, q.logical, _OUT_DTYPES[dtype], terms=terms, quant=q)
 
 
@@ -530,8 +572,14 @@ class Buffers:
 
     @property
     def total(self) -> int:
-        return (self.slabs * self.slab_bytes + FLOAT32_BYTES * self.work_elems * self.work_factor + self.factor_bytes
-                + 2 * self.scratch + self.overhead + self.shared_bytes)
+        return (
+            self.slabs * self.slab_bytes
+            + FLOAT32_BYTES * self.work_elems * self.work_factor
+            + self.factor_bytes
+            + 2 * self.scratch
+            + self.overhead
+            + self.shared_bytes
+        )
 
 
 SLABS = 4  # one being read, one merging, one being written, one spare for jitter
@@ -558,10 +606,12 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS) + reserved
     if merge_plan.plan.max_memory <= overhead:
         parts = f", {format_size(reserved)} of upload part buffers" if reserved else ""
-        raise ShardmergeError(f"max_memory {format_size(merge_plan.plan.max_memory)} is too small: a run of this "
-                              f"model holds {format_size(overhead)} before any buffer (threads, the plan of {tensors} "
-                              "tensors, allocator"
-                              f"{parts}); set max_memory to at least {format_size(overhead + MiB)}")
+        raise ShardmergeError(
+            f"max_memory {format_size(merge_plan.plan.max_memory)} is too small: a run of this "
+            f"model holds {format_size(overhead)} before any buffer (threads, the plan of {tensors} "
+            "tensors, allocator"
+            f"{parts}); set max_memory to at least {format_size(overhead + MiB)}"
+        )
     budget = min(budget, merge_plan.plan.max_memory - overhead)  # what the buffers below may use on the host
     scratch = scratch_bytes(budget)
     tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]
@@ -594,7 +644,8 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
             raise ShardmergeError(
                 f"max_memory {format_size(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: {what} "
                 f"needs {format_size(need)} in all; raise max_memory to at least "
-                f"{format_size(int(need * 1.1) + MiB)}")
+                f"{format_size(int(need * 1.1) + MiB)}"
+            )
         t.rows_per_tile = max(1, min(rows, elems // row))
         if t.rows_per_tile < rows:
             t.rows_per_tile = max(unit, t.rows_per_tile - t.rows_per_tile % unit)
@@ -604,13 +655,17 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
         else:
             t.chunk_rows = t.rows_per_tile
         if t.column_norms and t.needs_amax:
-            raise ShardmergeError(f"{t.name}: DoRA on a transposed layer into a per-tensor-scaled quantized weight "
-                                  "needs two pre-passes, which shardmerge does not do; use dtype: bfloat16")
+            raise ShardmergeError(
+                f"{t.name}: DoRA on a transposed layer into a per-tensor-scaled quantized weight "
+                "needs two pre-passes, which shardmerge does not do; use dtype: bfloat16"
+            )
     tile_elems = max(t.rows_per_tile * _row_elems(t) for t in tasks)
-    slab = max(t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype])
-               for t in tasks)
-    return Buffers(SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors - shared, scratch, overhead,
-                   shared)
+    slab = max(
+        t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks
+    )
+    return Buffers(
+        SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors - shared, scratch, overhead, shared
+    )
 
 
 def _shared_bytes(tasks: list[TensorTask], room: int) -> int:
@@ -636,16 +691,25 @@ def fingerprint(merge_plan: MergePlan) -> str:
         "dtype": plan.dtype,
         "max_shard_size": plan.max_shard_size,
         "device": merge_plan.device.split(":")[0],
-        "base": [(s.path.name, s.file_size, hashlib.sha256(_header_bytes(s)).hexdigest())
-                 for s in merge_plan.base.shards],
+        "base": [
+            (s.path.name, s.file_size, hashlib.sha256(_header_bytes(s)).hexdigest()) for s in merge_plan.base.shards
+        ],
         # Headers only, like the base: which version of each input's data the output holds is checked per
         # shard by the inputs' identities (MergePlan.inputs), so a resume redoes exactly what a change touches.
-        "adapters": [(a.weight, a.peft_version, json.dumps(a.config, sort_keys=True),
-                      hashlib.sha256(_header_bytes(read_header(a.weights))).hexdigest()) for a in merge_plan.adapters],
+        "adapters": [
+            (
+                a.weight,
+                a.peft_version,
+                json.dumps(a.config, sort_keys=True),
+                hashlib.sha256(_header_bytes(read_header(a.weights))).hexdigest(),
+            )
+            for a in merge_plan.adapters
+        ],
         "config": merge_plan.base.config,  # decides orientation and tying
         "output_config": merge_plan.config,
-        "layout": [(s.name, [(t.name, t.source.name) for t in s.tasks if t.name != t.source.name])
-                   for s in merge_plan.shards],
+        "layout": [
+            (s.name, [(t.name, t.source.name) for t in s.tasks if t.name != t.source.name]) for s in merge_plan.shards
+        ],
     }
     h.update(json.dumps(record, sort_keys=True).encode())
     return h.hexdigest()
@@ -658,15 +722,17 @@ def _header_bytes(shard) -> bytes:
     return bytes(buffer)
 
 
-
-
 def describe(merge_plan: MergePlan) -> str:
     """The --dry-run report: every target with its rank and scaling, and the bytes to read and write."""
-    lines = [f"base: {merge_plan.base.directory} ({len(merge_plan.base.shards)} shards, "
-             f"{len(merge_plan.base.tensors)} tensors)"]
+    lines = [
+        f"base: {merge_plan.base.directory} ({len(merge_plan.base.shards)} shards, "
+        f"{len(merge_plan.base.tensors)} tensors)"
+    ]
     for i, a in enumerate(merge_plan.adapters):
-        lines.append(f"adapter {i}: {a.path} (weight {a.weight:g}, {len(a.modules)} LoRA modules, "
-                     f"{len(a.param_loras)} expert parameters, {len(a.replacements)} replaced tensors)")
+        lines.append(
+            f"adapter {i}: {a.path} (weight {a.weight:g}, {len(a.modules)} LoRA modules, "
+            f"{len(a.param_loras)} expert parameters, {len(a.replacements)} replaced tensors)"
+        )
     if merge_plan.quant_label:
         mode = "kept" if merge_plan.plan.dtype == "keep" else f"dequantized to {merge_plan.plan.dtype}"
         lines.append(f"quantized: {merge_plan.quant_label}, {mode}")
@@ -688,12 +754,15 @@ def describe(merge_plan: MergePlan) -> str:
                     seen.add(line)
                     lines.append(line)
     written = sum(s.size for s in merge_plan.shards)
-    lines.append(f"output: {merge_plan.plan.output}: {len(merge_plan.shards)} shards "
-                 f"({', '.join(s.name for s in merge_plan.shards[:3])}{', ...' if len(merge_plan.shards) > 3 else ''})"
-                 f"{' + ' + INDEX_NAME if merge_plan.write_index else ''}")
+    lines.append(
+        f"output: {merge_plan.plan.output}: {len(merge_plan.shards)} shards "
+        f"({', '.join(s.name for s in merge_plan.shards[:3])}{', ...' if len(merge_plan.shards) > 3 else ''})"
+        f"{' + ' + INDEX_NAME if merge_plan.write_index else ''}"
+    )
     lines.append("tensors: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
-    lines.append(f"bytes: {format_size(read)} to read, {format_size(written)} to write; "
-                 f"max_memory {format_size(merge_plan.plan.max_memory)}"
-                 f", device {merge_plan.device}")
+    lines.append(
+        f"bytes: {format_size(read)} to read, {format_size(written)} to write; "
+        f"max_memory {format_size(merge_plan.plan.max_memory)}"
+        f", device {merge_plan.device}"
+    )
     return "\n".join(lines)
-

@@ -22,9 +22,18 @@ class Progress:
         self.total_tensors, self.tensors = total_tensors, 0
         self._lock = threading.Lock()
         terminal = sys.stderr.isatty()
-        self._bar = tqdm(total=max(total_bytes, 1), unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                         disable=not enabled, mininterval=0.25 if terminal else LOG_INTERVAL,
-                         delay=TERMINAL_DELAY if terminal else LOG_INTERVAL, dynamic_ncols=True, desc=label)
+        self._bar = tqdm(
+            total=max(total_bytes, 1),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            disable=not enabled,
+            mininterval=0.25 if terminal else LOG_INTERVAL,
+            delay=TERMINAL_DELAY if terminal else LOG_INTERVAL,
+            dynamic_ncols=True,
+            desc=label,
+        )
 
     def advance(self, nbytes: int, tensors: int = 0) -> None:
         with self._lock:

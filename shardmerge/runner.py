@@ -70,15 +70,16 @@ class MergeReport:
         if self.already_complete:
             return f"{self.output}: already complete for this plan; verified, nothing to redo"
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
-        return (f"merged into {self.output} in {self.seconds:.1f}s: {self.tensors_merged} tensors merged, "
-                f"{self.tensors_copied} copied, {format_size(self.bytes_written)} written, "
-                f"{self.shards_written} shards written, {self.shards_resumed} resumed; peak RSS "
-                f"{format_size(self.peak_rss_bytes)}; busy: {stages}"
-                + (f"; {self.store_retries} transient storage errors retried" if self.store_retries else ""))
+        return (
+            f"merged into {self.output} in {self.seconds:.1f}s: {self.tensors_merged} tensors merged, "
+            f"{self.tensors_copied} copied, {format_size(self.bytes_written)} written, "
+            f"{self.shards_written} shards written, {self.shards_resumed} resumed; peak RSS "
+            f"{format_size(self.peak_rss_bytes)}; busy: {stages}"
+            + (f"; {self.store_retries} transient storage errors retried" if self.store_retries else "")
+        )
 
 
-def run(plan: Plan, dry_run: bool = False, progress: bool = False,
-        topology: Topology | None = None) -> MergeReport:
+def run(plan: Plan, dry_run: bool = False, progress: bool = False, topology: Topology | None = None) -> MergeReport:
     """Merge `plan` as the rank `topology` says (default: a single process), or with `dry_run` only plan
     it and return its description. Prints nothing, unless `progress` asks for the progress bar on stderr."""
     started, retried = time.monotonic(), retries()
@@ -86,6 +87,7 @@ def run(plan: Plan, dry_run: bool = False, progress: bool = False,
     device = resolve_device(plan.device, topo.local_rank)
     budget = tile_budget(plan, device)
     with tempfile.TemporaryDirectory(prefix="shardmerge-") as scratch:
+
         def plan_merge() -> MergePlan:
             merge_plan = build_plan(plan, Path(scratch), device, budget)
             if topo.rank == 0:
@@ -99,22 +101,27 @@ def run(plan: Plan, dry_run: bool = False, progress: bool = False,
             description = describe(merge_plan)
             if topo.world_size > 1:
                 description += "\n" + describe_assignment({s.name: s.size for s in merge_plan.shards}, topo.world_size)
-            return MergeReport(output=plan.output, device=device, dry_run=True, ranks=topo.world_size,
-                               description=description)
+            return MergeReport(
+                output=plan.output, device=device, dry_run=True, ranks=topo.world_size, description=description
+            )
         group = Group(topo)
         try:
+
             def prepare() -> MergePlan:
                 merge_plan = plan_merge()
-                check_not_inputs(location(plan.output),
-                                 [merge_plan.base.directory] + [a.weights.parent for a in merge_plan.adapters])
+                check_not_inputs(
+                    location(plan.output), [merge_plan.base.directory] + [a.weights.parent for a in merge_plan.adapters]
+                )
                 return merge_plan
 
             merge_plan = _agree(group, topo, prepare)  # a rank that cannot plan (inputs not visible) fails all
             fingerprints = group.gather(merge_plan.fingerprint)
             differ = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
             if differ:
-                raise ShardmergeError(f"rank {differ[0]} of {topo.world_size} planned a different merge than rank 0 "
-                                      "(its inputs or device differ); every rank must see the same input files")
+                raise ShardmergeError(
+                    f"rank {differ[0]} of {topo.world_size} planned a different merge than rank 0 "
+                    "(its inputs or device differ); every rank must see the same input files"
+                )
             # Rank 0's view of the input files' identities goes into every journal line (another node may
             # number devices differently), so a resume compares like with like.
             merge_plan.inputs = group.gather(merge_plan.inputs)[0]
@@ -153,8 +160,11 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
             state = open_output(output, merge_plan.fingerprint, plan.overwrite)
             changed = drop_changed_inputs(state, merge_plan.inputs)
             if changed:
-                print(f"shardmerge: {changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed "
-                      "since shards of this output were written; redoing the shards made from them", file=sys.stderr)
+                print(
+                    f"shardmerge: {changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed "
+                    "since shards of this output were written; redoing the shards made from them",
+                    file=sys.stderr,
+                )
             if state.complete:
                 bad = verify_finished(state, sizes)
                 if not bad and not changed and _finalized(output, merge_plan):
@@ -171,8 +181,9 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
         finished = _agree(group, topo, claim)
         finished = group.gather(finished)[0]
         if finished == "complete":
-            return MergeReport(output=str(output), device=merge_plan.device, already_complete=True,
-                               ranks=topo.world_size)
+            return MergeReport(
+                output=str(output), device=merge_plan.device, already_complete=True, ranks=topo.world_size
+            )
         todo = {name: size for name, size in sizes.items() if name not in finished}
         mine = set(assign(todo, topo.world_size)[topo.rank])
         shards = [s for s in merge_plan.shards if s.name in mine]
@@ -239,8 +250,9 @@ def _restore_signal_handlers(previous) -> None:
 
 
 def _report(merge_plan: MergePlan, results: list[dict], resumed: int, topo: Topology) -> MergeReport:
-    report = MergeReport(output=merge_plan.plan.output, device=merge_plan.device, shards_resumed=resumed,
-                         ranks=topo.world_size)
+    report = MergeReport(
+        output=merge_plan.plan.output, device=merge_plan.device, shards_resumed=resumed, ranks=topo.world_size
+    )
     stages: dict[str, float] = {}
     for r in results:
         report.tensors_merged += r["tensors_merged"]
@@ -256,8 +268,9 @@ def _report(merge_plan: MergePlan, results: list[dict], resumed: int, topo: Topo
     sums: dict[str, list[float]] = {}
     for r in results:
         sums.update(r["survival"])
-    report.delta_survival = {name: (kept / delta) ** 0.5 if delta > 0 else 1.0
-                             for name, (kept, delta) in sorted(sums.items())}
+    report.delta_survival = {
+        name: (kept / delta) ** 0.5 if delta > 0 else 1.0 for name, (kept, delta) in sorted(sums.items())
+    }
     report.warnings = _survival_warnings(merge_plan, report.delta_survival)
     return report
 
@@ -273,9 +286,11 @@ def _survival_warnings(merge_plan: MergePlan, survival: dict[str, float]) -> lis
     narrow = any(dtypes.get(name) not in ("BF16", "F16", "F32", "F64") for _, name in lost)
     named = ", ".join(f"{name} ({share:.0%} kept)" for share, name in lost[:3])
     more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
-    line = (f"most of the adapter's change was rounded away in {len(lost)} of {len(survival)} merged tensors: "
-            f"{named}{more}; the output format cannot represent changes that small, use "
-            f"{'dtype: bfloat16' if narrow else 'dtype: float32'} to keep them")
+    line = (
+        f"most of the adapter's change was rounded away in {len(lost)} of {len(survival)} merged tensors: "
+        f"{named}{more}; the output format cannot represent changes that small, use "
+        f"{'dtype: bfloat16' if narrow else 'dtype: float32'} to keep them"
+    )
     return [line]
 
 
@@ -289,9 +304,11 @@ def _finalize(merge_plan: MergePlan, state: OutputState, shards: dict[str, Shard
     try:
         _finalize_files(merge_plan, state, shards)
     except OSError as e:
-        raise ShardmergeError(f"{e.filename or state.directory}: finishing the output failed: {os_reason(e)}; "
-                              "every shard "
-                              "is in, and re-running the same plan finishes it") from None
+        raise ShardmergeError(
+            f"{e.filename or state.directory}: finishing the output failed: {os_reason(e)}; "
+            "every shard "
+            "is in, and re-running the same plan finishes it"
+        ) from None
 
 
 def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str, ShardRecord]) -> None:
@@ -309,8 +326,9 @@ def _finalize_files(merge_plan: MergePlan, state: OutputState, shards: dict[str,
             store.put(output / path.name, data)
             files[path.name] = len(data)
         else:
-            files[path.name] = store.copy_file(store_for(path), path, output / path.name,
-                                               staging=state.tmp_dir / path.name)
+            files[path.name] = store.copy_file(
+                store_for(path), path, output / path.name, staging=state.tmp_dir / path.name
+            )
     if merge_plan.write_index:
         store.put(output / INDEX_NAME, (json.dumps(merge_plan.index(), indent=2) + "\n").encode())
     plan = merge_plan.plan

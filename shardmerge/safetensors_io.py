@@ -110,8 +110,7 @@ def read_header(path) -> ShardHeader:
         if header_len > MAX_HEADER_BYTES:
             raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
         if 8 + header_len > file_size:
-            raise _fail(path, f"header length {header_len} runs past the end of the {file_size}-byte file "
-                        "(truncated?)")
+            raise _fail(path, f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)")
         raw = bytearray(header_len)
         reader.read_into(raw, 8)
     except OSError as e:
@@ -158,16 +157,21 @@ def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> Shar
         if not 0 <= begin <= end:
             raise _fail(path, f"{where}: data_offsets {offsets} are not an increasing range")
         if end > data_size:
-            raise _fail(path, f"{where}: data_offsets {offsets} run past the end of the data "
-                        f"({data_size} bytes; truncated file?)")
+            raise _fail(
+                path,
+                f"{where}: data_offsets {offsets} run past the end of the data ({data_size} bytes; truncated file?)",
+            )
         expected = DTYPE_SIZES[dtype]
         for d in shape:  # capped as the reference's checked_mul: a huge shape must not cost big-int time
             expected *= d
             if expected >= 2**64:
                 raise _fail(path, f"{where}: shape {str(shape)[:100]} is too large")
         if expected != end - begin:
-            raise _fail(path, f"{where}: shape {str(shape)[:100]} of {dtype} needs {expected} bytes but data_offsets "
-                        f"span {end - begin}")
+            raise _fail(
+                path,
+                f"{where}: shape {str(shape)[:100]} of {dtype} needs {expected} bytes but data_offsets "
+                f"span {end - begin}",
+            )
         entries.append((begin, end, name, dtype, tuple(shape)))
     entries.sort()
     header = ShardHeader(path=path, file_size=file_size, data_start=data_start, metadata=metadata)
@@ -181,8 +185,9 @@ def _validate(path: Path, parsed: dict, file_size: int, data_start: int) -> Shar
     return header
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None,
-                  like: int | None = None) -> tuple[bytes, list[int]]:
+def encode_header(
+    entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None, like: int | None = None
+) -> tuple[bytes, list[int]]:
     """Header bytes for tensors laid out back to back in the given order.
 
     `entries` are (name, dtype, shape, nbytes). Returns the full prefix (length + JSON, padded with trailing

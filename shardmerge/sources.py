@@ -89,8 +89,10 @@ def _from_hub(spec: str, what: str) -> tuple[Path, Path]:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ShardmergeError(f"{spec}: not a local directory, and huggingface_hub is not installed to fetch it "
-                              "(pip install huggingface_hub)") from None
+        raise ShardmergeError(
+            f"{spec}: not a local directory, and huggingface_hub is not installed to fetch it "
+            "(pip install huggingface_hub)"
+        ) from None
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     quiet = _quiet_tqdm() if offline else None  # offline nothing is downloaded: a progress bar is only noise
@@ -99,8 +101,9 @@ def _from_hub(spec: str, what: str) -> tuple[Path, Path]:
         try:
             return Path(snapshot_download(repo_id, revision=rev, allow_patterns=patterns, tqdm_class=quiet)).resolve()
         except Exception as e:  # noqa: BLE001 - huggingface_hub raises many types; all mean "not available"
-            raise ShardmergeError(f"{spec}: cannot get the {what} from the Hugging Face Hub: "
-                                  f"{_hub_hint(e, repo_id)}") from None
+            raise ShardmergeError(
+                f"{spec}: cannot get the {what} from the Hugging Face Hub: {_hub_hint(e, repo_id)}"
+            ) from None
 
     if what != "base model":
         local = fetch(_HUB_ADAPTER_PATTERNS, revision or None)
@@ -108,8 +111,13 @@ def _from_hub(spec: str, what: str) -> tuple[Path, Path]:
         local = fetch(_HUB_BASE_PATTERNS, revision or None)
         try:
             with open(local / INDEX_NAME, "rb") as f:
-                shards = sorted({s for s in json.load(f)["weight_map"].values()
-                                 if isinstance(s, str) and not any(c in s for c in "*?[]")})
+                shards = sorted(
+                    {
+                        s
+                        for s in json.load(f)["weight_map"].values()
+                        if isinstance(s, str) and not any(c in s for c in "*?[]")
+                    }
+                )
         except FileNotFoundError:
             shards = [SINGLE_NAME]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -135,12 +143,16 @@ def _hub_hint(e: Exception, repo_id: str) -> str:
     name = type(e).__name__
     first = str(e).strip().splitlines()[0] if str(e).strip() else name
     if name == "IncompleteSnapshotError":
-        return (f"the cached copy is incomplete ({first[:200]}); download it again with network access "
-                f"(hf download {repo_id})")
+        return (
+            f"the cached copy is incomplete ({first[:200]}); download it again with network access "
+            f"(hf download {repo_id})"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline and name == "LocalEntryNotFoundError":
-        return ("it (or this revision) is not in the local cache and HF_HUB_OFFLINE is set; download it once "
-                f"online (hf download {repo_id}) or unset HF_HUB_OFFLINE")
+        return (
+            "it (or this revision) is not in the local cache and HF_HUB_OFFLINE is set; download it once "
+            f"online (hf download {repo_id}) or unset HF_HUB_OFFLINE"
+        )
     return f"{name}: {first[:300]}"
 
 
@@ -190,8 +202,11 @@ def read_base(spec: str) -> BaseModel:
         shard_files, names, metadata, has_index = [SINGLE_NAME], None, {}, False
     else:
         found = [p.name for p in store.list(directory) if p.suffix in (".safetensors", ".bin")]
-        hint = (f"found {', '.join(found[:4])} but no {INDEX_NAME}" if found
-                else "no model.safetensors or model.safetensors.index.json")
+        hint = (
+            f"found {', '.join(found[:4])} but no {INDEX_NAME}"
+            if found
+            else "no model.safetensors or model.safetensors.index.json"
+        )
         raise ShardmergeError(f"{directory}: not a safetensors model directory ({hint})")
 
     shards, tensors = [], {}
@@ -208,14 +223,16 @@ def read_base(spec: str) -> BaseModel:
         header = read_header(path)
         for tensor in header.tensors.values():
             if tensor.name in tensors:
-                raise ShardmergeError(f"{path}: tensor {tensor.name!r} is also stored in "
-                                      f"{tensors[tensor.name].path.name}")
+                raise ShardmergeError(
+                    f"{path}: tensor {tensor.name!r} is also stored in {tensors[tensor.name].path.name}"
+                )
             tensors[tensor.name] = tensor
         if names is not None:
             for tensor in names[name]:
                 if tensor not in header.tensors:
-                    raise ShardmergeError(f"{index_path}: tensor {tensor!r} is mapped to {name}, which does not "
-                                          "contain it")
+                    raise ShardmergeError(
+                        f"{index_path}: tensor {tensor!r} is mapped to {name}, which does not contain it"
+                    )
         shards.append(header)
     config_path = directory / "config.json"
     config = _json_file(config_path, "model config") if store.stat(config_path) is not None else {}
@@ -274,8 +291,10 @@ def convert_legacy_adapter(adapter: AdapterFiles, scratch_dir: Path) -> AdapterF
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ShardmergeError(f"{adapter.weights}: refused to load this pickle safely (only plain tensors are "
-                              f"allowed; it may try to run code): {first[:200]}") from None
+        raise ShardmergeError(
+            f"{adapter.weights}: refused to load this pickle safely (only plain tensors are "
+            f"allowed; it may try to run code): {first[:200]}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ShardmergeError(f"{adapter.weights}: expected a mapping of tensor names to tensors")
     scratch_dir.mkdir(parents=True, exist_ok=True)

@@ -123,8 +123,14 @@ class LoraTerm(Term):
 
     def factors(self, load: Load) -> mergemath.LoraFactors:
         magnitude = None if self.magnitude is None else load(self.magnitude).flatten()
-        return mergemath.lora_factors(load(self.a), load(self.b), scaling=self.scaling, weight=self.weight,
-                                      transposed=self.transposed, magnitude=magnitude)
+        return mergemath.lora_factors(
+            load(self.a),
+            load(self.b),
+            scaling=self.scaling,
+            weight=self.weight,
+            transposed=self.transposed,
+            magnitude=magnitude,
+        )
 
     def apply(self, factors, work, base, r0, r1):
         if self.magnitude is None:
@@ -138,8 +144,10 @@ class LoraTerm(Term):
     def describe(self, task) -> str:
         kind = ("DoRA " if self.magnitude is not None else "") + ("(B@A)^T" if self.transposed else "B@A")
         src = task.source
-        return (f"  merge {task.name} {list(src.shape)} {src.dtype}->{task.out_dtype}: {self.origin} "
-                f"r={self.a.shape[0]} scale={self.scale:.6g} {kind}, tiles of {task.rows_per_tile} rows")
+        return (
+            f"  merge {task.name} {list(src.shape)} {src.dtype}->{task.out_dtype}: {self.origin} "
+            f"r={self.a.shape[0]} scale={self.scale:.6g} {kind}, tiles of {task.rows_per_tile} rows"
+        )
 
 
 @dataclass(frozen=True)
@@ -226,8 +234,9 @@ class ExpertTerm(Term):
         return (self.b,) if self.part.count < self.experts else ()
 
     def factors(self, load: Load) -> tuple[torch.Tensor, torch.Tensor]:
-        left, right = experts_mod.expert_factors(load(self.a), load(self.b), self.experts, self.layout, self.swap,
-                                                 self.part)
+        left, right = experts_mod.expert_factors(
+            load(self.a), load(self.b), self.experts, self.layout, self.swap, self.part
+        )
         return left.contiguous(), right.contiguous()
 
     @property
@@ -243,8 +252,10 @@ class ExpertTerm(Term):
     def describe(self, task) -> str:
         # The same line for every base tensor of the parameter: the dry run prints it once.
         orientation = "B_e@A_e" if self.swap else "A_e^T@B_e^T"
-        return (f"  experts {self.origin}: E={self.experts} r={self.b.shape[1] // self.experts} "
-                f"scale={self.scale:.6g} {orientation} lora_B {self.layout} -> {self.stored_as}")
+        return (
+            f"  experts {self.origin}: E={self.experts} r={self.b.shape[1] // self.experts} "
+            f"scale={self.scale:.6g} {orientation} lora_B {self.layout} -> {self.stored_as}"
+        )
 
 
 def load_factors(terms: list[Term], load: Load) -> list:

@@ -71,8 +71,13 @@ def find_tie(base: BaseModel) -> Tie | None:
     inputs = [n for n in base.tensors if n.endswith(".weight") and n.split(".")[-2] in _INPUT_EMBEDDINGS]
     if len(inputs) != 1 or ties is False:
         return None
-    heads = [n for n in base.tensors if n.endswith(".weight") and n.split(".")[-2] in OUTPUT_EMBEDDINGS
-             and base.tensors[n].shape == base.tensors[inputs[0]].shape]
+    heads = [
+        n
+        for n in base.tensors
+        if n.endswith(".weight")
+        and n.split(".")[-2] in OUTPUT_EMBEDDINGS
+        and base.tensors[n].shape == base.tensors[inputs[0]].shape
+    ]
     if len(heads) > 1:
         return None
     if heads:  # with no tie_word_embeddings in the config we cannot know the class default: treat as untied
@@ -95,8 +100,10 @@ class Edits:
         """Two different replacements of one tensor are an error; the same values twice are one replacement."""
         if name in self.replaced and not tensors_equal(self.replaced[name], tensor):
             first = self.replaced[name]
-            raise ShardmergeError(f"{tensor.path}: {tensor.name!r} and {first.path}: {first.name!r} both replace "
-                                  f"{name!r} with different values; PEFT cannot activate both either: merge one")
+            raise ShardmergeError(
+                f"{tensor.path}: {tensor.name!r} and {first.path}: {first.name!r} both replace "
+                f"{name!r} with different values; PEFT cannot activate both either: merge one"
+            )
         self.replaced[name] = tensor
         if own:
             self.own.add(name)
@@ -117,8 +124,10 @@ def settle(tie: Tie | None, edits: Edits, base: BaseModel) -> None:
     if not tie.stored:
         architecture = str((base.config.get("architectures") or ["unknown"])[0])
         if not architecture.endswith(_HEAD_CLASSES):
-            raise ShardmergeError(f"{base.directory}: the adapter unties the embedding {tie.input!r} from the head of "
-                                  f"a {architecture} model, whose head name is not known here; merge it with PEFT")
+            raise ShardmergeError(
+                f"{base.directory}: the adapter unties the embedding {tie.input!r} from the head of "
+                f"a {architecture} model, whose head name is not known here; merge it with PEFT"
+            )
         edits.added.append((tie.output, tie.input))
 
 

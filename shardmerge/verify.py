@@ -76,8 +76,9 @@ def _check_index(path, headers: dict, total_size) -> list[str]:
         if stored.get(tensor) != shard:
             where = f"is in {stored[tensor]}" if tensor in stored else "is in no shard"
             problems.append(f"{path}: maps {tensor!r} to {shard}, but it {where}")
-    problems += [f"{path}: tensor {t!r} in {s} is missing from the index"
-                 for t, s in stored.items() if t not in weight_map]
+    problems += [
+        f"{path}: tensor {t!r} in {s} is missing from the index" for t, s in stored.items() if t not in weight_map
+    ]
     actual = sum(t.nbytes for h in headers.values() for t in h.tensors.values())
     if declared != actual or (total_size is not None and declared != total_size):
         problems.append(f"{path}: total_size {declared} but the shards hold {actual} bytes of tensors")
@@ -108,8 +109,9 @@ def _recompute(out, plan_path: str, samples: int, max_memory: int | None) -> lis
             written = header.tensors.get(task.name)
             _, dtype, shape, _ = task.entries()[0]
             if written is None or (written.dtype, written.shape) != (dtype, tuple(shape)):
-                problems.append(f"{out / shard.name}: tensor {task.name!r} is missing or not the planned "
-                                f"{dtype} {list(shape)}")
+                problems.append(
+                    f"{out / shard.name}: tensor {task.name!r} is missing or not the planned {dtype} {list(shape)}"
+                )
                 continue
             if task.requant:
                 problems += _check_requantized(out / shard.name, task, header, _block_rows(task, plan.max_memory))
@@ -117,8 +119,10 @@ def _recompute(out, plan_path: str, samples: int, max_memory: int | None) -> lis
             error = _max_error(task, written, _block_rows(task, plan.max_memory))
             tolerance = 2 * torch.finfo(mergemath.TORCH_DTYPES[task.out_dtype]).eps
             if error > tolerance:
-                problems.append(f"{out / shard.name}: tensor {task.name!r} differs from a recomputation from the "
-                                f"inputs (relative error {error:.3g})")
+                problems.append(
+                    f"{out / shard.name}: tensor {task.name!r} differs from a recomputation from the "
+                    f"inputs (relative error {error:.3g})"
+                )
         return problems
 
 
@@ -136,9 +140,11 @@ def _block_rows(task, budget: int) -> int:
     room = budget - RUNTIME_BYTES - 2 * fixed_cost(task)
     if room < per_row * task.row_unit:
         need = budget - room + per_row * task.row_unit
-        raise ShardmergeError(f"max_memory {format_size(budget)} is too small to recompute tensor {task.name!r} in "
-                              "float64; "
-                              f"give verify --max-memory at least {format_size(need)}")
+        raise ShardmergeError(
+            f"max_memory {format_size(budget)} is too small to recompute tensor {task.name!r} in "
+            "float64; "
+            f"give verify --max-memory at least {format_size(need)}"
+        )
     block = max(1, min(rows, room // per_row))
     unit = task.row_unit  # a quantized tensor's scale blocks stay whole
     return block if block == rows else max(unit, block - block % unit)
@@ -150,8 +156,9 @@ def _expected_blocks(task, block: int):
     from . import terms
 
     rows = task.rows
-    factors = terms.load_factors(task.terms, lambda info: _rows64(info, 0, info.shape[0] if info.shape else 1)
-                                 .reshape(info.shape))
+    factors = terms.load_factors(
+        task.terms, lambda info: _rows64(info, 0, info.shape[0] if info.shape else 1).reshape(info.shape)
+    )
     side = [_whole(s) for s in task.quant.scales] if task.quant is not None else []
     blocks = [(r0, min(r0 + block, rows)) for r0 in range(0, rows, block)]
     if any(t.column_norms for t in task.terms):  # column norms need every row before any row merges
@@ -183,9 +190,11 @@ def _check_requantized(path: Path, task, header, block: int) -> list[str]:
         ideal += (q.codec.dequantize(q, requantized, fresh, r0).double() - expected).square().sum().item()
         actual = q.codec.dequantize(q, _rows(header.tensors[task.name], r0, r1), written, r0).double()
         error += (actual - expected).square().sum().item()
-    if error ** 0.5 > 1.5 * ideal ** 0.5 + 1e-9:
-        line = (f"{path}: tensor {task.name!r} ({q.codec.label}) is further from a recomputation from the inputs "
-                f"than requantizing it is (error {error ** 0.5:.3g}, requantized {ideal ** 0.5:.3g})")
+    if error**0.5 > 1.5 * ideal**0.5 + 1e-9:
+        line = (
+            f"{path}: tensor {task.name!r} ({q.codec.label}) is further from a recomputation from the inputs "
+            f"than requantizing it is (error {error**0.5:.3g}, requantized {ideal**0.5:.3g})"
+        )
         return [line]
     return []
 

@@ -519,8 +519,9 @@ def assert_same_model(out_dir, reference, auto_class=None, dtype=torch.float32, 
     for name, param in want.items():
         torch.testing.assert_close(got[name], param, rtol=rtol, atol=atol, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=10 * rtol,
-                                   atol=10 * atol)
+        torch.testing.assert_close(
+            model(input_ids()).logits, reference(input_ids()).logits, rtol=10 * rtol, atol=10 * atol
+        )
     return model
 
 

@@ -123,12 +123,19 @@ class Format:
         kind, *rest = self.key.split(":")
         if kind == "nvfp4-modelopt":
             codes, bs, s2 = nvfp4_quantize(w)
-            return {f"{module}.weight": codes, f"{module}.weight_scale": bs, f"{module}.weight_scale_2": s2,
-                    f"{module}.input_scale": torch.tensor(0.5)}
+            return {
+                f"{module}.weight": codes,
+                f"{module}.weight_scale": bs,
+                f"{module}.weight_scale_2": s2,
+                f"{module}.input_scale": torch.tensor(0.5),
+            }
         if kind == "nvfp4-ct":
             codes, bs, s2 = nvfp4_quantize(w)
-            return {f"{module}.weight_packed": codes, f"{module}.weight_scale": bs,
-                    f"{module}.weight_global_scale": (1.0 / s2).reshape(1)}
+            return {
+                f"{module}.weight_packed": codes,
+                f"{module}.weight_scale": bs,
+                f"{module}.weight_global_scale": (1.0 / s2).reshape(1),
+            }
         bh, bw, scale_dtype, pow2 = self.grid(w.shape)
         codes, scale = fp8_quantize(w, bh, bw, scale_dtype, pow2)
         scale_name = "weight_scale_inv" if kind == "fp8" else "weight_scale"
@@ -153,11 +160,15 @@ class Format:
     def dequantize(self, module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         kind = self.key.split(":")[0]
         if kind == "nvfp4-modelopt":
-            return nvfp4_dequantize(tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"],
-                                    tensors[f"{module}.weight_scale_2"])
+            return nvfp4_dequantize(
+                tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"]
+            )
         if kind == "nvfp4-ct":
-            return nvfp4_dequantize(tensors[f"{module}.weight_packed"], tensors[f"{module}.weight_scale"],
-                                    1.0 / tensors[f"{module}.weight_global_scale"].double())
+            return nvfp4_dequantize(
+                tensors[f"{module}.weight_packed"],
+                tensors[f"{module}.weight_scale"],
+                1.0 / tensors[f"{module}.weight_global_scale"].double(),
+            )
         codes = tensors[f"{module}.weight"]
         bh, bw, _, _ = self.grid(codes.shape)
         scale = tensors[f"{module}.{'weight_scale_inv' if kind == 'fp8' else 'weight_scale'}"]
@@ -173,33 +184,77 @@ class Format:
 
 
 def formats() -> dict[str, Format]:
-    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-           "modules_to_not_convert": ["lm_head"]}
+    fp8 = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head"],
+    }
 
     def ct(strategy: str) -> dict:
-        weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
-                   "group_size": 32 if strategy == "group" else None,
-                   "block_structure": [128, 128] if strategy == "block" else None}
-        inputs = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False} \
-            if strategy == "tensor" else None
-        return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs}},
-                "ignore": ["lm_head"]}
+        weights = {
+            "num_bits": 8,
+            "type": "float",
+            "strategy": strategy,
+            "symmetric": True,
+            "dynamic": False,
+            "group_size": 32 if strategy == "group" else None,
+            "block_structure": [128, 128] if strategy == "block" else None,
+        }
+        inputs = (
+            {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+            if strategy == "tensor"
+            else None
+        )
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs}},
+            "ignore": ["lm_head"],
+        }
 
-    nvfp4_ct = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
-                "quantization_status": "compressed", "ignore": ["lm_head"],
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-                    "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
-                    "dynamic": False}}}}
+    nvfp4_ct = {
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "float",
+                    "strategy": "tensor_group",
+                    "group_size": 16,
+                    "symmetric": True,
+                    "dynamic": False,
+                },
+            }
+        },
+    }
     modelopt = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}
     found = [
-        Format("fp8:f32", fp8), Format("fp8:bf16", fp8), Format("fp8:f32:ue8m0", {**fp8, "scale_fmt": "ue8m0"}),
-        Format("ct:channel:bf16", ct("channel")), Format("ct:block:f32", ct("block")),
-        Format("ct:group:bf16", ct("group")), Format("ct:tensor:f32", ct("tensor")),
+        Format("fp8:f32", fp8),
+        Format("fp8:bf16", fp8),
+        Format("fp8:f32:ue8m0", {**fp8, "scale_fmt": "ue8m0"}),
+        Format("ct:channel:bf16", ct("channel")),
+        Format("ct:block:f32", ct("block")),
+        Format("ct:group:bf16", ct("group")),
+        Format("ct:tensor:f32", ct("tensor")),
         Format("fbgemm:f32", {"quant_method": "fbgemm_fp8", "modules_to_not_convert": ["lm_head"]}),
-        Format("nvfp4-modelopt", modelopt, bits=4,
-               extra_files={"hf_quant_config.json": {"producer": {"name": "modelopt"}, "quantization": {
-                   "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}}),
+        Format(
+            "nvfp4-modelopt",
+            modelopt,
+            bits=4,
+            extra_files={
+                "hf_quant_config.json": {
+                    "producer": {"name": "modelopt"},
+                    "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]},
+                }
+            },
+        ),
         Format("nvfp4-ct", nvfp4_ct, bits=4),
     ]
     return {f.key: f for f in found}
@@ -210,9 +265,20 @@ def tiny_llama_config(hidden: int = 256, intermediate: int = 320, layers: int = 
     """Hidden 256 (two 128-blocks) and an intermediate size that is not a multiple of 128 (ragged blocks)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def float_model(config, seed: int = 0):

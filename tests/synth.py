@@ -25,7 +25,8 @@ def write_base(directory: Path, tensors: dict[str, torch.Tensor], shards: int = 
             weight_map.update({k: file for k in group})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (directory / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
     (directory / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
     return directory
 
@@ -34,15 +35,18 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], **config) -
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config}))
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config})
+    )
     return directory
 
 
 def lora_pair(module: str, out_features: int, in_features: int, r: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     key = f"base_model.model.{module}"
-    return {f"{key}.lora_A.weight": torch.randn(r, in_features, generator=g),
-            f"{key}.lora_B.weight": torch.randn(out_features, r, generator=g)}
+    return {
+        f"{key}.lora_A.weight": torch.randn(r, in_features, generator=g),
+        f"{key}.lora_B.weight": torch.randn(out_features, r, generator=g),
+    }
 
 
 def write_plan(path: Path, **plan) -> Path:
@@ -53,8 +57,10 @@ def write_plan(path: Path, **plan) -> Path:
 def tiny_llama(tmp: Path, dtype=torch.bfloat16, layers: int = 2, hidden: int = 16) -> tuple[Path, Path]:
     """A base with q_proj/o_proj/norms over several shards, and an adapter on q_proj."""
     g = torch.Generator().manual_seed(1)
-    tensors = {"model.embed_tokens.weight": torch.randn(32, hidden, generator=g).to(dtype),
-               "model.norm.weight": torch.ones(hidden, dtype=dtype)}
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(32, hidden, generator=g).to(dtype),
+        "model.norm.weight": torch.ones(hidden, dtype=dtype),
+    }
     adapter = {}
     for i in range(layers):
         tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(hidden, hidden, generator=g).to(dtype)

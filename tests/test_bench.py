@@ -26,6 +26,7 @@ def test_streamed_shard_holds_exactly_the_seeded_tensors(tmp_path):
 def test_every_mode_module_is_found_and_listed_by_the_script():
     names = [m.NAME for m in modes.modes()]
     assert {"generate", "compare", "sweep", "ranks", "large", "reflink", "gpu", "smoke"} <= set(names)
-    usage = subprocess.run([sys.executable, str(BENCHMARKS / "bench.py"), "--help"], capture_output=True, text=True,
-                           check=True).stdout
+    usage = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert all(name in usage for name in names)

@@ -83,8 +83,9 @@ def write_case(root: Path, layers: list[dict], dtype: str) -> tuple[Path, Path]:
 
 
 def plan_for(root: Path, base: Path, adapter: Path, out: str, budget: int, device: str):
-    plan = load_plan({"base": str(base), "adapters": [str(adapter)], "output": str(root / "out"), "dtype": out,
-                      "max_memory": budget})
+    plan = load_plan(
+        {"base": str(base), "adapters": [str(adapter)], "output": str(root / "out"), "dtype": out, "max_memory": budget}
+    )
     return build_plan(plan, root / "scratch", device)
 
 
@@ -100,8 +101,9 @@ def check_fits(merge_plan, budget: int, on_cuda: bool) -> None:
         assert task.chunk_rows * row <= buffers.work_elems, task.name
         if task.rows_per_tile < task.source.shape[0] and task.chunk_rows < task.rows_per_tile:
             assert task.rows_per_tile % task.chunk_rows == 0, task.name  # same chunks whatever the budget
-    factors = max((sum(t.fixed_bytes for t in task.terms)
-                   for s in merge_plan.shards for task in s.tasks if task.terms), default=0)
+    factors = max(
+        (sum(t.fixed_bytes for t in task.terms) for s in merge_plan.shards for task in s.tasks if task.terms), default=0
+    )
     assert buffers.factor_bytes >= 2 * factors  # this task's factors and the next one's
 
 
@@ -129,7 +131,9 @@ def test_planned_buffers_fit_max_memory_or_the_refusal_names_a_budget_that_fits(
 
 def test_a_tiny_budget_is_refused_naming_the_tensor_and_a_budget(tmp_path):
     base, adapter = write_case(tmp_path, [{"rows": 64, "cols": 2**20, "rank": 8, "kind": "lora"}], "BF16")
-    with pytest.raises(ShardmergeError, match=r"max_memory 9\.0MiB is too small for tensor 'layers\.0\.proj\.weight': "
-                                              r"one row block needs .* raise max_memory to at least "):
+    with pytest.raises(
+        ShardmergeError,
+        match=r"max_memory 9\.0MiB is too small for tensor 'layers\.0\.proj\.weight': "
+        r"one row block needs .* raise max_memory to at least ",
+    ):
         plan_for(tmp_path, base, adapter, "keep", 9 * MiB, "cpu")
-

@@ -11,8 +11,9 @@ from synth import lora_pair, tiny_llama, write_adapter, write_plan
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "shardmerge", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "shardmerge", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def assert_one_line_error(result, *needles):
@@ -73,15 +74,18 @@ def test_overrides_replace_plan_keys(inputs):
     assert all(t.dtype == torch.float32 for t in load_file(str(shard)).values())
 
 
-@pytest.mark.parametrize("plan, needle", [
-    ({"base": "base", "adapters": ["adapter"], "output": "out", "colour": "red"}, "unknown key 'colour'"),
-    ({"base": "base", "adapters": ["adapter"]}, "missing required key 'output'"),
-    ({"base": "base", "adapters": ["adapter"], "output": "out", "max_memory": "lots"}, "max_memory"),
-    ({"base": "base", "adapters": [{"path": "adapter", "weight": "heavy"}], "output": "out"}, "weight"),
-    ({"base": "base", "adapters": [{"path": "adapter", "scale": 2}], "output": "out"}, "unknown key 'scale'"),
-    ({"base": "nowhere", "adapters": ["adapter"], "output": "out"}, "nowhere"),
-    ({"base": "base", "adapters": ["adapter"], "output": "out", "device": "tpu"}, "device"),
-])
+@pytest.mark.parametrize(
+    "plan, needle",
+    [
+        ({"base": "base", "adapters": ["adapter"], "output": "out", "colour": "red"}, "unknown key 'colour'"),
+        ({"base": "base", "adapters": ["adapter"]}, "missing required key 'output'"),
+        ({"base": "base", "adapters": ["adapter"], "output": "out", "max_memory": "lots"}, "max_memory"),
+        ({"base": "base", "adapters": [{"path": "adapter", "weight": "heavy"}], "output": "out"}, "weight"),
+        ({"base": "base", "adapters": [{"path": "adapter", "scale": 2}], "output": "out"}, "unknown key 'scale'"),
+        ({"base": "nowhere", "adapters": ["adapter"], "output": "out"}, "nowhere"),
+        ({"base": "base", "adapters": ["adapter"], "output": "out", "device": "tpu"}, "device"),
+    ],
+)
 def test_invalid_plan_is_one_line_error(inputs, plan, needle):
     tmp, _, _ = inputs
     assert_one_line_error(run_cli(write_plan(tmp / "plan.yaml", **plan)), needle)
@@ -165,8 +169,14 @@ def test_library_call_returns_report(inputs):
     import shardmerge
 
     tmp, _, _ = inputs
-    report = shardmerge.merge({"base": str(tmp / "base"), "adapters": [str(tmp / "adapter")],
-                               "output": str(tmp / "out"), "max_memory": "9MiB"})
+    report = shardmerge.merge(
+        {
+            "base": str(tmp / "base"),
+            "adapters": [str(tmp / "adapter")],
+            "output": str(tmp / "out"),
+            "max_memory": "9MiB",
+        }
+    )
     assert report.tensors_merged == 2
     assert report.tensors_copied == 4
     assert report.bytes_written > 0 and report.seconds > 0 and report.peak_rss_bytes > 0

@@ -51,8 +51,13 @@ def model(tmp_path_factory):
     reference = tm.tree_bytes(root / "reference")
     assert tm.MANIFEST_NAME in reference and tm.INDEX_NAME in reference
     assert not any(name.startswith(tm.STATE_DIR) for name in reference)
-    return {"root": root, "base": base, "adapter": adapter, "reference": reference,
-            "inputs": tm.tree_hashes(base, adapter)}
+    return {
+        "root": root,
+        "base": base,
+        "adapter": adapter,
+        "reference": reference,
+        "inputs": tm.tree_hashes(base, adapter),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +138,8 @@ def killed_run(plan: Path, target: str, n: int, after: bool = False) -> int:
 
 def assert_killed(status: int) -> None:
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-        f"the child was not killed at the hook (wait status {status:#x}); the kill point is out of range")
+        f"the child was not killed at the hook (wait status {status:#x}); the kill point is out of range"
+    )
 
 
 def assert_no_incomplete_shard(out: Path, reference: dict[str, bytes]) -> None:
@@ -166,8 +172,9 @@ KILL_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("target,n,after", KILL_POINTS,
-                         ids=[f"{t}-{'after' if a else 'before'}-{n}" for t, n, a in KILL_POINTS])
+@pytest.mark.parametrize(
+    "target,n,after", KILL_POINTS, ids=[f"{t}-{'after' if a else 'before'}-{n}" for t, n, a in KILL_POINTS]
+)
 def test_sigkill_at_kill_point_then_rerun_is_byte_identical_to_uninterrupted_run(model, tmp_path, target, n, after):
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
@@ -220,15 +227,30 @@ def signalled_runs(model, tmp_path_factory):
     one sends itself SIGINT, one SIGTERM, one is SIGKILLed from here, each mid-write; and one sends itself
     SIGTERM during finalization (at the 10th rename: a copied config file, after every shard is in)."""
     runs = {}
-    for key, sig, target, at in (("SIGINT", signal.SIGINT, "pwrite", 30), ("SIGTERM", signal.SIGTERM, "pwrite", 55),
-                                 ("SIGKILL", signal.SIGKILL, "pwrite", 80),
-                                 ("SIGTERM-finalizing", signal.SIGTERM, "replace", 10)):
+    for key, sig, target, at in (
+        ("SIGINT", signal.SIGINT, "pwrite", 30),
+        ("SIGTERM", signal.SIGTERM, "pwrite", 55),
+        ("SIGKILL", signal.SIGKILL, "pwrite", 80),
+        ("SIGTERM-finalizing", signal.SIGTERM, "replace", 10),
+    ):
         d = tmp_path_factory.mktemp(key)
         plan = tm.write_plan(d / "plan.yaml", model["base"], model["adapter"], d / "out")
-        env = dict(os.environ, SM_SIGNAL=str(int(sig)), SM_AT=str(at), SM_MARKER=str(d / "marker"), SM_TARGET=target,
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(plan), "-q"], env=env, cwd=d,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = dict(
+            os.environ,
+            SM_SIGNAL=str(int(sig)),
+            SM_AT=str(at),
+            SM_MARKER=str(d / "marker"),
+            SM_TARGET=target,
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, str(plan), "-q"],
+            env=env,
+            cwd=d,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         runs[key] = {"proc": proc, "plan": plan, "out": d / "out", "marker": d / "marker"}
     killer = runs["SIGKILL"]
     deadline = time.monotonic() + 120
@@ -306,8 +328,9 @@ def test_changed_plan_over_existing_output_is_refused_naming_the_directory(model
 
 
 @pytest.mark.parametrize("existing", [_partial_output, _finished_output], ids=["partial", "finished"])
-def test_changed_plan_with_overwrite_replaces_output_with_the_new_plans_bytes(model, tmp_path, half_weight_reference,
-                                                                             existing):
+def test_changed_plan_with_overwrite_replaces_output_with_the_new_plans_bytes(
+    model, tmp_path, half_weight_reference, existing
+):
     out = existing(model, tmp_path)
     plan = make_plan(model, tmp_path, "changed.yaml", weight=0.5, overwrite=True)
     rc, err = run_cli(plan)
@@ -414,8 +437,11 @@ def enospc_on_call(real, n: int):
     return hook
 
 
-@pytest.mark.parametrize("attr,n", [("pwrite_all", 1), ("pwrite_all", 45), ("copy_range", 6)],
-                         ids=["first-header-write", "tile-write", "kernel-copy"])
+@pytest.mark.parametrize(
+    "attr,n",
+    [("pwrite_all", 1), ("pwrite_all", 45), ("copy_range", 6)],
+    ids=["first-header-write", "tile-write", "kernel-copy"],
+)
 def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(model, tmp_path, monkeypatch, attr, n):
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
@@ -520,8 +546,11 @@ def test_truncated_adapter_file_fails_without_touching_inputs(model, tmp_path):
 # -- the output may not overlap an input ----------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["inside-base", "the-adapter-dir", "contains-base"])
 def test_output_overlapping_an_input_is_refused_and_nothing_is_written(model, tmp_path, where):
-    output = {"inside-base": model["base"] / "merged", "the-adapter-dir": model["adapter"],
-              "contains-base": model["root"]}[where]
+    output = {
+        "inside-base": model["base"] / "merged",
+        "the-adapter-dir": model["adapter"],
+        "contains-base": model["root"],
+    }[where]
     watched = model["root"]
     before = tm.tree_listing(watched)
     rc, err = run_cli(make_plan(model, tmp_path, output=output))

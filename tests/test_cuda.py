@@ -28,8 +28,14 @@ def inputs(tmp_path):
 
 
 def test_cuda_plan_stages_whole_tiles_and_keeps_float32_work_off_the_host(inputs, tmp_path):
-    plan = load_plan({"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")],
-                      "output": str(tmp_path / "out"), "max_memory": "9MiB"})
+    plan = load_plan(
+        {
+            "base": str(inputs / "base"),
+            "adapters": [str(inputs / "adapter")],
+            "output": str(tmp_path / "out"),
+            "max_memory": "9MiB",
+        }
+    )
     cpu = build_plan(plan, Path(tmp_path / "s1"), "cpu")
     gpu = build_plan(plan, Path(tmp_path / "s2"), "cuda:0")
     merged = [t for s in gpu.shards for t in s.tasks if t.terms]
@@ -43,8 +49,15 @@ def test_cuda_plan_stages_whole_tiles_and_keeps_float32_work_off_the_host(inputs
 @needs_cuda
 def test_gpu_merge_matches_cpu_within_float32_rounding_of_the_delta(inputs, tmp_path):
     for device in ("cpu", "cuda"):
-        shardmerge.merge({"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")],
-                          "output": str(tmp_path / device), "device": device, "max_memory": "9MiB"})
+        shardmerge.merge(
+            {
+                "base": str(inputs / "base"),
+                "adapters": [str(inputs / "adapter")],
+                "output": str(tmp_path / device),
+                "device": device,
+                "max_memory": "9MiB",
+            }
+        )
     for shard in (tmp_path / "cpu").glob("*.safetensors"):
         cpu, gpu = load_file(str(shard)), load_file(str(tmp_path / "cuda" / shard.name))
         for name in cpu:
@@ -69,8 +82,15 @@ def test_reader_hands_the_merger_host_tensors_only(inputs, tmp_path, monkeypatch
         return real(self, task, host)
 
     monkeypatch.setattr(executor_mod.Executor, "_factors", recording)
-    shardmerge.merge({"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")],
-                      "output": str(tmp_path / "out"), "device": "cpu", "max_memory": "9MiB"})
+    shardmerge.merge(
+        {
+            "base": str(inputs / "base"),
+            "adapters": [str(inputs / "adapter")],
+            "output": str(tmp_path / "out"),
+            "device": "cpu",
+            "max_memory": "9MiB",
+        }
+    )
     assert made_on and set(made_on) == {"merger"}
 
 
@@ -78,8 +98,13 @@ def test_reader_hands_the_merger_host_tensors_only(inputs, tmp_path, monkeypatch
 def test_gpu_merge_of_many_small_tiles_is_identical_run_after_run(inputs, tmp_path):
     # Races between the copy and compute streams (a factor or tile read before its upload lands, a slab
     # reused before its copy back) show up as outputs that differ between runs of the same plan.
-    plan = {"base": str(inputs / "base"), "adapters": [str(inputs / "adapter")], "device": "cuda",
-            "max_memory": "8200KiB", "max_gpu_memory": "64KiB"}
+    plan = {
+        "base": str(inputs / "base"),
+        "adapters": [str(inputs / "adapter")],
+        "device": "cuda",
+        "max_memory": "8200KiB",
+        "max_gpu_memory": "64KiB",
+    }
     for run in range(3):
         shardmerge.merge({**plan, "output": str(tmp_path / f"run{run}")})
     for shard in (tmp_path / "run0").glob("*.safetensors"):

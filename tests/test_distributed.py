@@ -32,8 +32,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 BIN = Path(sys.executable).parent
 TIMEOUT = "20"  # SHARDMERGE_DIST_TIMEOUT in the launched jobs: a dead rank is noticed within this
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "SHARDMERGE_DIST_TIMEOUT")
+_LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SHARDMERGE_DIST_TIMEOUT",
+)
 TIMINGS: dict[str, float] = {}
 
 
@@ -56,15 +65,18 @@ def _seven_shard_model(tmp: Path) -> tuple[Path, Path]:
 
 def _single_shard_model(tmp: Path) -> tuple[Path, Path]:
     g = torch.Generator().manual_seed(3)
-    tensors = {"model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32, generator=g).to(torch.bfloat16),
-               "model.norm.weight": torch.ones(32, dtype=torch.bfloat16)}
+    tensors = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32, generator=g).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(32, dtype=torch.bfloat16),
+    }
     base = write_base(tmp / "base", tensors, shards=1)
     return base, write_adapter(tmp / "adapter", lora_pair("model.layers.0.self_attn.q_proj", 32, 32))
 
 
 def _plan(path: Path, base: Path, adapter: Path, output: Path) -> Path:
-    return write_plan(path, base=str(base), adapters=[{"path": str(adapter)}], output=str(output), device="cpu",
-                      max_memory="64MiB")
+    return write_plan(
+        path, base=str(base), adapters=[{"path": str(adapter)}], output=str(output), device="cpu", max_memory="64MiB"
+    )
 
 
 def _tree(directory: Path) -> dict[str, bytes]:
@@ -92,11 +104,18 @@ def _reference(tmp: Path, base: Path, adapter: Path, monkeypatch) -> dict[str, b
 
 # -- launching ------------------------------------------------------------------------------------------------
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "PET_"))}
-    env.update(SHARDMERGE_DIST_TIMEOUT=TIMEOUT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "PET_"))
+    }
+    env.update(
+        SHARDMERGE_DIST_TIMEOUT=TIMEOUT,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
+    )
     env.update(extra)
     return env
 
@@ -107,16 +126,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(n: int, argv_for_rank, env: dict[str, str] | None = None,
-           timeout: float = 120) -> list[subprocess.CompletedProcess]:
+def _spawn(
+    n: int, argv_for_rank, env: dict[str, str] | None = None, timeout: float = 120
+) -> list[subprocess.CompletedProcess]:
     """n processes with the variables torchrun would set, each with its own argv; all outcomes."""
     port = str(_free_port())
     procs = []
     for rank in range(n):
-        rank_env = dict(env or _env(), RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(argv_for_rank(rank), env=rank_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        rank_env = dict(
+            env or _env(),
+            RANK=str(rank),
+            WORLD_SIZE=str(n),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                argv_for_rank(rank), env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     results = []
     deadline = time.monotonic() + timeout
     try:
@@ -204,32 +233,51 @@ def test_topology_torchrun_variables(clean_env):
 
 
 def test_topology_srun_variables(clean_env):
-    for var, value in {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
-                       "SLURM_JOB_ID": "42"}.items():
+    for var, value in {
+        "SLURM_PROCID": "3",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "42",
+    }.items():
         clean_env.setenv(var, value)
     assert topology() == Topology(3, 4, 0)
 
 
 def test_topology_torchrun_inside_srun_uses_torchrun_ranks(clean_env):
-    for var, value in {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "RANK": "6",
-                       "WORLD_SIZE": "8", "LOCAL_RANK": "2"}.items():
+    for var, value in {
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_LOCALID": "0",
+        "RANK": "6",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "2",
+    }.items():
         clean_env.setenv(var, value)
     assert topology() == Topology(6, 8, 2)
 
 
 def test_topology_batch_script_without_srun_is_one_process(clean_env):
     # The batch script itself (no srun) carries SLURM_NTASKS and SLURM_PROCID=0 but is a single process.
-    for var, value in {"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "42",
-                       "SLURM_NNODES": "4"}.items():
+    for var, value in {
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "42",
+        "SLURM_NNODES": "4",
+    }.items():
         clean_env.setenv(var, value)
     assert topology() == Topology(0, 1, 0)
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"RANK": "x", "WORLD_SIZE": "2"}, "not integers"),
-    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2"),
-    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "0"}, "SLURM_STEP_NUM_TASKS=0"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "not integers"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "0"}, "SLURM_STEP_NUM_TASKS=0"),
+    ],
+)
 def test_topology_rejects_nonsense(clean_env, env, needle):
     for var, value in env.items():
         clean_env.setenv(var, value)
@@ -349,9 +397,27 @@ def test_torchrun_three_ranks_equals_one_process(seven, monkeypatch):
     tmp, base, adapter = seven
     expected = _reference(tmp, base, adapter, monkeypatch)
     plan = _plan(tmp / "three.yaml", base, adapter, tmp / "three")
-    result = _timed("torchrun 3 ranks, 7 shards", lambda: subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "shardmerge",
-         str(plan), "-q"], env=_env(), capture_output=True, text=True, timeout=180))
+    result = _timed(
+        "torchrun 3 ranks, 7 shards",
+        lambda: subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "3",
+                "-m",
+                "shardmerge",
+                str(plan),
+                "-q",
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_tree(tmp / "three", expected, "torchrun x3")
 
@@ -362,8 +428,10 @@ def test_more_ranks_than_shards_single_shard_model(tmp_path, monkeypatch):
     expected = _reference(tmp_path, base, adapter, monkeypatch)
     assert "model.safetensors" in expected and "model.safetensors.index.json" not in expected
     plan = _plan(tmp_path / "two.yaml", base, adapter, tmp_path / "two")
-    results = _timed("2 ranks (env), 1 shard", lambda: _spawn(
-        2, lambda r: _shardmerge(plan, "-q", "--report-json", tmp_path / f"report-r{r}.json")))
+    results = _timed(
+        "2 ranks (env), 1 shard",
+        lambda: _spawn(2, lambda r: _shardmerge(plan, "-q", "--report-json", tmp_path / f"report-r{r}.json")),
+    )
     for r, result in enumerate(results):
         assert result.returncode == 0, f"rank {r}: {result.stderr[-3000:]}"
     _assert_same_tree(tmp_path / "two", expected, "2 ranks, 1 shard")
@@ -408,8 +476,10 @@ def test_killed_rank_fails_the_job_and_a_rerun_with_other_ranks_resumes(seven, t
     killer = tmp_path / "killer.py"
     killer.write_text(_KILLER)
     env = _env(KILL_RANK="1", KILL_OUTPUT=str(out), SHARDMERGE_DIST_TIMEOUT="2")
-    results = _timed("2 ranks (env), rank 1 killed", lambda: _spawn(
-        2, lambda r: [sys.executable, str(killer), str(plan), "-q"], env=env))
+    results = _timed(
+        "2 ranks (env), rank 1 killed",
+        lambda: _spawn(2, lambda r: [sys.executable, str(killer), str(plan), "-q"], env=env),
+    )
     rank0, rank1 = results
     assert rank1.returncode == -signal.SIGKILL, rank1.stderr[-2000:]
     assert rank0.returncode != 0
@@ -421,8 +491,10 @@ def test_killed_rank_fails_the_job_and_a_rerun_with_other_ranks_resumes(seven, t
     assert len(journals.get("journal-r1.jsonl", [])) == 1, journals  # its first shard is durable
 
     # Re-run with three ranks: resumes (the killed rank's finished shard is kept), same bytes as one process.
-    results = _timed("3 ranks (env), resume", lambda: _spawn(
-        3, lambda r: _shardmerge(plan, "-q", "--report-json", tmp_path / f"report-r{r}.json")))
+    results = _timed(
+        "3 ranks (env), resume",
+        lambda: _spawn(3, lambda r: _shardmerge(plan, "-q", "--report-json", tmp_path / f"report-r{r}.json")),
+    )
     for r, result in enumerate(results):
         assert result.returncode == 0, f"rank {r}: {result.stderr[-3000:]}"
     _assert_same_tree(out, expected, "resumed with 3 ranks")
@@ -455,10 +527,26 @@ def test_torchrun_reports_the_killed_rank(tmp_path, monkeypatch):
     plan = _plan(tmp_path / "plan.yaml", base, adapter, out)
     killer = tmp_path / "killer.py"
     killer.write_text(_KILLER)
-    result = _timed("torchrun 2 ranks, rank 1 killed", lambda: subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(killer),
-         str(plan), "-q"], env=_env(KILL_RANK="1", KILL_OUTPUT=str(out), SHARDMERGE_DIST_TIMEOUT="3"),
-        capture_output=True, text=True, timeout=180))
+    result = _timed(
+        "torchrun 2 ranks, rank 1 killed",
+        lambda: subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(killer),
+                str(plan),
+                "-q",
+            ],
+            env=_env(KILL_RANK="1", KILL_OUTPUT=str(out), SHARDMERGE_DIST_TIMEOUT="3"),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ),
+    )
     assert result.returncode != 0
     root_cause = result.stderr.partition("Root Cause (first observed failure)")[2]  # torchrun's failure summary
     assert re.search(r"rank\s*:\s*1\b", root_cause) and "SIGKILL" in root_cause, result.stderr[-3000:]
@@ -482,9 +570,16 @@ def test_torchrun_recipe_dry_run(demo):
     script = CONFIGS / "torchrun.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     plan = _demo_plan(demo, "torchrun")
-    result = _timed("configs/torchrun.sh 2 ranks --dry-run", lambda: subprocess.run(
-        ["bash", str(script), str(plan), "--dry-run"], env=_env(NPROC="2"), capture_output=True, text=True,
-        timeout=180))
+    result = _timed(
+        "configs/torchrun.sh 2 ranks --dry-run",
+        lambda: subprocess.run(
+            ["bash", str(script), str(plan), "--dry-run"],
+            env=_env(NPROC="2"),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensors: 28 merged" in result.stdout
     assert not (demo / "torchrun").exists()
@@ -507,10 +602,27 @@ def test_accelerate_config_parses():
 @pytest.mark.slow
 def test_accelerate_launch_recipe_dry_run(demo):
     plan = _demo_plan(demo, "accelerate")
-    result = _timed("accelerate launch 2 ranks --dry-run", lambda: subprocess.run(
-        [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / "accelerate-config.yaml"),
-         "--num_processes", "2", "-m", "shardmerge", str(plan), "--dry-run"],
-        env=_env(), capture_output=True, text=True, timeout=180))
+    result = _timed(
+        "accelerate launch 2 ranks --dry-run",
+        lambda: subprocess.run(
+            [
+                str(BIN / "accelerate"),
+                "launch",
+                "--config_file",
+                str(CONFIGS / "accelerate-config.yaml"),
+                "--num_processes",
+                "2",
+                "-m",
+                "shardmerge",
+                str(plan),
+                "--dry-run",
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensors: 28 merged" in result.stdout
     assert not (demo / "accelerate").exists()
@@ -551,13 +663,25 @@ def test_slurm_batch_script_runs_two_ranks_and_matches_one_process(demo, tmp_pat
         (fake / name).chmod(0o755)
     plan = _plan(tmp_path / "plan.yaml", demo / "base", demo / "adapter", tmp_path / "slurm")
     # What the batch step's environment looks like: SLURM_NTASKS/SLURM_PROCID=0 are there, but it is one process.
-    env = _env(PATH=os.pathsep.join([str(fake), str(BIN), os.environ.get("PATH", "")]), SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="127.0.0.1,node-2", SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_PROCID="0",
-               SLURM_LOCALID="0", SLURM_CPUS_PER_TASK="1", SRUN_LOG=str(tmp_path / "srun.log"), PYTHON=sys.executable,
-               MASTER_PORT=str(_free_port()))
-    result = _timed("configs/slurm-merge.sbatch 2 ranks (fake srun)", lambda: subprocess.run(
-        ["bash", str(script), str(plan), "-q"], env=env, capture_output=True, text=True, timeout=180,
-        cwd=tmp_path))
+    env = _env(
+        PATH=os.pathsep.join([str(fake), str(BIN), os.environ.get("PATH", "")]),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="127.0.0.1,node-2",
+        SLURM_NNODES="2",
+        SLURM_NTASKS="2",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_CPUS_PER_TASK="1",
+        SRUN_LOG=str(tmp_path / "srun.log"),
+        PYTHON=sys.executable,
+        MASTER_PORT=str(_free_port()),
+    )
+    result = _timed(
+        "configs/slurm-merge.sbatch 2 ranks (fake srun)",
+        lambda: subprocess.run(
+            ["bash", str(script), str(plan), "-q"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path
+        ),
+    )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     _assert_same_tree(tmp_path / "slurm", expected, "slurm batch script, 2 ranks")
     assert f"rank 0 on 127.0.0.1:{env['MASTER_PORT']}" in result.stderr  # MASTER_ADDR from scontrol's first host
@@ -566,8 +690,15 @@ def test_slurm_batch_script_runs_two_ranks_and_matches_one_process(demo, tmp_pat
 
 def test_recipes_readme_covers_each_launcher():
     readme = (CONFIGS / "README.md").read_text()
-    for needle in ("slurm-merge.sbatch", "torchrun.sh", "accelerate-config.yaml", "MASTER_ADDR", "MASTER_PORT",
-                   "SHARDMERGE_DIST_TIMEOUT", "resume"):
+    for needle in (
+        "slurm-merge.sbatch",
+        "torchrun.sh",
+        "accelerate-config.yaml",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SHARDMERGE_DIST_TIMEOUT",
+        "resume",
+    ):
         assert needle in readme, needle
 
 

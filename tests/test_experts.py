@@ -146,11 +146,14 @@ def test_per_expert_checkpoint_slices_are_gate_then_up_rows():
     def find(name):
         return _info(name, shapes[name]) if name in shapes else None
 
-    shape, parts = experts.checkpoint_slices("m.experts", "gate_up_proj", None, experts.BUILTIN_RULES["qwen2_moe"],
-                                             find)
+    shape, parts = experts.checkpoint_slices(
+        "m.experts", "gate_up_proj", None, experts.BUILTIN_RULES["qwen2_moe"], find
+    )
     assert shape == (2, 6, 4)
-    assert parts[:2] == [("m.experts.0.gate_proj.weight", ExpertSlice(0, 1, 0, 3)),
-                         ("m.experts.0.up_proj.weight", ExpertSlice(0, 1, 3, 6))]
+    assert parts[:2] == [
+        ("m.experts.0.gate_proj.weight", ExpertSlice(0, 1, 0, 3)),
+        ("m.experts.0.up_proj.weight", ExpertSlice(0, 1, 3, 6)),
+    ]
 
 
 def test_a_transposed_fused_checkpoint_is_recognised_by_its_shape():
@@ -180,12 +183,15 @@ def _fused_case(tmp_path: Path):
     base = tmp_path / "base"
     base.mkdir()
     name = "model.layers.0.feed_forward.experts.gate_up_proj"
-    weights = {name: (torch.randn(experts_, hidden, 2 * inter, generator=g) * 0.05).to(torch.bfloat16),
-               "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    weights = {
+        name: (torch.randn(experts_, hidden, 2 * inter, generator=g) * 0.05).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+    }
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
     config = moe_config("llama4")
-    config.update({"hidden_size": hidden, "intermediate_size": inter, "num_local_experts": experts_,
-                   "num_hidden_layers": 1})
+    config.update(
+        {"hidden_size": hidden, "intermediate_size": inter, "num_local_experts": experts_, "num_hidden_layers": 1}
+    )
     (base / "config.json").write_text(config.to_json_string())
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -193,9 +199,18 @@ def _fused_case(tmp_path: Path):
     b = torch.randn(hidden, rank * experts_, generator=g) * 0.2
     module = f"base_model.model.{name.rpartition('.')[0]}"
     save_file({f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b}, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 4, "target_modules": [], "peft_version": "0.21.2",
-        "target_parameters": ["feed_forward.experts.gate_up_proj"]}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 4,
+                "target_modules": [],
+                "peft_version": "0.21.2",
+                "target_parameters": ["feed_forward.experts.gate_up_proj"],
+            }
+        )
+    )
     a_e = a.double().reshape(experts_, rank, -1)
     b_e = b.double().reshape(hidden, rank, experts_).permute(2, 0, 1)
     exact = weights[name].double() + 4.0 * torch.stack([b_e[e] @ a_e[e] for e in range(experts_)])
@@ -205,8 +220,13 @@ def _fused_case(tmp_path: Path):
 def test_a_fused_expert_parameter_four_times_the_budget_merges_within_it(tmp_path):
     base, adapter, name, weight, exact = _fused_case(tmp_path)
     budget = weight.numel() * weight.element_size() // 4
-    plan = {"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu",
-            "max_memory": budget}
+    plan = {
+        "base": str(base),
+        "adapters": [str(adapter)],
+        "output": str(tmp_path / "out"),
+        "device": "cpu",
+        "max_memory": budget,
+    }
     merge_plan = build_plan(load_plan(plan), tmp_path)
     task = next(t for s in merge_plan.shards for t in s.tasks if t.name == name)
     assert merge_plan.buffers.total <= budget and task.rows // task.rows_per_tile >= 4, "not tiled within the budget"
@@ -219,8 +239,10 @@ def test_a_fused_expert_parameter_four_times_the_budget_merges_within_it(tmp_pat
 
 def test_dry_run_prints_one_line_per_fused_parameter_with_e_r_scaling_and_layout(tmp_path):
     base, adapter, name, _, _ = _fused_case(tmp_path)
-    report = run(load_plan({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"),
-                            "device": "cpu"}), dry_run=True)
+    report = run(
+        load_plan({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu"}),
+        dry_run=True,
+    )
     lines = [line for line in report.description.splitlines() if line.strip().startswith("experts")]
     assert len(lines) == 1
     assert "E=8 r=1 scale=4" in lines[0] and f"fused {name} [8, 768, 3072]" in lines[0]

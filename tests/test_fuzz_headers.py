@@ -90,8 +90,7 @@ def length_prefixed(body: bytes, delta: int = 0) -> bytes:
 
 
 json_scalars = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
 )
 json_values = st.recursive(
     json_scalars,
@@ -103,14 +102,20 @@ arbitrary_files = st.one_of(
     # anything at all
     st.binary(max_size=2048),
     # a header length that (nearly) fits the file, so the parser gets past the prefix
-    st.builds(lambda body, delta, tail: length_prefixed(body, delta) + tail,
-              st.binary(max_size=1024), st.integers(-9, 9), st.binary(max_size=128)),
+    st.builds(
+        lambda body, delta, tail: length_prefixed(body, delta) + tail,
+        st.binary(max_size=1024),
+        st.integers(-9, 9),
+        st.binary(max_size=128),
+    ),
     # bytes that begin like a JSON object
-    st.builds(lambda body, tail: length_prefixed(b"{" + body) + tail,
-              st.binary(max_size=1024), st.binary(max_size=128)),
+    st.builds(
+        lambda body, tail: length_prefixed(b"{" + body) + tail, st.binary(max_size=1024), st.binary(max_size=128)
+    ),
     # any JSON document as the header
-    st.builds(lambda value, tail: length_prefixed(json.dumps(value).encode()) + tail,
-              json_values, st.binary(max_size=128)),
+    st.builds(
+        lambda value, tail: length_prefixed(json.dumps(value).encode()) + tail, json_values, st.binary(max_size=128)
+    ),
 )
 
 
@@ -160,9 +165,35 @@ class Pairs(list):
     """An object as ordered [key, value] pairs (duplicates allowed)."""
 
 
-HUGE = [2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**65, 10**20, 10**300, 10**1500, 10**2500,
-        -1, -2, -(2**63), Raw("1" * 5000), Raw("1e400"), Raw("-0"), Raw("1.0"), Raw("0.5"), Raw("NaN"),
-        Raw("Infinity"), Raw("-Infinity"), Raw("1e3"), Raw("true"), Raw("null"), Raw('"8"')]
+HUGE = [
+    2**31,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    2**65,
+    10**20,
+    10**300,
+    10**1500,
+    10**2500,
+    -1,
+    -2,
+    -(2**63),
+    Raw("1" * 5000),
+    Raw("1e400"),
+    Raw("-0"),
+    Raw("1.0"),
+    Raw("0.5"),
+    Raw("NaN"),
+    Raw("Infinity"),
+    Raw("-Infinity"),
+    Raw("1e3"),
+    Raw("true"),
+    Raw("null"),
+    Raw('"8"'),
+]
 UNKNOWN_DTYPES = ["F33", "f32", "float32", "", "F4", "F6_E2M3", "I128", "BF16 ", "F32\x00", "🙂"]
 KNOWN_DTYPES = sorted(DTYPE_SIZES)
 junk = st.recursive(
@@ -209,8 +240,23 @@ def mutated_headers(draw):
     for _ in range(draw(st.integers(0, 3)) if entries else 0):
         i = draw(st.integers(0, len(entries) - 1))
         name, e = entries[i]
-        kind = draw(st.sampled_from(["off_by_one", "overlap", "huge", "junk_field", "junk_entry", "drop_key",
-                                     "extra_key", "duplicate", "shape_dim", "rename", "empty_range"]))
+        kind = draw(
+            st.sampled_from(
+                [
+                    "off_by_one",
+                    "overlap",
+                    "huge",
+                    "junk_field",
+                    "junk_entry",
+                    "drop_key",
+                    "extra_key",
+                    "duplicate",
+                    "shape_dim",
+                    "rename",
+                    "empty_range",
+                ]
+            )
+        )
         note(f"mutation {kind} on entry {i}")
         if not isinstance(e, dict):
             continue
@@ -338,13 +384,36 @@ SHARD_CONTENTS = {SHARD_1: {"a": 4, "b": 2}, SHARD_2: {"c": 8}}
 
 def shard_names(outside: Path, inside: Path):
     return st.one_of(
-        st.sampled_from([
-            SHARD_1, SHARD_2, f"./{SHARD_1}", f"sub/../{SHARD_1}", "..", f"../{outside.name}/x.safetensors",
-            str(outside / "x.safetensors"), str(inside / SHARD_1), "/etc/passwd", "evil.safetensors",
-            "loop.safetensors", "dir.safetensors", ".", "", "sub/", "a\x00b.safetensors", "x" * 300,
-            "y/" * 300 + "z", "..\\x.safetensors", "C:\\x.safetensors", "~/x.safetensors",
-            "model.safetensors.index.json", "config.json", "a\nb.safetensors", "%2e%2e/x", "\u202e.safetensors",
-        ]),
+        st.sampled_from(
+            [
+                SHARD_1,
+                SHARD_2,
+                f"./{SHARD_1}",
+                f"sub/../{SHARD_1}",
+                "..",
+                f"../{outside.name}/x.safetensors",
+                str(outside / "x.safetensors"),
+                str(inside / SHARD_1),
+                "/etc/passwd",
+                "evil.safetensors",
+                "loop.safetensors",
+                "dir.safetensors",
+                ".",
+                "",
+                "sub/",
+                "a\x00b.safetensors",
+                "x" * 300,
+                "y/" * 300 + "z",
+                "..\\x.safetensors",
+                "C:\\x.safetensors",
+                "~/x.safetensors",
+                "model.safetensors.index.json",
+                "config.json",
+                "a\nb.safetensors",
+                "%2e%2e/x",
+                "\u202e.safetensors",
+            ]
+        ),
         st.text(max_size=20),
         junk,
     )

@@ -39,8 +39,14 @@ def sharded_model(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     write_shard(directory / "model-00001-of-00002.safetensors", {"a": torch.ones(2, 3), "b": torch.zeros(4)})
     write_shard(directory / "model-00002-of-00002.safetensors", {"c": torch.arange(6.0)})
-    write_index(directory, {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
-                            "c": "model-00002-of-00002.safetensors"})
+    write_index(
+        directory,
+        {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors",
+            "c": "model-00002-of-00002.safetensors",
+        },
+    )
     (directory / "config.json").write_text('{"model_type": "llama"}')
     return directory
 
@@ -56,12 +62,17 @@ def refused(fn, *args, names: tuple[str, ...]) -> str:
 
 def adapter_dir(directory: Path, tensors: dict[str, torch.Tensor] | None = None, legacy=False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-                                                               "target_modules": ["q_proj"]}))
-    tensors = tensors if tensors is not None else {
-        "base_model.model.q_proj.lora_A.weight": torch.randn(2, 3),
-        "base_model.model.q_proj.lora_B.weight": torch.randn(3, 2),
-    }
+    (directory / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    )
+    tensors = (
+        tensors
+        if tensors is not None
+        else {
+            "base_model.model.q_proj.lora_A.weight": torch.randn(2, 3),
+            "base_model.model.q_proj.lora_B.weight": torch.randn(3, 2),
+        }
+    )
     if legacy:
         torch.save(tensors, directory / "adapter_model.bin")
     else:
@@ -106,20 +117,34 @@ def test_index_naming_a_missing_shard_is_refused(tmp_path):
 
 def test_index_naming_a_tensor_the_shard_lacks_is_refused(tmp_path):
     d = sharded_model(tmp_path / "m")
-    write_index(d, {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
-                    "c": "model-00002-of-00002.safetensors", "ghost": "model-00002-of-00002.safetensors"})
+    write_index(
+        d,
+        {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors",
+            "c": "model-00002-of-00002.safetensors",
+            "ghost": "model-00002-of-00002.safetensors",
+        },
+    )
     refused(read_base, str(d), names=("ghost", "model-00002-of-00002.safetensors"))
 
 
 def test_index_mapping_a_tensor_to_the_wrong_shard_is_refused(tmp_path):
     d = sharded_model(tmp_path / "m")
-    write_index(d, {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
-                    "c": "model-00002-of-00002.safetensors"})
+    write_index(
+        d,
+        {
+            "a": "model-00002-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors",
+            "c": "model-00002-of-00002.safetensors",
+        },
+    )
     refused(read_base, str(d), names=("'a'", "model-00002-of-00002.safetensors"))
 
 
-@pytest.mark.parametrize("name", ["../outside.safetensors", "sub/../../outside.safetensors", "..",
-                                  "sub/../model-00001-of-00002.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["../outside.safetensors", "sub/../../outside.safetensors", "..", "sub/../model-00001-of-00002.safetensors"]
+)
 def test_shard_name_with_dotdot_is_refused(tmp_path, name):
     d = sharded_model(tmp_path / "m")
     write_shard(tmp_path / "outside.safetensors", {"a": torch.ones(2, 3)})
@@ -202,10 +227,22 @@ def test_corrupt_shard_header_is_refused_naming_the_shard(tmp_path):
     refused(read_base, str(d), names=("model-00002-of-00002.safetensors",))
 
 
-@pytest.mark.parametrize("text", ["", "not json", "[]", '{"weight_map": {}}', '{"weight_map": []}',
-                                  '{"metadata": {}}', '{"weight_map": {"a": 3}}', '{"weight_map": {"a": null}}',
-                                  '{"weight_map": {"a": ""}}', '{"weight_map": {"a": ["x"]}}',
-                                  '{"weight_map": {"a": "model-00001-of-00002.safetensors"}, "metadata": "x"}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "[]",
+        '{"weight_map": {}}',
+        '{"weight_map": []}',
+        '{"metadata": {}}',
+        '{"weight_map": {"a": 3}}',
+        '{"weight_map": {"a": null}}',
+        '{"weight_map": {"a": ""}}',
+        '{"weight_map": {"a": ["x"]}}',
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors"}, "metadata": "x"}',
+    ],
+)
 def test_malformed_index_is_refused_naming_it(tmp_path, text):
     d = sharded_model(tmp_path / "m")
     (d / INDEX_NAME).write_text(text)
@@ -257,8 +294,10 @@ def test_adapter_dir_with_one_named_sub_adapter_is_found(tmp_path):
     found = find_adapter(str(root))
     assert found.directory.name == "my-task"
     assert found.weights.name == "adapter_model.safetensors"
-    assert set(found.header.tensors) == {"base_model.model.q_proj.lora_A.weight",
-                                         "base_model.model.q_proj.lora_B.weight"}
+    assert set(found.header.tensors) == {
+        "base_model.model.q_proj.lora_A.weight",
+        "base_model.model.q_proj.lora_B.weight",
+    }
 
 
 def test_adapter_dir_with_two_named_sub_adapters_lists_them(tmp_path):

@@ -36,17 +36,29 @@ OLD = "b" * 40
 ADAPTER_MAIN = "c" * 40
 ADAPTER_V0 = "d" * 40
 MANIFEST = "shardmerge-manifest.json"
-TOKENIZER = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
-             "tokenizer_config.json": b'{"model_max_length": 128}',
-             "special_tokens_map.json": b'{"bos_token": "<s>"}',
-             "generation_config.json": b'{"do_sample": false}'}
+TOKENIZER = {
+    "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
+    "tokenizer_config.json": b'{"model_max_length": 128}',
+    "special_tokens_map.json": b'{"bos_token": "<s>"}',
+    "generation_config.json": b'{"do_sample": false}',
+}
 # In the repo's listing but never fetched by shardmerge: weights in other formats, training leftovers.
-NOT_FETCHED = {"pytorch_model.bin": b"\x80\x02pickled weights", "flax_model.msgpack": b"msgpack",
-               "original/consolidated.00.pth": b"pth", "training_args.bin": b"args"}
+NOT_FETCHED = {
+    "pytorch_model.bin": b"\x80\x02pickled weights",
+    "flax_model.msgpack": b"msgpack",
+    "original/consolidated.00.pth": b"pth",
+    "training_args.bin": b"args",
+}
 
 
-def fake_repo(cache: Path, repo_id: str, commit: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",),
-              listed_only: dict[str, bytes] | None = None) -> Path:
+def fake_repo(
+    cache: Path,
+    repo_id: str,
+    commit: str,
+    files: dict[str, bytes],
+    refs: tuple[str, ...] = ("main",),
+    listed_only: dict[str, bytes] | None = None,
+) -> Path:
     """One commit of a repo in the cache, as snapshot_download leaves it; returns the snapshot folder.
 
     `listed_only` files are in the repo (its tree listing) but were never downloaded into this snapshot."""
@@ -88,19 +100,32 @@ def hub(tmp_path_factory):
     v0 = tmp / "adapter-v0"
     v0.mkdir()
     tensors = load_file(str(local_adapter / "adapter_model.safetensors"))
-    save_file({k: (v * 2 if ".lora_B." in k else v) for k, v in tensors.items()}, str(v0 / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: (v * 2 if ".lora_B." in k else v) for k, v in tensors.items()},
+        str(v0 / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (v0 / "adapter_config.json").write_bytes((local_adapter / "adapter_config.json").read_bytes())
 
     cache = tmp / "hub"
     base_files = _files(local_base)
-    fake_repo(cache, "org/name", MAIN, base_files, refs=("main",),
-              listed_only={k: v for k, v in NOT_FETCHED.items() if k != "pytorch_model.bin"})
+    fake_repo(
+        cache,
+        "org/name",
+        MAIN,
+        base_files,
+        refs=("main",),
+        listed_only={k: v for k, v in NOT_FETCHED.items() if k != "pytorch_model.bin"},
+    )
     old = dict(base_files, **{"config.json": base_files["config.json"].replace(b'"llama"', b'"llama" ')})
     fake_repo(cache, "org/name", OLD, old, refs=("v1.0",))
-    fake_repo(cache, "org/adapter", ADAPTER_MAIN, {**_files(local_adapter), "README.md": b"# adapter\n"},
-              listed_only={"training_args.bin": NOT_FETCHED["training_args.bin"],
-                           "checkpoint-10/optimizer.pt": b"opt"})
+    fake_repo(
+        cache,
+        "org/adapter",
+        ADAPTER_MAIN,
+        {**_files(local_adapter), "README.md": b"# adapter\n"},
+        listed_only={"training_args.bin": NOT_FETCHED["training_args.bin"], "checkpoint-10/optimizer.pt": b"opt"},
+    )
     fake_repo(cache, "org/adapter", ADAPTER_V0, _files(v0), refs=("v0",))
     # A repo whose listing names a shard the cache does not have: an interrupted download.
     partial = dict(base_files)
@@ -124,8 +149,11 @@ def offline(hub, monkeypatch):
 def _merge(tmp: Path, name: str, base: str, adapter: str) -> Path:
     out = tmp / name
     plan = tmp / f"{name}.yaml"
-    plan.write_text(yaml.safe_dump({"base": base, "adapters": [{"path": adapter}], "output": str(out),
-                                    "device": "cpu", "max_memory": "64MiB"}))
+    plan.write_text(
+        yaml.safe_dump(
+            {"base": base, "adapters": [{"path": adapter}], "output": str(out), "device": "cpu", "max_memory": "64MiB"}
+        )
+    )
     shardmerge.merge(plan)
     return out
 
@@ -136,6 +164,7 @@ def _assert_same_output(actual: Path, expected: Path) -> None:
     for name in want:
         if name != MANIFEST:  # the manifest records where the inputs were (cache snapshot vs local dir)
             assert got[name] == want[name], name
+
     def checksums(manifest: bytes) -> dict:  # the input identities differ: Hub blobs are named by their hash
         return {name: (e["size"], e["xxh3_128"]) for name, e in json.loads(manifest)["shards"].items()}
 
@@ -167,16 +196,35 @@ def test_snapshot_download_resolves_the_fabricated_cache_offline(offline):
 def test_patterns_fetch_weights_config_and_tokenizer_only():
     from huggingface_hub.utils import filter_repo_objects
 
-    repo = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json",
-            "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-            "tokenizer.model", "vocab.txt", "merges.txt", "chat_template.jinja", *NOT_FETCHED]
+    repo = [
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.jinja",
+        *NOT_FETCHED,
+    ]
     # The shard names the index lists are asked for by name (or, in older versions, by *.safetensors).
     fetched = set(filter_repo_objects(repo, allow_patterns=_HUB_BASE_PATTERNS + ["model-00001-of-00002.safetensors"]))
     assert fetched == set(repo) - set(NOT_FETCHED)
-    adapter = ["adapter_model.safetensors", "adapter_config.json", "training_args.bin", "optimizer.pt",
-               "checkpoint-10/optimizer.pt", "rng_state.pth"]
+    adapter = [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "training_args.bin",
+        "optimizer.pt",
+        "checkpoint-10/optimizer.pt",
+        "rng_state.pth",
+    ]
     assert set(filter_repo_objects(adapter, allow_patterns=_HUB_ADAPTER_PATTERNS)) == {
-        "adapter_model.safetensors", "adapter_config.json"}
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    }
 
 
 # -- merging from the cache ----------------------------------------------------------------------------------
@@ -192,14 +240,22 @@ def test_repo_ids_merge_like_local_paths(offline, tmp_path):
     assert manifest["base"].endswith(f"models--org--name/snapshots/{MAIN}")
 
 
-@pytest.mark.xfail("*.safetensors" in _HUB_BASE_PATTERNS, strict=True,
-                   reason="sources._from_hub asks for every *.safetensors, not just the shards the index names")
+@pytest.mark.xfail(
+    "*.safetensors" in _HUB_BASE_PATTERNS,
+    strict=True,
+    reason="sources._from_hub asks for every *.safetensors, not just the shards the index names",
+)
 def test_cache_with_only_the_indexed_shards_merges_offline(offline, tmp_path):
     """Repos often hold the weights twice (Mistral's consolidated.safetensors next to the shards). A cache filled
     with only what the index names (`hf download org/name --include "*.json" "model-*"`) is complete for us."""
     files = _files(offline["base"])
-    fake_repo(offline["cache"], "org/twice", MAIN, files,
-              listed_only={"consolidated.safetensors": b"x" * 64, "variant/model.safetensors": b"y" * 64})
+    fake_repo(
+        offline["cache"],
+        "org/twice",
+        MAIN,
+        files,
+        listed_only={"consolidated.safetensors": b"x" * 64, "variant/model.safetensors": b"y" * 64},
+    )
     local = _merge(tmp_path, "local", str(offline["base"]), str(offline["adapter"]))
     _assert_same_output(_merge(tmp_path, "twice", "org/twice", "org/adapter"), local)
 
@@ -218,11 +274,16 @@ def test_repo_id_at_revision(offline, tmp_path):
 
 def test_uncached_repo_is_one_line_error_naming_it(offline, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
-    for base, adapter, needle in (("org/not-cached", "org/adapter", "org/not-cached"),
-                                  ("org/name", "org/no-adapter@v9", "org/no-adapter@v9"),
-                                  ("org/name@nope", "org/adapter", "org/name@nope")):
-        plan.write_text(yaml.safe_dump({"base": base, "adapters": [{"path": adapter}], "output": str(tmp_path / "o"),
-                                        "device": "cpu"}))
+    for base, adapter, needle in (
+        ("org/not-cached", "org/adapter", "org/not-cached"),
+        ("org/name", "org/no-adapter@v9", "org/no-adapter@v9"),
+        ("org/name@nope", "org/adapter", "org/name@nope"),
+    ):
+        plan.write_text(
+            yaml.safe_dump(
+                {"base": base, "adapters": [{"path": adapter}], "output": str(tmp_path / "o"), "device": "cpu"}
+            )
+        )
         assert main([str(plan), "-q"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0] and "HF_HUB_OFFLINE" in err[0], err
@@ -231,8 +292,16 @@ def test_uncached_repo_is_one_line_error_naming_it(offline, tmp_path, capsys):
 
 def test_incomplete_cached_snapshot_is_one_line_error(offline, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({"base": "org/partial", "adapters": [{"path": "org/adapter"}],
-                                    "output": str(tmp_path / "o"), "device": "cpu"}))
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "base": "org/partial",
+                "adapters": [{"path": "org/adapter"}],
+                "output": str(tmp_path / "o"),
+                "device": "cpu",
+            }
+        )
+    )
     assert main([str(plan), "-q"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "org/partial" in err[0], err
@@ -241,21 +310,37 @@ def test_incomplete_cached_snapshot_is_one_line_error(offline, tmp_path, capsys)
 
 # -- end to end through the environment, as a user runs it ---------------------------------------------------
 def test_cli_with_hf_environment_variables(hub, tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE")}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub["cache"]), HF_HOME=str(tmp_path / "hf-home"),
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(hub["cache"]),
+        HF_HOME=str(tmp_path / "hf-home"),
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({"base": "org/name", "adapters": [{"path": "org/adapter", "weight": 1.0}],
-                                    "output": "out", "device": "cpu", "max_memory": "64MiB"}))
-    result = subprocess.run([sys.executable, "-m", "shardmerge", str(plan), "-q"], env=env, capture_output=True,
-                            text=True, timeout=120)
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "base": "org/name",
+                "adapters": [{"path": "org/adapter", "weight": 1.0}],
+                "output": "out",
+                "device": "cpu",
+                "max_memory": "64MiB",
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "shardmerge", str(plan), "-q"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / MANIFEST).is_file() and not (tmp_path / "out" / "pytorch_model.bin").exists()
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == TOKENIZER["tokenizer.json"]
     plan.write_text(yaml.safe_dump({"base": "org/missing", "adapters": [{"path": "org/adapter"}], "output": "out2"}))
-    result = subprocess.run([sys.executable, "-m", "shardmerge", str(plan)], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "shardmerge", str(plan)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "org/missing" in lines[0], result.stderr

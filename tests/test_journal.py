@@ -163,8 +163,17 @@ test_output_directory_state_machine = OutputDirectory.TestCase
 
 
 def test_manifest_round_trips_and_garbage_reads_as_none(tmp_path):
-    manifest = Manifest("0.1.0", "fp", "/base", [{"path": "a", "weight": 1.0}], {"dtype": "keep"},
-                        {"s.safetensors": ShardRecord(10, {"xxh3_128": "ab" * 16})}, None, 10, {"config.json": 3})
+    manifest = Manifest(
+        "0.1.0",
+        "fp",
+        "/base",
+        [{"path": "a", "weight": 1.0}],
+        {"dtype": "keep"},
+        {"s.safetensors": ShardRecord(10, {"xxh3_128": "ab" * 16})},
+        None,
+        10,
+        {"config.json": 3},
+    )
     manifest.write(LOCAL, tmp_path)
     assert Manifest.read(LOCAL, tmp_path) == manifest
     (tmp_path / MANIFEST_NAME).write_text('{"fingerprint": "fp"}')

@@ -28,8 +28,12 @@ def test_tensors_larger_than_budget_merge_exactly_within_budget(tmp_path):
     write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
     budget = 16 * MiB  # 8 MiB of fixed run overhead + 8 MiB of buffers
     plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory=budget)
-    result = subprocess.run([sys.executable, "-m", "shardmerge", str(plan), "-q", "--report-json",
-                             str(tmp_path / "report.json")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "shardmerge", str(plan), "-q", "--report-json", str(tmp_path / "report.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
 
@@ -61,7 +65,14 @@ def test_output_bytes_do_not_depend_on_the_budget(tmp_path):
     import shardmerge
 
     for budget in ("13MiB", "512MiB"):
-        shardmerge.merge({"base": str(tmp_path / "base"), "adapters": [str(tmp_path / "adapter")],
-                          "output": str(tmp_path / budget), "max_memory": budget, "device": "cpu"})
+        shardmerge.merge(
+            {
+                "base": str(tmp_path / "base"),
+                "adapters": [str(tmp_path / "adapter")],
+                "output": str(tmp_path / budget),
+                "max_memory": budget,
+                "device": "cpu",
+            }
+        )
     for shard in (tmp_path / "13MiB").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "512MiB" / shard.name).read_bytes()

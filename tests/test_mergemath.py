@@ -87,8 +87,9 @@ def test_weighted_adapters_sum_with_plan_weights():
     w = torch.randn(10, 6)
     a1, b1, a2, b2 = torch.randn(2, 6), torch.randn(10, 2), torch.randn(3, 6), torch.randn(10, 3)
     expected = w.double() + 0.7 * 2.0 * (b1.double() @ a1.double()) - 0.4 * 0.5 * (b2.double() @ a2.double())
-    got = tiled(w, lambda mem: [lora(mem, a1, b1, scaling=2.0, weight=0.7),
-                            lora(mem, a2, b2, scaling=0.5, weight=-0.4)], 3)
+    got = tiled(
+        w, lambda mem: [lora(mem, a1, b1, scaling=2.0, weight=0.7), lora(mem, a2, b2, scaling=0.5, weight=-0.4)], 3
+    )
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -112,8 +113,7 @@ def dora_reference(w, a, b, m, s, transposed):
 @pytest.mark.parametrize("rows_per_tile", [1, 4, 100])
 def test_dora_linear_row_norms_tile_exactly(rows_per_tile):
     w, a, b, m = torch.randn(16, 8), torch.randn(2, 8), torch.randn(16, 2), torch.rand(16) + 0.5
-    got = tiled(w, lambda mem: [lora(mem, a, b, scaling=2.0, weight=1.0, transposed=False, magnitude=m)],
-                rows_per_tile)
+    got = tiled(w, lambda mem: [lora(mem, a, b, scaling=2.0, weight=1.0, transposed=False, magnitude=m)], rows_per_tile)
     torch.testing.assert_close(got, dora_reference(w, a, b, m, 2.0, False), rtol=1e-12, atol=1e-12)
 
 
@@ -121,8 +121,7 @@ def test_dora_linear_row_norms_tile_exactly(rows_per_tile):
 def test_dora_embedding_column_norms_tile_exactly(rows_per_tile):
     # Embedding DoRA normalises columns (over the vocabulary), which a row block cannot see alone.
     w, a, b, m = torch.randn(40, 6), torch.randn(3, 40), torch.randn(6, 3), torch.rand(6) + 0.5
-    got = tiled(w, lambda mem: [lora(mem, a, b, scaling=1.0, weight=1.0, transposed=True, magnitude=m)],
-                rows_per_tile)
+    got = tiled(w, lambda mem: [lora(mem, a, b, scaling=1.0, weight=1.0, transposed=True, magnitude=m)], rows_per_tile)
     torch.testing.assert_close(got, dora_reference(w, a, b, m, 1.0, True), rtol=1e-12, atol=1e-12)
 
 

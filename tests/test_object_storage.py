@@ -48,8 +48,12 @@ def server():
     port = _free_port()
     moto = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key in ("AWS_PROFILE", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_SESSION_TOKEN"):
             mp.delenv(key, raising=False)
@@ -104,8 +108,9 @@ def write_adapter(directory: Path) -> Path:
             lora[f"{key}.lora_B.weight"] = torch.randn(out, 8, generator=g) * 0.1
     directory.mkdir(parents=True)
     save_file(lora, str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "up_proj"]}))
+    (directory / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "up_proj"]})
+    )
     return directory
 
 
@@ -115,7 +120,7 @@ def files(directory: Path) -> dict[str, bytes]:
 
 def objects(client, prefix: str) -> dict[str, bytes]:
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
-    return {o["Key"][len(prefix) + 1:]: client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listed}
+    return {o["Key"][len(prefix) + 1 :]: client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listed}
 
 
 def etags(client, prefix: str) -> dict[str, str]:
@@ -141,8 +146,13 @@ def inputs(server, client, tmp_path_factory):
         for path in directory.iterdir():
             client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
     shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(root / "local"), "device": "cpu"})
-    return {"root": root, "base": base, "adapter": adapter, "reference": files(root / "local"),
-            "etags": {**etags(client, "base"), **etags(client, "adapter")}}
+    return {
+        "root": root,
+        "base": base,
+        "adapter": adapter,
+        "reference": files(root / "local"),
+        "etags": {**etags(client, "base"), **etags(client, "adapter")},
+    }
 
 
 @pytest.fixture
@@ -244,16 +254,28 @@ def _killed_while_uploading(plan: Path, at: int) -> int:
 
 
 def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_part_and_leaves_no_upload(
-        inputs, client, calls, tmp_path):
+    inputs, client, calls, tmp_path
+):
     output = "killed"
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": f"s3://{BUCKET}/base", "adapters": [f"s3://{BUCKET}/adapter"],
-                                "output": f"s3://{BUCKET}/{output}", "device": "cpu"}))
+    plan.write_text(
+        json.dumps(
+            {
+                "base": f"s3://{BUCKET}/base",
+                "adapters": [f"s3://{BUCKET}/adapter"],
+                "output": f"s3://{BUCKET}/{output}",
+                "device": "cpu",
+            }
+        )
+    )
     status = _killed_while_uploading(plan, at=2)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert MANIFEST not in objects(client, output)
-    finished = {(u["Key"], p["PartNumber"]) for u in open_uploads(client)
-                for p in client.list_parts(Bucket=BUCKET, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])}
+    finished = {
+        (u["Key"], p["PartNumber"])
+        for u in open_uploads(client)
+        for p in client.list_parts(Bucket=BUCKET, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])
+    }
     assert finished, "the kill came before any part was uploaded"
     calls.clear()
     assert cli_main([str(plan), "-q"]) == 0
@@ -267,12 +289,28 @@ def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_
 def test_overwriting_an_s3_output_of_another_plan_aborts_its_abandoned_uploads(inputs, client, tmp_path):
     output = "replaced"
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": f"s3://{BUCKET}/base", "adapters": [f"s3://{BUCKET}/adapter"],
-                                "output": f"s3://{BUCKET}/{output}", "device": "cpu", "dtype": "float16"}))
+    plan.write_text(
+        json.dumps(
+            {
+                "base": f"s3://{BUCKET}/base",
+                "adapters": [f"s3://{BUCKET}/adapter"],
+                "output": f"s3://{BUCKET}/{output}",
+                "device": "cpu",
+                "dtype": "float16",
+            }
+        )
+    )
     _killed_while_uploading(plan, at=2)
     assert open_uploads(client)
-    shardmerge.merge({"base": f"s3://{BUCKET}/base", "adapters": [f"s3://{BUCKET}/adapter"],
-                      "output": f"s3://{BUCKET}/{output}", "device": "cpu", "overwrite": True})
+    shardmerge.merge(
+        {
+            "base": f"s3://{BUCKET}/base",
+            "adapters": [f"s3://{BUCKET}/adapter"],
+            "output": f"s3://{BUCKET}/{output}",
+            "device": "cpu",
+            "overwrite": True,
+        }
+    )
     assert_same_as_local(objects(client, output), inputs["reference"])
     assert not open_uploads(client)
 
@@ -286,8 +324,9 @@ def one_error_line(capsys, argv: list[str]) -> str:
 
 def _plan(tmp_path: Path, base: str, output: str) -> str:
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": base, "adapters": [f"s3://{BUCKET}/adapter"], "output": output,
-                                "device": "cpu"}))
+    plan.write_text(
+        json.dumps({"base": base, "adapters": [f"s3://{BUCKET}/adapter"], "output": output, "device": "cpu"})
+    )
     return str(plan)
 
 
@@ -321,17 +360,28 @@ def authenticated(server, monkeypatch):
     import urllib.request
 
     def reset_auth(count: str) -> None:
-        request = urllib.request.Request(f"{server['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=count.encode(),
-                                         method="POST", headers={"Content-Type": "text/plain"})
+        request = urllib.request.Request(
+            f"{server['AWS_ENDPOINT_URL']}/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.urlopen(request).read()
 
     reset_auth("3")  # the three IAM calls below go through unauthenticated
     try:
         iam, user = boto3.client("iam"), f"lister-{os.urandom(4).hex()}"
         iam.create_user(UserName=user)
-        iam.put_user_policy(UserName=user, PolicyName="list", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{BUCKET}"}]}))
+        iam.put_user_policy(
+            UserName=user,
+            PolicyName="list",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{BUCKET}"}],
+                }
+            ),
+        )
         key = iam.create_access_key(UserName=user)["AccessKey"]
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
         s3_store._forget_store()
@@ -426,7 +476,7 @@ def test_a_copied_part_lies_inside_one_copyable_range_and_reads_the_matching_sou
     for p in s3_store.plan_parts(size, copyable):
         if p.source is None:
             continue
-        (offset, _, source, src_offset), = [r for r in copyable if r[0] <= p.start and p.end <= r[0] + r[1]]
+        ((offset, _, source, src_offset),) = [r for r in copyable if r[0] <= p.start and p.end <= r[0] + r[1]]
         assert p.source == (source, src_offset + p.start - offset)
         assert p.size <= s3_store.MAX_COPY_PART
 
@@ -448,8 +498,12 @@ def test_planning_reads_only_the_base_shards_headers(inputs, tmp_path, calls):
     from shardmerge.safetensors_io import read_header
 
     header_ends = {f"base/{p.name}": read_header(p).data_start for p in inputs["base"].glob("*.safetensors")}
-    plan = {"base": f"s3://{BUCKET}/base", "adapters": [f"s3://{BUCKET}/adapter"], "output": f"s3://{BUCKET}/dry",
-            "device": "cpu"}
+    plan = {
+        "base": f"s3://{BUCKET}/base",
+        "adapters": [f"s3://{BUCKET}/adapter"],
+        "output": f"s3://{BUCKET}/dry",
+        "device": "cpu",
+    }
     assert cli_main([str(_write(tmp_path / "plan.yaml", plan)), "--dry-run"]) == 0
     gets = [(kw["Key"], _range_end(kw["Range"])) for op, kw in calls if op == "get_object" and kw["Key"] in header_ends]
     assert {key for key, _ in gets} == set(header_ends)

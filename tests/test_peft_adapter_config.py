@@ -54,8 +54,9 @@ def _assert_refused(tmp_path: Path, base: Path, adapters: list[Path], *needles: 
     before = tree_hashes(base, *adapters)
     out = tmp_path / "refused"
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"base": str(base), "adapters": [str(a) for a in adapters], "output": str(out),
-                                "device": "cpu"}))
+    plan.write_text(
+        json.dumps({"base": str(base), "adapters": [str(a) for a in adapters], "output": str(out), "device": "cpu"})
+    )
     rc, stderr = run_cli(plan, "-q")
     assert rc != 0
     assert "Traceback" not in stderr
@@ -97,8 +98,9 @@ def test_pissa_converted_with_path_initial_model_merges_as_peft(tmp_path, base):
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.add_(0.05 * torch.randn_like(param))
-    model.save_pretrained(str(tmp_path / "converted"),
-                          path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    model.save_pretrained(
+        str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+    )
     assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["r"] == 8
     out = _merge(tmp_path, base, tmp_path / "converted")
     assert_same_model(out, peft_merged(base, [tmp_path / "converted"]))
@@ -146,11 +148,15 @@ def _add_lora_for(module: str):
     return edit
 
 
-@pytest.mark.parametrize("lora", [
-    dict(target_modules=["q_proj"]),
-    dict(target_modules=["q_proj", "k_proj"], exclude_modules=["k_proj"]),
-    dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1]),
-], ids=["not-targeted", "excluded", "outside-layers-to-transform"])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        dict(target_modules=["q_proj"]),
+        dict(target_modules=["q_proj", "k_proj"], exclude_modules=["k_proj"]),
+        dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1]),
+    ],
+    ids=["not-targeted", "excluded", "outside-layers-to-transform"],
+)
 def test_tensors_for_modules_peft_would_not_create_are_ignored_as_peft(tmp_path, base, lora, capsys):
     adapter = _adapter(tmp_path, base, **{k: v for k, v in lora.items() if k != "layers_to_transform"})
     _edit_tensors(adapter, _add_lora_for("self_attn.k_proj"))
@@ -163,8 +169,11 @@ def test_tensors_for_modules_peft_would_not_create_are_ignored_as_peft(tmp_path,
 # -- variants that merge like plain LoRA -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(velora_config={}), dict(monteclora_config={}),
-                                     dict(init_lora_weights="mica")], ids=["velora", "monteclora", "mica"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(velora_config={}), dict(monteclora_config={}), dict(init_lora_weights="mica")],
+    ids=["velora", "monteclora", "mica"],
+)
 def test_variants_whose_merge_is_plain_lora_merge_as_peft(tmp_path, base, variant):
     adapter = _adapter(tmp_path, base, **variant)
     out = _merge(tmp_path, base, adapter)

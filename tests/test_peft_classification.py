@@ -24,8 +24,10 @@ def classifier(tmp_path_factory):
     config.num_labels = 3
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(str(root / "base"), max_shard_size="20KB")
-    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(str(root / "base")),
-                           LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(str(root / "base")),
+        LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"]),
+    )
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
@@ -39,10 +41,21 @@ def test_classification_adapter_on_a_classification_base_merges_as_peft(classifi
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "out"
-    shardmerge.merge({"base": str(classifier / "base"), "adapters": [str(classifier / "adapter")], "output": str(out),
-                      "device": "cpu"})
-    reference = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(str(classifier / "base")),
-                                          str(classifier / "adapter")).merge_and_unload().eval()
+    shardmerge.merge(
+        {
+            "base": str(classifier / "base"),
+            "adapters": [str(classifier / "adapter")],
+            "output": str(out),
+            "device": "cpu",
+        }
+    )
+    reference = (
+        PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(str(classifier / "base")), str(classifier / "adapter")
+        )
+        .merge_and_unload()
+        .eval()
+    )
     assert_same_model(out, reference, AutoModelForSequenceClassification)
 
 
@@ -50,8 +63,16 @@ def test_classification_adapter_on_a_causal_lm_base_is_refused_naming_the_head_a
     base = build_base(tmp_path / "causal", "llama", torch.float32)
     before = tree_hashes(base, classifier / "adapter")
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"base": str(base), "adapters": [str(classifier / "adapter")],
-                                "output": str(tmp_path / "out"), "device": "cpu"}))
+    plan.write_text(
+        json.dumps(
+            {
+                "base": str(base),
+                "adapters": [str(classifier / "adapter")],
+                "output": str(tmp_path / "out"),
+                "device": "cpu",
+            }
+        )
+    )
     rc, stderr = run_cli(plan, "-q")
     assert rc != 0 and "Traceback" not in stderr
     lines = stderr.strip().splitlines()

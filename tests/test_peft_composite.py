@@ -21,15 +21,27 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
 def _gpt2_decoder():
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, add_cross_attention=True,
-                      is_decoder=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, decoder_start_token_id=1)
+    return GPT2Config(
+        vocab_size=96,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        add_cross_attention=True,
+        is_decoder=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        decoder_start_token_id=1,
+    )
 
 
 def _vision_encoder_decoder():
     from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        ViTConfig(image_size=16, patch_size=8, **TINY), _gpt2_decoder())
+        ViTConfig(image_size=16, patch_size=8, **TINY), _gpt2_decoder()
+    )
     return VisionEncoderDecoderModel(config), {"pixel_values": torch.randn(2, 3, 16, 16, generator=_g())}
 
 
@@ -58,8 +70,9 @@ def _logits(model, inputs):
         return model(**inputs, decoder_input_ids=decoder_input_ids).logits
 
 
-@pytest.mark.parametrize("build", [_vision_encoder_decoder, _encoder_decoder],
-                         ids=["vision-encoder-decoder", "encoder-decoder"])
+@pytest.mark.parametrize(
+    "build", [_vision_encoder_decoder, _encoder_decoder], ids=["vision-encoder-decoder", "encoder-decoder"]
+)
 def test_gpt2_decoder_in_a_composite_model_merges_as_peft(tmp_path, build):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -69,18 +82,29 @@ def test_gpt2_decoder_in_a_composite_model_merges_as_peft(tmp_path, build):
     assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
     cls = type(model)
     # square layers on both sides: decoder attn.c_proj (Conv1D, 32x32) and the encoder's query/value (Linear, 32x32)
-    peft_model = get_peft_model(cls.from_pretrained(str(tmp_path / "base")),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj", "query", "value"]))
+    peft_model = get_peft_model(
+        cls.from_pretrained(str(tmp_path / "base")),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj", "query", "value"]),
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=_g()) * 0.2)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
-    reference = PeftModel.from_pretrained(cls.from_pretrained(str(tmp_path / "base")),
-                                          str(tmp_path / "adapter")).merge_and_unload().eval()
+    reference = (
+        PeftModel.from_pretrained(cls.from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
+        .merge_and_unload()
+        .eval()
+    )
 
-    shardmerge.merge({"base": str(tmp_path / "base"), "adapters": [str(tmp_path / "adapter")],
-                      "output": str(tmp_path / "out"), "device": "cpu"})
+    shardmerge.merge(
+        {
+            "base": str(tmp_path / "base"),
+            "adapters": [str(tmp_path / "adapter")],
+            "output": str(tmp_path / "out"),
+            "device": "cpu",
+        }
+    )
     merged = cls.from_pretrained(str(tmp_path / "out")).eval()
     want = dict(reference.named_parameters())
     for name, param in merged.named_parameters():
@@ -95,8 +119,9 @@ def test_remote_code_gpt2_fork_trusts_the_adapters_fan_in_fan_out(tmp_path):
     from peft import LoraConfig
 
     base = build_base(tmp_path / "base", "gpt2", torch.float32)
-    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=4, target_modules=["c_proj"], fan_in_fan_out=True),
-                           dtype=torch.float32)
+    adapter = make_adapter(
+        base, tmp_path / "adapter", LoraConfig(r=4, target_modules=["c_proj"], fan_in_fan_out=True), dtype=torch.float32
+    )
     fork = tmp_path / "fork"
     shutil.copytree(base, fork)
     config = json.loads((fork / "config.json").read_text())

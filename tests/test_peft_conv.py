@@ -23,18 +23,28 @@ def test_conv_merges_match_peft(tmp_path, use_dora):
     torch.manual_seed(0)
     model = ConvNet()
     (tmp_path / "base").mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base/model.safetensors"),
-              metadata={"format": "pt"})
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, use_dora=use_dora,
-                                                  target_modules=["k3", "pointwise", "temporal", "head"]))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "base/model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=4, use_dora=use_dora, target_modules=["k3", "pointwise", "temporal", "head"])
+    )
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             nn.init.normal_(param, std=0.3)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     reference = peft_model.merge_and_unload().state_dict()
 
-    shardmerge.merge({"base": str(tmp_path / "base"), "adapters": [str(tmp_path / "adapter")],
-                      "output": str(tmp_path / "out"), "max_memory": "9MiB"})
+    shardmerge.merge(
+        {
+            "base": str(tmp_path / "base"),
+            "adapters": [str(tmp_path / "adapter")],
+            "output": str(tmp_path / "out"),
+            "max_memory": "9MiB",
+        }
+    )
     merged = load_file(str(tmp_path / "out/model.safetensors"))
     base = load_file(str(tmp_path / "base/model.safetensors"))
     assert merged.keys() == reference.keys()

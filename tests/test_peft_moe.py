@@ -28,8 +28,16 @@ from builders import (
 import shardmerge
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
-COMMON = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "max_position_embeddings": 64, "head_dim": 8, "tie_word_embeddings": False}
+COMMON = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "head_dim": 8,
+    "tie_word_embeddings": False,
+}
 
 
 def moe_config(family: str):
@@ -43,18 +51,37 @@ def moe_config(family: str):
     )
 
     if family == "qwen3_moe":  # gate_up (E, 48, 32), down (E, 32, 24): the shapes decide the orientation
-        return Qwen3MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24, num_experts=4,
-                              num_experts_per_tok=4, norm_topk_prob=True)
+        return Qwen3MoeConfig(
+            **COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+        )
     if family == "mixtral":
         return MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=4)
     if family == "gpt_oss":  # down_proj (E, 32, 32) is square: only the PEFT version decides it
-        return GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=4,
-                            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        return GptOssConfig(
+            **COMMON,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=4,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     if family == "llama4":
-        return Llama4TextConfig(**COMMON, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4,
-                                num_experts_per_tok=4, interleave_moe_layer_step=1, no_rope_layers=[1, 1],
-                                attn_temperature_tuning=False)
+        return Llama4TextConfig(
+            **COMMON,
+            intermediate_size=24,
+            intermediate_size_mlp=48,
+            num_local_experts=4,
+            num_experts_per_tok=4,
+            interleave_moe_layer_step=1,
+            no_rope_layers=[1, 1],
+            attn_temperature_tuning=False,
+        )
     raise ValueError(family)
 
 
@@ -71,8 +98,11 @@ class Case:
 
 CASES = [
     Case("qwen3-moe-experts-split-over-shards", "qwen3_moe", max_shard_size="8KB", split_experts=True),
-    Case("qwen3-moe-rank-pattern", "qwen3_moe",
-         {"rank_pattern": {"layers.1.mlp.experts.gate_up_proj": 6}, "alpha_pattern": {"down_proj": 3}}),
+    Case(
+        "qwen3-moe-rank-pattern",
+        "qwen3_moe",
+        {"rank_pattern": {"layers.1.mlp.experts.gate_up_proj": 6}, "alpha_pattern": {"down_proj": 3}},
+    ),
     Case("mixtral-two-adapters", "mixtral", weights=(1.0, -0.5)),
     Case("gpt-oss", "gpt_oss"),
     Case("llama4-rslora", "llama4", {"use_rslora": True, "lora_alpha": 4}),
@@ -146,8 +176,9 @@ def peft_moe_reference(base: Path, adapters: list[Path], weights: tuple[float, .
     with torch.no_grad():
         base_logits = base_model(input_ids()).logits.float()
     names = [f"a{i}" for i in range(len(adapters))]
-    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapters[0],
-                                   adapter_name=names[0])
+    pm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapters[0], adapter_name=names[0]
+    )
     for name, path in zip(names[1:], adapters[1:]):
         pm.load_adapter(path, adapter_name=name)
     pm.base_model.set_adapter(names)
@@ -198,12 +229,19 @@ def built(request, tmp_path_factory) -> Built:
     if case.id not in _BUILT:
         root = tmp_path_factory.mktemp(case.id)
         base = build_moe_base(root / "base", case.family, case.max_shard_size)
-        adapters = [build_moe_adapter(base, root / f"adapter{i}", seed=1 + i, **case.lora)
-                    for i in range(len(case.weights))]
+        adapters = [
+            build_moe_adapter(base, root / f"adapter{i}", seed=1 + i, **case.lora) for i in range(len(case.weights))
+        ]
         ref = peft_moe_reference(base, adapters, case.weights)
-        report = shardmerge.merge({"base": str(base), "output": str(root / "merged"), "device": "cpu",
-                                   "max_memory": case.max_memory,
-                                   "adapters": [{"path": str(a), "weight": w} for a, w in zip(adapters, case.weights)]})
+        report = shardmerge.merge(
+            {
+                "base": str(base),
+                "output": str(root / "merged"),
+                "device": "cpu",
+                "max_memory": case.max_memory,
+                "adapters": [{"path": str(a), "weight": w} for a, w in zip(adapters, case.weights)],
+            }
+        )
         _BUILT[case.id] = Built(case, base, adapters, root / "merged", ref, report)
     return _BUILT[case.id]
 
@@ -256,8 +294,10 @@ def test_expert_deltas_move_far_more_than_the_tolerance(built: Built):
     """The parameter check has teeth: every expert parameter moves by far more than rounding allows."""
     from transformers import AutoModelForCausalLM
 
-    base = {n: p.detach().double() for n, p in AutoModelForCausalLM.from_pretrained(built.base, dtype=torch.bfloat16)
-            .named_parameters()}
+    base = {
+        n: p.detach().double()
+        for n, p in AutoModelForCausalLM.from_pretrained(built.base, dtype=torch.bfloat16).named_parameters()
+    }
     ref = built.ref
     for name in (n for n in ref.exact if "experts" in n):
         moved = (ref.exact[name] - base[name]).abs()
@@ -326,8 +366,9 @@ def _gpt_oss_without_version(tmp_path) -> tuple[Path, Path]:
 def test_square_experts_without_peft_version_are_refused_as_ambiguous(tmp_path, capsys):
     base, adapter = _gpt_oss_without_version(tmp_path)
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"),
-                                "device": "cpu"}))
+    plan.write_text(
+        json.dumps({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu"})
+    )
     from shardmerge.cli import main
 
     assert main([str(plan)]) != 0
@@ -338,8 +379,14 @@ def test_square_experts_without_peft_version_are_refused_as_ambiguous(tmp_path, 
 
 def test_peft_version_in_the_plan_resolves_square_experts(tmp_path):
     base, adapter = _gpt_oss_without_version(tmp_path)
-    with_plan = shardmerge.merge({"base": str(base), "adapters": [{"path": str(adapter), "peft_version": "0.21.2"}],
-                                  "output": str(tmp_path / "a"), "device": "cpu"})
+    with_plan = shardmerge.merge(
+        {
+            "base": str(base),
+            "adapters": [{"path": str(adapter), "peft_version": "0.21.2"}],
+            "output": str(tmp_path / "a"),
+            "device": "cpu",
+        }
+    )
     assert with_plan.tensors_merged > 0
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert "peft_version" not in config, "the user's adapter_config.json was modified"
@@ -371,8 +418,11 @@ def test_per_expert_adapter_of_the_transformers_4_era_merges_into_per_expert_ten
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     save_file(lora, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj", "up_proj", "down_proj"]}
+        )
+    )
     shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu"})
     out = load_tensors(tmp_path / "out")
     half_ulp = torch.finfo(torch.bfloat16).eps / 2
@@ -399,8 +449,9 @@ def test_unsloth_grouped_by_expert_lora_b_gives_the_same_merge(tmp_path):
     save_file(tensors, str(unsloth / "adapter_model.safetensors"))
     (unsloth / "adapter_config.json").write_text(json.dumps({**config, "lora_B_layout": "grouped_by_expert"}))
     for name, adapter in (("a", peft_adapter), ("b", unsloth)):
-        shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / name),
-                          "device": "cpu"})
+        shardmerge.merge(
+            {"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / name), "device": "cpu"}
+        )
     a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     assert all(tensor_bytes(a[k]) == tensor_bytes(b[k]) for k in a)
     assert any(tensor_bytes(a[k]) != tensor_bytes(v) for k, v in load_tensors(base).items() if ".experts." in k)
@@ -411,10 +462,17 @@ def test_verify_recomputes_expert_tensors_from_the_inputs(built: Built, tmp_path
     from shardmerge.cli import main
 
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"base": str(built.base), "output": str(built.output), "device": "cpu",
-                                "max_memory": built.case.max_memory,
-                                "adapters": [{"path": str(a), "weight": w}
-                                             for a, w in zip(built.adapters, built.case.weights)]}))
+    plan.write_text(
+        json.dumps(
+            {
+                "base": str(built.base),
+                "output": str(built.output),
+                "device": "cpu",
+                "max_memory": built.case.max_memory,
+                "adapters": [{"path": str(a), "weight": w} for a, w in zip(built.adapters, built.case.weights)],
+            }
+        )
+    )
     assert main(["verify", str(built.output), "--plan", str(plan), "--samples", "1000"]) == 0
 
 

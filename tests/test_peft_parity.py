@@ -111,8 +111,11 @@ CASES = [
     ),
     Case(
         "layers-to-transform",
-        (AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                          layers_to_transform=[1])),),
+        (
+            AdapterSpec(
+                dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])
+            ),
+        ),
     ),
     Case(
         "dora-linear",
@@ -138,8 +141,11 @@ CASES = [
     ),
     Case(
         "modules-to-save",
-        (AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                          modules_to_save=["lm_head", "model.norm"])),),
+        (
+            AdapterSpec(
+                dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "model.norm"])
+            ),
+        ),
         replaces=True,
     ),
     # tie_word_embeddings: the checkpoint stores model.embed_tokens.weight only; PEFT's merge adds the
@@ -186,8 +192,9 @@ CASES = [
         "two-adapters-weights-0.7-and-minus-0.4",
         (
             AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"]), weight=0.7, seed=1),
-            AdapterSpec(dict(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "down_proj"]), weight=-0.4, seed=2,
-                        std=0.2),
+            AdapterSpec(
+                dict(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "down_proj"]), weight=-0.4, seed=2, std=0.2
+            ),
         ),
     ),
     # a budget smaller than the embedding / lm_head tensors: merged in row blocks, same result
@@ -422,8 +429,9 @@ def test_adapter_for_another_architecture_is_refused_without_complete_output(tmp
     _, gpt2_adapter = _make(tmp_path, "gpt2", r=4, target_modules=["c_attn"], fan_in_fan_out=True)
     out = tmp_path / "merged"
     with pytest.raises(shardmerge.ShardmergeError):
-        shardmerge.merge({"base": str(llama), "adapters": [{"path": str(gpt2_adapter)}], "output": str(out),
-                          "device": "cpu"})
+        shardmerge.merge(
+            {"base": str(llama), "adapters": [{"path": str(gpt2_adapter)}], "output": str(out), "device": "cpu"}
+        )
     assert not (out / INDEX_NAME).exists(), "a refused merge left an index (looks complete)"
 
 
@@ -439,8 +447,9 @@ def test_adapter_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
     cfg = tiny_config("llama")
     cfg.intermediate_size = 48
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(other))
-    adapter = make_adapter(other, tmp_path / "adapter", LoraConfig(r=4, target_modules=["gate_proj"]),
-                           dtype=torch.float32)
+    adapter = make_adapter(
+        other, tmp_path / "adapter", LoraConfig(r=4, target_modules=["gate_proj"]), dtype=torch.float32
+    )
     out = tmp_path / "merged"
     with pytest.raises(shardmerge.ShardmergeError, match="gate_proj"):
         shardmerge.merge({"base": str(base), "adapters": [{"path": str(adapter)}], "output": str(out), "device": "cpu"})

@@ -34,8 +34,15 @@ HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
 def _merge(tmp_path: Path, base: Path, adapters: list[Path]) -> Path:
     out = tmp_path / "merged"
-    shardmerge.merge({"base": str(base), "adapters": [str(a) for a in adapters], "output": str(out),
-                      "device": "cpu", "max_memory": "9MiB"})
+    shardmerge.merge(
+        {
+            "base": str(base),
+            "adapters": [str(a) for a in adapters],
+            "output": str(out),
+            "device": "cpu",
+            "max_memory": "9MiB",
+        }
+    )
     return out
 
 
@@ -76,12 +83,16 @@ def _adapter(tmp_path: Path, base: Path, name: str = "adapter", seed: int = 1, *
     return make_adapter(base, tmp_path / name, LoraConfig(r=4, lora_alpha=8, **lora), dtype=torch.float32, seed=seed)
 
 
-@pytest.mark.parametrize("lora", [
-    dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
-    dict(target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"]),
-    dict(target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"]),
-    dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
-], ids=["save-head", "save-embedding-lora-head", "save-head-lora-embedding", "save-both"])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        dict(target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"]),
+        dict(target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"]),
+        dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+    ],
+    ids=["save-head", "save-embedding-lora-head", "save-head-lora-embedding", "save-both"],
+)
 def test_modules_to_save_on_a_tied_embedding_unties_it_as_peft(tmp_path, lora):
     base = _tied_base(tmp_path)
     adapter = _adapter(tmp_path, base, **lora)
@@ -92,14 +103,19 @@ def test_modules_to_save_on_a_tied_embedding_unties_it_as_peft(tmp_path, lora):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert HEAD in shard_files(out), "the untied head is in the index"
     assert shard_files(out)[HEAD] == shard_files(out)[EMBED], "placed in the embedding's shard"
-    _assert_untouched_bit_identical(base, out, {EMBED, "model.layers.0.self_attn.q_proj.weight",
-                                                "model.layers.1.self_attn.q_proj.weight"})
+    _assert_untouched_bit_identical(
+        base, out, {EMBED, "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"}
+    )
 
 
-@pytest.mark.parametrize("lora", [
-    dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
-    dict(target_modules=["q_proj", "embed_tokens"]),
-], ids=["save-embedding", "lora-embedding"])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+        dict(target_modules=["q_proj", "embed_tokens"]),
+    ],
+    ids=["save-embedding", "lora-embedding"],
+)
 def test_ensure_weight_tying_keeps_one_shared_matrix_as_peft(tmp_path, lora):
     base = _tied_base(tmp_path)
     adapter = _adapter(tmp_path, base, ensure_weight_tying=True, **lora)

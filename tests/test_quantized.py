@@ -235,8 +235,9 @@ def test_rounded_away_deltas_warn_once_from_the_cli_and_never_from_the_library(t
     assert capsys.readouterr().err == ""
     assert len(report.warnings) == 1 and "dtype: bfloat16" in report.warnings[0]
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}],
-                                "output": str(tmp_path / "cli")}))
+    plan.write_text(
+        json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "cli")})
+    )
     assert main([str(plan), "--quiet", "--report-json", str(tmp_path / "report.json")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("shardmerge: warning:") and f"{len(TARGETS)} of {len(TARGETS)}" in err[0]
@@ -261,10 +262,13 @@ def test_a_quantized_tensor_larger_than_max_memory_merges_within_it(tmp_path, fm
     b = torch.randn(16384, 4, generator=g) * 0.05
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    save_file({"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                             "target_modules": ["proj"]}))
+    save_file(
+        {"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b},
+        str(adapter / "adapter_model.safetensors"),
+    )
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]})
+    )
     budget = 14 * 2**20  # 8 MiB of fixed runtime overhead, 6 MiB for buffers
     report = run_merge(base, adapter, tmp_path / "out", max_memory=budget)
     assert tensors["layer.proj.weight"].numel() > budget and 0 < report.peak_budget_bytes <= budget
@@ -282,9 +286,11 @@ def test_verify_with_the_plan_accepts_quantized_outputs_and_catches_a_changed_co
 
     c = build_case(tmp_path, "fp8:bf16")
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}],
-                                "output": str(tmp_path / "o"),
-                                "dtype": dtype}))
+    plan.write_text(
+        json.dumps(
+            {"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o"), "dtype": dtype}
+        )
+    )
     assert main([str(plan), "--quiet"]) == 0
     assert verify(str(tmp_path / "o"), plan=str(plan)) == []
     shard = tmp_path / "o" / "model.safetensors"
@@ -315,16 +321,19 @@ def test_transformers_dequantizes_the_kept_fp8_output_as_the_reference_does(tmp_
         assert (loaded[f"{module}.weight"].double() - exact).norm() <= 1.5 * reference_error
 
 
-@pytest.mark.parametrize("quant_method, named", [("gptq", "GPTQ"), ("awq", "AWQ"), ("bitsandbytes", "bitsandbytes"),
-                                                 ("someday", "unknown quant_method 'someday'")])
+@pytest.mark.parametrize(
+    "quant_method, named",
+    [("gptq", "GPTQ"), ("awq", "AWQ"), ("bitsandbytes", "bitsandbytes"), ("someday", "unknown quant_method 'someday'")],
+)
 def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, capsys, quant_method, named):
     c = build_case(tmp_path, "fp8:f32")
     config = json.loads((c.base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": quant_method, "bits": 4}
     (c.base / "config.json").write_text(json.dumps(config))
     plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}],
-                                "output": str(tmp_path / "o")}))
+    plan.write_text(
+        json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o")})
+    )
     assert main([str(plan), "--quiet"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0]
@@ -342,18 +351,26 @@ def test_mxfp4_experts_dequantize_to_the_float_layout(tmp_path):
     base.mkdir()
     prefix = "model.layers.0.mlp.experts.gate_up_proj"
     dense = torch.randn(64, 64, generator=g).to(torch.bfloat16)
-    save_file({f"{prefix}_blocks": blocks, f"{prefix}_scales": scales, "model.layers.0.self_attn.q_proj.weight": dense},
-              str(base / "model.safetensors"))
-    (base / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mxfp4",
-                                                                          "modules_to_not_convert": ["self_attn"]}}))
+    save_file(
+        {f"{prefix}_blocks": blocks, f"{prefix}_scales": scales, "model.layers.0.self_attn.q_proj.weight": dense},
+        str(base / "model.safetensors"),
+    )
+    (base / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn"]}})
+    )
     a, b = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
-                                                             "target_modules": ["q_proj"]}))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
+        },
+        str(adapter / "adapter_model.safetensors"),
+    )
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]})
+    )
     run_merge(base, adapter, tmp_path / "out", dtype="bfloat16")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert sorted(out) == [prefix, "model.layers.0.self_attn.q_proj.weight"]
@@ -372,8 +389,9 @@ def test_compressed_tensors_dequantizes_the_kept_output_as_the_reference_does(tm
     c = build_case(tmp_path, fmt_key)
     run_merge(c.base, c.adapter, tmp_path / "out")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32,
-                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "out"), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     state = loaded.state_dict()
     for module in c.modules:
         expected = c.fmt.dequantize(module, out)
@@ -388,8 +406,10 @@ def _codec_weight(codec, shape, scale_shape, scale_dtype, codes_dtype="F8_E4M3")
     def info(name, dtype, shp):
         return TensorInfo(name, dtype, tuple(shp), Path("mem"), 0, math.prod(shp) * DTYPE_SIZES[dtype])
 
-    tensors = {"m.weight": info("m.weight", codes_dtype, shape),
-               "m.weight_scale_inv": info("m.weight_scale_inv", scale_dtype, scale_shape)}
+    tensors = {
+        "m.weight": info("m.weight", codes_dtype, shape),
+        "m.weight_scale_inv": info("m.weight_scale_inv", scale_dtype, scale_shape),
+    }
     return codec.weights(tensors)["m.weight"]
 
 
@@ -405,7 +425,7 @@ def test_ue8m0_scales_stored_as_bytes_or_e8m0_requantize_to_powers_of_two_in_til
     ref_codes, ref_scale = fp8_quantize(x, 128, 128, torch.float32, pow2=True)
     stored = torch.ones(3, 2, dtype=torch.float32)
     stored = stored.to(torch.uint8) if scale_dtype == "U8" else stored.to(torch.float8_e8m0fnu)
-    codes = torch.cat([codec.requantize(q, x[r0:r0 + 128].float(), [stored], r0, None) for r0 in (0, 128, 256)])
+    codes = torch.cat([codec.requantize(q, x[r0 : r0 + 128].float(), [stored], r0, None) for r0 in (0, 128, 256)])
     assert torch.equal(codec.dequantize(q, codes, [stored], 0).double(), fp8_dequantize(ref_codes, ref_scale, 128, 128))
     decoded = torch.exp2(stored.double() - 127) if scale_dtype == "U8" else stored.double()
     assert torch.equal(decoded, ref_scale.double())
@@ -424,25 +444,39 @@ def test_mxfp4_codec_requantizes_expert_tiles_as_the_reference_does():
     from shardmerge.safetensors_io import TensorInfo
 
     codec = MXFP4({"quant_method": "mxfp4"})
-    tensors = {"e.gate_up_proj_blocks": TensorInfo("e.gate_up_proj_blocks", "U8", (3, 96, 2, 16), Path("mem"), 0, 9216),
-               "e.gate_up_proj_scales": TensorInfo("e.gate_up_proj_scales", "U8", (3, 96, 2), Path("mem"), 0, 576)}
+    tensors = {
+        "e.gate_up_proj_blocks": TensorInfo("e.gate_up_proj_blocks", "U8", (3, 96, 2, 16), Path("mem"), 0, 9216),
+        "e.gate_up_proj_scales": TensorInfo("e.gate_up_proj_scales", "U8", (3, 96, 2), Path("mem"), 0, 576),
+    }
     q = codec.weights(tensors)["e.gate_up_proj_blocks"]
     assert (q.name, q.shape) == ("e.gate_up_proj", (3, 64, 96))  # the float layout: (E, in, out)
     w = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     scales = torch.zeros(3, 96, 2, dtype=torch.uint8)
-    codes = torch.cat([codec.requantize(q, w[e:e + 1].reshape(1, -1).float(), [scales], e, None) for e in range(3)])
+    codes = torch.cat([codec.requantize(q, w[e : e + 1].reshape(1, -1).float(), [scales], e, None) for e in range(3)])
     ref_blocks, ref_scales = mxfp4_quantize(w.transpose(1, 2))
     assert torch.equal(scales, ref_scales)
-    assert torch.equal(codec.dequantize(q, codes, [scales], 0).double().reshape(3, 64, 96),
-                       mxfp4_dequantize(ref_blocks, ref_scales).transpose(1, 2))
+    assert torch.equal(
+        codec.dequantize(q, codes, [scales], 0).double().reshape(3, 64, 96),
+        mxfp4_dequantize(ref_blocks, ref_scales).transpose(1, 2),
+    )
 
 
 def _tiny_gpt_oss():
     from transformers import AutoModelForCausalLM, GptOssConfig
 
-    config = GptOssConfig(num_hidden_layers=1, num_local_experts=4, vocab_size=128, hidden_size=64,
-                          intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
-                          num_experts_per_tok=2, max_position_embeddings=64, layer_types=["full_attention"])
+    config = GptOssConfig(
+        num_hidden_layers=1,
+        num_local_experts=4,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        layer_types=["full_attention"],
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 
@@ -463,11 +497,19 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
         state[name + "_blocks"], state[name + "_scales"] = blocks, scales
     save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (base / "config.json").write_text(json.dumps(config))
-    reference = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=Mxfp4Config(dequantize=True),
-                                                     dtype=torch.bfloat16).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(base), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
+    ).state_dict()
     adapter = make_adapter(_tiny_gpt_oss(), tmp_path / "adapter")
     run_merge(base, adapter, tmp_path / "out", dtype="bfloat16")
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.bfloat16).state_dict()
@@ -492,8 +534,9 @@ def test_expert_lora_into_quantized_experts_is_refused_naming_the_tensor(tmp_pat
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     (base / "config.json").write_text(json.dumps(config))
-    peft_model = get_peft_model(_tiny_gpt_oss(), LoraConfig(r=2, target_modules=[],
-                                                            target_parameters=["mlp.experts.gate_up_proj"]))
+    peft_model = get_peft_model(
+        _tiny_gpt_oss(), LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    )
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(ShardmergeError, match=f"'{name}' is U8.*merging into quantized weights is not supported"):
         run_merge(base, tmp_path / "adapter", tmp_path / "out")

@@ -24,8 +24,10 @@ def xfs(tmp_path):
         f.truncate(1024 * MiB)
     mount.mkdir()
     made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True)
-    if made.returncode != 0 or subprocess.run(["mount", "-o", "loop", str(image), str(mount)],
-                                              capture_output=True).returncode != 0:
+    if (
+        made.returncode != 0
+        or subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True).returncode != 0
+    ):
         pytest.skip("cannot loop-mount an XFS image here")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
@@ -43,9 +45,14 @@ def attention_model(directory, layers: int = 8, hidden: int = 1024, mlp: int = 2
     tensors, adapter = {"model.embed_tokens.weight": torch.randn(3000, hidden, generator=g).to(torch.bfloat16)}, {}
     for i in range(layers):
         p = f"model.layers.{i}."
-        for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden // 4, hidden)),
-                            ("self_attn.v_proj", (hidden // 4, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-                            ("mlp.up_proj", (mlp, hidden)), ("mlp.down_proj", (hidden, mlp))]:
+        for name, shape in [
+            ("self_attn.q_proj", (hidden, hidden)),
+            ("self_attn.k_proj", (hidden // 4, hidden)),
+            ("self_attn.v_proj", (hidden // 4, hidden)),
+            ("self_attn.o_proj", (hidden, hidden)),
+            ("mlp.up_proj", (mlp, hidden)),
+            ("mlp.down_proj", (hidden, mlp)),
+        ]:
             tensors[p + name + ".weight"] = torch.randn(*shape, generator=g).to(torch.bfloat16)
         tensors[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
         for proj, out in (("q_proj", hidden), ("v_proj", hidden // 4)):

@@ -30,7 +30,7 @@ def _rewrite_in_place(path: Path, factor: float = 1.5) -> None:
     """Every tensor of a safetensors file scaled, written over its old bytes: header, size and inode unchanged."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-    header = json.loads(path.read_bytes()[8:8 + header_len])
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     with open(path, "r+b") as f:
@@ -65,8 +65,11 @@ def _first_base_shard_with_a_finished_twin(base: Path, out: Path) -> Path:
 def test_input_rewritten_under_the_same_header_after_a_kill_is_redone_not_kept(tmp_path, inputs, which):
     base, adapter = inputs
     plan, out = _killed_after_first_shard(tmp_path, base, adapter)
-    changed = (_first_base_shard_with_a_finished_twin(base, out) if which == "base-shard"
-               else adapter / "adapter_model.safetensors")
+    changed = (
+        _first_base_shard_with_a_finished_twin(base, out)
+        if which == "base-shard"
+        else adapter / "adapter_model.safetensors"
+    )
     ino = changed.stat().st_ino
     _rewrite_in_place(changed)
     assert changed.stat().st_ino == ino

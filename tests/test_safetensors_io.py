@@ -202,8 +202,9 @@ def test_empty_header_is_accepted(tmp_path):
 
 
 def test_zero_size_tensor_at_the_boundary_of_another_is_accepted(tmp_path):
-    path = write_json(tmp_path / "z.safetensors",
-                      {"a": entry("F32", (2,), (0, 8)), "z": entry("F32", (0, 3), (8, 8))}, 8)
+    path = write_json(
+        tmp_path / "z.safetensors", {"a": entry("F32", (2,), (0, 8)), "z": entry("F32", (0, 3), (8, 8))}, 8
+    )
     assert set(read_header(path).tensors) == {"a", "z"}
 
 
@@ -372,20 +373,23 @@ def test_rejects_truncated_file_with_valid_header(tmp_path):
 
 
 def test_rejects_overlapping_ranges(tmp_path):
-    path = write_json(tmp_path / "overlap.safetensors",
-                      {"a": entry("F32", (2,), (0, 8)), "b": entry("F32", (2,), (4, 12))}, 12)
+    path = write_json(
+        tmp_path / "overlap.safetensors", {"a": entry("F32", (2,), (0, 8)), "b": entry("F32", (2,), (4, 12))}, 12
+    )
     refused(path, "'a'", "'b'")
 
 
 def test_rejects_identical_ranges(tmp_path):
-    path = write_json(tmp_path / "same.safetensors",
-                      {"a": entry("F32", (2,), (0, 8)), "b": entry("F32", (2,), (0, 8))}, 8)
+    path = write_json(
+        tmp_path / "same.safetensors", {"a": entry("F32", (2,), (0, 8)), "b": entry("F32", (2,), (0, 8))}, 8
+    )
     refused(path, "'a'", "'b'")
 
 
 def test_rejects_range_contained_in_another(tmp_path):
-    path = write_json(tmp_path / "inner.safetensors",
-                      {"outer": entry("U8", (10,), (0, 10)), "inner": entry("U8", (2,), (3, 5))}, 10)
+    path = write_json(
+        tmp_path / "inner.safetensors", {"outer": entry("U8", (10,), (0, 10)), "inner": entry("U8", (2,), (3, 5))}, 10
+    )
     refused(path, "'outer'", "'inner'")
 
 
@@ -403,8 +407,9 @@ def test_rejects_malformed_data_offsets(tmp_path, offsets):
     refused(write_json(tmp_path / "offs.safetensors", {"w": bad}, 8), "'w'")
 
 
-@pytest.mark.parametrize("shape", [[True, 2], [False], [-1, 0], [-2, -4], [2.0], [1.5], ["2"], [None], [[2]], 2, "2",
-                                   None, {"0": 2}])
+@pytest.mark.parametrize(
+    "shape", [[True, 2], [False], [-1, 0], [-2, -4], [2.0], [1.5], ["2"], [None], [[2]], 2, "2", None, {"0": 2}]
+)
 def test_rejects_shape_that_is_not_a_list_of_non_negative_ints(tmp_path, shape):
     bad = {"dtype": "U8", "shape": shape, "data_offsets": [0, 2]}
     refused(write_json(tmp_path / "shape.safetensors", {"w": bad}, 8), "'w'")
@@ -506,8 +511,9 @@ def expected_after_copy(payload, size, src_offset, dst_offset, length):
     return bytes(out)
 
 
-@pytest.mark.parametrize("src_offset,dst_offset,length", [(0, 0, 100_003), (13, 50, 70_001), (99_000, 7, 1003),
-                                                          (5, 5, 0)])
+@pytest.mark.parametrize(
+    "src_offset,dst_offset,length", [(0, 0, 100_003), (13, 50, 70_001), (99_000, 7, 1003), (5, 5, 0)]
+)
 def test_copy_range_copies_exactly_in_kernel_path(tmp_path, src_offset, dst_offset, length):
     src, dst, payload = make_pair(tmp_path)
     got = do_copy(src, dst, src_offset, dst_offset, length, None)
@@ -673,8 +679,10 @@ def test_encode_header_like_an_unaligned_base_pads_to_8_bytes_only():
 
 def test_padded_header_reads_back_with_the_reference_reader(tmp_path):
     tensors = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.bfloat16)}
-    entries = [(n, sio_dtype, tuple(t.shape), t.numel() * t.element_size())
-               for (n, t), sio_dtype in zip(tensors.items(), ("F32", "BF16"))]
+    entries = [
+        (n, sio_dtype, tuple(t.shape), t.numel() * t.element_size())
+        for (n, t), sio_dtype in zip(tensors.items(), ("F32", "BF16"))
+    ]
     prefix, offsets = encode_header(entries, {"format": "pt"}, like=8192)
     path = tmp_path / "padded.safetensors"
     path.write_bytes(prefix + b"".join(t.view(torch.uint8).numpy().tobytes() for t in tensors.values()))

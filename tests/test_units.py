@@ -48,15 +48,31 @@ def test_format_size_reads_back_within_its_rounding(n):
 
 
 def test_plan_sizes_and_their_keywords_parse_through_the_plan(tmp_path):
-    plan = load_plan({"base": str(tmp_path), "adapters": [str(tmp_path)], "output": str(tmp_path / "o"),
-                      "max_memory": "1.5GiB", "max_gpu_memory": "auto", "max_shard_size": "5GB"})
+    plan = load_plan(
+        {
+            "base": str(tmp_path),
+            "adapters": [str(tmp_path)],
+            "output": str(tmp_path / "o"),
+            "max_memory": "1.5GiB",
+            "max_gpu_memory": "auto",
+            "max_shard_size": "5GB",
+        }
+    )
     assert (plan.max_memory, plan.max_gpu_memory, plan.max_shard_size) == (3 * GiB // 2, "auto", 5 * 10**9)
-    keep = load_plan({"base": str(tmp_path), "adapters": [str(tmp_path)], "output": str(tmp_path / "o"),
-                      "max_gpu_memory": "8G", "max_shard_size": "keep"})
+    keep = load_plan(
+        {
+            "base": str(tmp_path),
+            "adapters": [str(tmp_path)],
+            "output": str(tmp_path / "o"),
+            "max_gpu_memory": "8G",
+            "max_shard_size": "keep",
+        }
+    )
     assert (keep.max_gpu_memory, keep.max_shard_size, keep.max_memory) == (8 * GiB, "keep", 2 * GiB)
 
 
 def test_a_bad_size_override_names_its_flag(tmp_path):
     with pytest.raises(PlanError, match=r"^--max-memory: expected a size"):
-        load_plan({"base": str(tmp_path), "adapters": [str(tmp_path)], "output": str(tmp_path / "o")},
-                  max_memory="lots")
+        load_plan(
+            {"base": str(tmp_path), "adapters": [str(tmp_path)], "output": str(tmp_path / "o")}, max_memory="lots"
+        )

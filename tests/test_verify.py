@@ -74,9 +74,14 @@ def only_problem(problems: list[str], *needles: str) -> str:
 
 # -- a good output --------------------------------------------------------------------------------------------
 def test_good_output_passes_verify_through_python_m_shardmerge(finished):
-    proc = subprocess.run([sys.executable, "-m", "shardmerge", "verify", str(finished["out"])], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardmerge", "verify", str(finished["out"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -184,9 +189,9 @@ def alter_consistently(out: Path, tensors: list[str]) -> None:
         shard = shard_of(out, name)
         info = read_header(shard).tensors[name]
         data = bytearray(shard.read_bytes())
-        values = torch.frombuffer(data[info.offset: info.offset + info.nbytes], dtype=torch.bfloat16).clone()
+        values = torch.frombuffer(data[info.offset : info.offset + info.nbytes], dtype=torch.bfloat16).clone()
         values[: values.numel() // 8] += 0.01  # the first rows, by far more than rounding
-        data[info.offset: info.offset + info.nbytes] = values.view(torch.uint8).numpy().tobytes()
+        data[info.offset : info.offset + info.nbytes] = values.view(torch.uint8).numpy().tobytes()
         shard.write_bytes(bytes(data))
         manifest["shards"][shard.name]["xxh3_128"] = file_checksum(shard)
     (out / tm.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -214,10 +219,14 @@ def test_verify_plan_recomputes_a_tensor_four_times_its_budget_within_the_budget
 
     g = torch.Generator().manual_seed(5)
     rows, cols, budget = 8192, 4096, 16 * 2**20  # 64 MiB in bf16 (256 MiB in float64): 4x the budget
-    write_base(tmp_path / "base", {"big.proj.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16),
-                                   "small.weight": torch.ones(8)}, shards=2)
-    write_adapter(tmp_path / "adapter", lora_pair("big.proj", rows, cols, r=8), r=8, lora_alpha=16,
-                  target_modules=["proj"])
+    write_base(
+        tmp_path / "base",
+        {"big.proj.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16), "small.weight": torch.ones(8)},
+        shards=2,
+    )
+    write_adapter(
+        tmp_path / "adapter", lora_pair("big.proj", rows, cols, r=8), r=8, lora_alpha=16, target_modules=["proj"]
+    )
     plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="256MiB")
     assert subprocess.run([sys.executable, "-m", "shardmerge", str(plan), "-q"]).returncode == 0
 
@@ -227,7 +236,8 @@ def test_verify_plan_recomputes_a_tensor_four_times_its_budget_within_the_budget
         return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
 
     _, idle = peak_rss("-c", "import torch, shardmerge")
-    rc, rss = peak_rss("-m", "shardmerge", "verify", str(tmp_path / "out"), "--plan", str(plan),
-                       "--max-memory", str(budget))
+    rc, rss = peak_rss(
+        "-m", "shardmerge", "verify", str(tmp_path / "out"), "--plan", str(plan), "--max-memory", str(budget)
+    )
     assert rc == 0
     assert rss - idle <= budget, f"verify peaked {(rss - idle) / 2**20:.1f} MiB above idle, budget 16 MiB"

@@ -42,8 +42,11 @@ def write_base(directory: Path, n_shards: int = N_SHARDS, seed: int = 0) -> Path
     def randn(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    tensors = {"model.embed_tokens.weight": randn(VOCAB, HIDDEN), "lm_head.weight": randn(VOCAB, HIDDEN),
-               "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)}
+    tensors = {
+        "model.embed_tokens.weight": randn(VOCAB, HIDDEN),
+        "lm_head.weight": randn(VOCAB, HIDDEN),
+        "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+    }
     for i in range(LAYERS):
         for name, shape in PROJECTIONS.items():
             tensors[f"model.layers.{i}.{name}.weight"] = randn(*shape)
@@ -57,14 +60,29 @@ def write_base(directory: Path, n_shards: int = N_SHARDS, seed: int = 0) -> Path
         save_file({k: tensors[k] for k in group}, str(directory / shard_name(n, n_shards)), metadata={"format": "pt"})
         weight_map.update({k: shard_name(n, n_shards) for k in group})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=2))
-    (directory / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
-    }, indent=2))
+    (directory / INDEX_NAME).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": HIDDEN,
+                "intermediate_size": INTERMEDIATE,
+                "num_hidden_layers": LAYERS,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": KV_HEADS,
+                "vocab_size": VOCAB,
+                "max_position_embeddings": 128,
+                "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+                "hidden_act": "silu",
+            },
+            indent=2,
+        )
+    )
     (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     return directory
@@ -84,17 +102,35 @@ def write_adapter(directory: Path, seed: int = 1) -> Path:
             lora[f"{key}.lora_A.weight"] = torch.randn(RANK, in_features, generator=g) * 0.1
             lora[f"{key}.lora_B.weight"] = torch.randn(out_features, RANK, generator=g) * 0.1
     save_file(lora, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": [p.split(".")[1] for p in PROJECTIONS],
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "bias": "none", "task_type": "CAUSAL_LM",
-    }, indent=2))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": RANK,
+                "lora_alpha": 16,
+                "target_modules": [p.split(".")[1] for p in PROJECTIONS],
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+                "bias": "none",
+                "task_type": "CAUSAL_LM",
+            },
+            indent=2,
+        )
+    )
     return directory
 
 
 def write_plan(path: Path, base: Path, adapter: Path, output: Path, weight: float = 1.0, **options) -> Path:
     """A plan file (YAML is a superset of JSON, so JSON is written: no quoting surprises)."""
-    plan = {"base": str(base), "adapters": [{"path": str(adapter), "weight": weight}], "output": str(output),
-            "device": "cpu", "max_memory": MAX_MEMORY, **options}
+    plan = {
+        "base": str(base),
+        "adapters": [{"path": str(adapter), "weight": weight}],
+        "output": str(output),
+        "device": "cpu",
+        "max_memory": MAX_MEMORY,
+        **options,
+    }
     path.write_text(json.dumps(plan, indent=2) + "\n")
     return path
 

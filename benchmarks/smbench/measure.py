@@ -247,7 +247,7 @@ def run_rounds(jobs: list[Job], runs: int, work: Path, log_dir: Path, py: str, m
     from .tools import verify_output
 
     for r in range(runs):
-        order = jobs[r % len(jobs):] + jobs[: r % len(jobs)]
+        order = jobs[r % len(jobs) :] + jobs[: r % len(jobs)]
         for job in order:
             if job.failed:
                 continue
@@ -259,8 +259,10 @@ def run_rounds(jobs: list[Job], runs: int, work: Path, log_dir: Path, py: str, m
                         res.report = json.loads(rep.read_text())
                     except ValueError:
                         res.report = None
-                log(f"  {res.wall_s:.2f} s (cmd {res.cmd_s:.2f} + sync {res.sync_s:.2f}), peak RSS "
-                    f"{fmt_mb(res.maxrss_bytes)} MiB")
+                log(
+                    f"  {res.wall_s:.2f} s (cmd {res.cmd_s:.2f} + sync {res.sync_s:.2f}), peak RSS "
+                    f"{fmt_mb(res.maxrss_bytes)} MiB"
+                )
                 if verify and job.verify and out and job.verified is None:
                     model = models.get(job.group) or models[""]
                     job.verified = verify_output(py, model, out, same_layout=job.kind in ("shardmerge", "ranks"),
@@ -273,8 +275,9 @@ def run_rounds(jobs: list[Job], runs: int, work: Path, log_dir: Path, py: str, m
             rmtree(run)
 
 
-def _run_with_retries(job: Job, r: int, runs: int, work: Path, log_dir: Path, timeout: float, retries: int,
-                      before_each) -> tuple[Measurement, Path, Path | None]:
+def _run_with_retries(
+    job: Job, r: int, runs: int, work: Path, log_dir: Path, timeout: float, retries: int, before_each
+) -> tuple[Measurement, Path, Path | None]:
     for attempt in range(retries + 1):
         run = work / job.slug
         rmtree(run)
@@ -307,8 +310,11 @@ def report_stages(report: dict | None) -> dict[str, float]:
         v = report.get(key)
         if isinstance(v, dict):
             return {k: float(x) for k, x in v.items() if isinstance(x, (int, float))}
-    return {k[: -len("_seconds")]: float(v) for k, v in report.items()
-            if k.endswith("_seconds") and isinstance(v, (int, float)) and k[: -len("_seconds")] in STAGES}
+    return {
+        k[: -len("_seconds")]: float(v)
+        for k, v in report.items()
+        if k.endswith("_seconds") and isinstance(v, (int, float)) and k[: -len("_seconds")] in STAGES
+    }
 
 
 def report_peaks(report: dict | None) -> dict[str, float]:
@@ -362,11 +368,20 @@ def summarize(job: Job) -> Summary:
         return s
     walls = [r.wall_s for r in rs]
     s = dataclasses.replace(
-        s, wall=median(walls), wall_min=min(walls), wall_max=max(walls), cmd=median([r.cmd_s for r in rs]),
-        sync=median([r.sync_s for r in rs]), rss=median([r.maxrss_bytes for r in rs]),
-        rss_max=max(r.maxrss_bytes for r in rs), tree_rss=median([r.tree_peak_rss_bytes for r in rs]),
-        out_bytes=median([r.out_bytes for r in rs]), cpu=median([r.cpu_s for r in rs]),
-        stime=median([r.stime_s for r in rs]), wrapper_rss=median([r.wrapper_maxrss_bytes for r in rs]))
+        s,
+        wall=median(walls),
+        wall_min=min(walls),
+        wall_max=max(walls),
+        cmd=median([r.cmd_s for r in rs]),
+        sync=median([r.sync_s for r in rs]),
+        rss=median([r.maxrss_bytes for r in rs]),
+        rss_max=max(r.maxrss_bytes for r in rs),
+        tree_rss=median([r.tree_peak_rss_bytes for r in rs]),
+        out_bytes=median([r.out_bytes for r in rs]),
+        cpu=median([r.cpu_s for r in rs]),
+        stime=median([r.stime_s for r in rs]),
+        wrapper_rss=median([r.wrapper_maxrss_bytes for r in rs]),
+    )
     stages: dict[str, list[float]] = {}
     peaks: dict[str, list[float]] = {}
     for r in rs:

@@ -49,7 +49,7 @@ def compare_tables(sums: list[Summary], idle: Summary | None, copy: Summary | No
     rows = []
     for s in sums:
         if s.failed and not s.n:
-            note = ("not installed" if s.failed == "not installed" else f"FAILED: {s.failed}")
+            note = "not installed" if s.failed == "not installed" else f"FAILED: {s.failed}"
             rows.append([s.name, "–", "–", "–", "–", "–", "–", note])
             continue
         wall = s.wall
@@ -177,7 +177,9 @@ def versions(py: str, mkpy: str | None, mkver: str | None) -> dict:
     except (ValueError, IndexError):
         v = {"python": "?"}
     try:
-        rev = subprocess.run(["git", "-C", str(PROJECT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        rev = subprocess.run(
+            ["git", "-C", str(PROJECT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
         if rev.returncode == 0:
             dirty = subprocess.run(["git", "-C", str(PROJECT), "status", "--porcelain", "--", "shardmerge"],
                                    capture_output=True, text=True).stdout.strip()  # fmt: skip
@@ -215,8 +217,10 @@ def code_note(start_fp: str) -> str:
     if end_fp == start_fp:
         return f"shardmerge source fingerprint {start_fp} (unchanged during the benchmark)"
     log("WARNING: shardmerge's source changed while the benchmark ran; numbers mix versions")
-    return (f"**WARNING: shardmerge's source changed during this benchmark** (fingerprint {start_fp} -> {end_fp}); "
-            "runs mix code versions, re-run for clean numbers")
+    return (
+        f"**WARNING: shardmerge's source changed during this benchmark** (fingerprint {start_fp} -> {end_fp}); "
+        "runs mix code versions, re-run for clean numbers"
+    )
 
 
 def the_command() -> str:

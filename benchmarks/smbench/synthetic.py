@@ -133,8 +133,17 @@ def write_config(base: Path, shape: dict, layers: int) -> None:
     (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
 
 
-def write_adapter(adir: Path, base: Path, shape: dict, layers: int, seed: int, rank: int, alpha: int, dtype_name: str,
-                  projections: tuple[str, ...] = PROJECTIONS):
+def write_adapter(
+    adir: Path,
+    base: Path,
+    shape: dict,
+    layers: int,
+    seed: int,
+    rank: int,
+    alpha: int,
+    dtype_name: str,
+    projections: tuple[str, ...] = PROJECTIONS,
+):
     import torch
     from safetensors.torch import save_file
 
@@ -222,7 +231,9 @@ def generate_model(out: Path, size_gb: float, seed: int = 0, shape_name: str = "
             return meta
     if out.exists():
         if any(out.iterdir()) and not meta_path.exists() and not force:
-            raise SystemExit(f"bench: {out} exists, is not empty and was not made by bench.py; pass --force or pick another --out")
+            raise SystemExit(
+                f"bench: {out} exists, is not empty and was not made by bench.py; pass --force or pick another --out"
+            )
         rmtree(out)
     log(f"generating {out}: shape {name} x {n_layers} layers, {human(total)} bf16, seed {seed}")
     t0 = time.perf_counter()
@@ -260,10 +271,13 @@ def generate_model(out: Path, size_gb: float, seed: int = 0, shape_name: str = "
     log(f"generated {out} in {meta['generated_s']} s: {n_shards} shards, adapter {human(adapter_bytes)}")
     return meta
 
+
 def load_meta(model: Path) -> dict:
     p = model / META_NAME
     if not p.exists():
-        raise SystemExit(f"bench: {model} is not a generated benchmark model (no {META_NAME}); run `bench.py generate` or pass --size-gb")
+        raise SystemExit(
+            f"bench: {model} is not a generated benchmark model (no {META_NAME}); run `bench.py generate` or pass --size-gb"
+        )
     return json.loads(p.read_text())
 
 
@@ -271,7 +285,9 @@ def model_dir_for(size_gb: float, root: Path = DEFAULT_ROOT, prefix: str = "mode
     return root / f"{prefix}-{size_gb:g}g"
 
 
-def ensure_model(model: Path | None, size_gb: float | None, seed: int, shape: str = "auto", root: Path = DEFAULT_ROOT) -> tuple[Path, dict]:
+def ensure_model(
+    model: Path | None, size_gb: float | None, seed: int, shape: str = "auto", root: Path = DEFAULT_ROOT
+) -> tuple[Path, dict]:
     if model is None:
         if size_gb is None:
             raise SystemExit("bench: pass --model DIR or --size-gb N")

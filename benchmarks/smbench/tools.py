@@ -23,16 +23,26 @@ def job_copy(model: Path, group: str = "") -> Job:
         out = run / "out"
         return ["cp", "-r", str(base), str(out)], out
 
-    return Job("copy floor (cp -r)" + (f" {group}" if group else ""), "copy", build,
-               display=f"cp -r {base} OUT && sync", group=group)
+    return Job(
+        "copy floor (cp -r)" + (f" {group}" if group else ""),
+        "copy",
+        build,
+        display=f"cp -r {base} OUT && sync",
+        group=group,
+    )
 
 
 def job_idle(py: str, group: str = "") -> Job:
     def build(run: Path):
         return [py, "-c", "import torch, shardmerge"], None
 
-    return Job("idle start-up" + (f" {group}" if group else ""), "idle", build,
-               display=f'{py} -c "import torch, shardmerge"', group=group)
+    return Job(
+        "idle start-up" + (f" {group}" if group else ""),
+        "idle",
+        build,
+        display=f'{py} -c "import torch, shardmerge"',
+        group=group,
+    )
 
 
 def job_shardmerge(py: str, model: Path, budget: int, budget_text: str, device: str = "cpu", group: str = "",
@@ -48,9 +58,17 @@ def job_shardmerge(py: str, model: Path, budget: int, budget_text: str, device: 
         return cmd, out
 
     name = f"shardmerge {budget_text}" + (f" {device}" if device != "cpu" else "") + (f" {group}" if group else "")
-    return Job(name, "shardmerge", build, budget=budget, verify=verify, group=group,
-               display=f"{py} -m shardmerge {plan} --max-memory {budget_text} --output OUT --report-json FILE"
-               + (f" --device {device}" if device != "cpu" else "") + " && sync")
+    return Job(
+        name,
+        "shardmerge",
+        build,
+        budget=budget,
+        verify=verify,
+        group=group,
+        display=f"{py} -m shardmerge {plan} --max-memory {budget_text} --output OUT --report-json FILE"
+        + (f" --device {device}" if device != "cpu" else "")
+        + " && sync",
+    )
 
 
 def job_ranks(py: str, model: Path, n: int, budget_text: str) -> Job:
@@ -64,9 +82,16 @@ def job_ranks(py: str, model: Path, n: int, budget_text: str) -> Job:
                "--max-memory", budget_text, "--output", str(out), "--report-json", str(run / "report.json")]  # fmt: skip
         return cmd, out
 
-    return Job(f"torchrun x{n}", "ranks", build, budget=size_arg(budget_text), poll=True, verify=True,
-               display=f"torchrun --standalone --nproc_per_node {n} -m shardmerge {plan} --max-memory {budget_text} "
-               "--output OUT --report-json FILE && sync")
+    return Job(
+        f"torchrun x{n}",
+        "ranks",
+        build,
+        budget=size_arg(budget_text),
+        poll=True,
+        verify=True,
+        display=f"torchrun --standalone --nproc_per_node {n} -m shardmerge {plan} --max-memory {budget_text} "
+        "--output OUT --report-json FILE && sync",
+    )
 
 
 def job_peft(py: str, model: Path) -> Job:
@@ -75,9 +100,14 @@ def job_peft(py: str, model: Path) -> Job:
         return [py, str(BENCH), "_peft", "--base", str(model / "base"), "--adapter",
                 str(model / "adapter"), "--out", str(out)], out  # fmt: skip
 
-    return Job("PEFT merge_and_unload", "peft", build, verify=True,
-               display="AutoModelForCausalLM.from_pretrained(base, dtype=bf16) + PeftModel.from_pretrained + "
-               "merge_and_unload + save_pretrained(OUT) && sync")
+    return Job(
+        "PEFT merge_and_unload",
+        "peft",
+        build,
+        verify=True,
+        display="AutoModelForCausalLM.from_pretrained(base, dtype=bf16) + PeftModel.from_pretrained + "
+        "merge_and_unload + save_pretrained(OUT) && sync",
+    )
 
 
 def mergekit_yaml_bin(mkpy: str) -> list[str]:
@@ -92,18 +122,20 @@ def job_mergekit(mkpy: str, model: Path) -> Job:
         out = run / "out"
         cfg = run / "mergekit.yml"
         cfg.write_text(
-            "models:\n"
-            f"  - model: {model / 'base'}+{model / 'adapter'}\n"
-            "merge_method: passthrough\n"
-            "dtype: bfloat16\n"
+            f"models:\n  - model: {model / 'base'}+{model / 'adapter'}\nmerge_method: passthrough\ndtype: bfloat16\n"
         )
         cmd = [*mergekit_yaml_bin(mkpy), str(cfg), str(out), "--lora-merge-cache", str(run / "lora-cache"),
                "--lora-merge-dtype", "bfloat16", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]  # fmt: skip
         return cmd, out
 
-    return Job("mergekit base+lora", "mergekit", build, verify=True,
-               display="mergekit-yaml {models: [{model: BASE+ADAPTER}], merge_method: passthrough, dtype: bfloat16} OUT "
-               "--lora-merge-cache TMP --lora-merge-dtype bfloat16 --no-copy-tokenizer && sync")
+    return Job(
+        "mergekit base+lora",
+        "mergekit",
+        build,
+        verify=True,
+        display="mergekit-yaml {models: [{model: BASE+ADAPTER}], merge_method: passthrough, dtype: bfloat16} OUT "
+        "--lora-merge-cache TMP --lora-merge-dtype bfloat16 --no-copy-tokenizer && sync",
+    )
 
 
 def find_mergekit(explicit: str | None) -> tuple[str | None, str | None]:
@@ -174,7 +206,11 @@ def cmd_verify(a) -> int:
             problems.append("tensor-to-shard layout differs from the base")
     layers = sorted({int(m.group(1)) for k in base_map if (m := re.match(r"model\.layers\.(\d+)\.", k))})
     keep = {layers[0], layers[-1]} if layers and not a.full else set(layers)
-    names = [k for k in base_map if k in out_map and (not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) in keep)]
+    names = [
+        k
+        for k in base_map
+        if k in out_map and (not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) in keep)
+    ]
     handles: dict[Path, object] = {}
 
     def get(path: Path, key: str):
@@ -211,7 +247,10 @@ def cmd_verify(a) -> int:
                 problems.append(f"{k}: adapter delta not applied")
             merged += 1
         else:
-            if not torch.equal(o.view(torch.uint8) if o.dtype != torch.uint8 else o, w.view(torch.uint8) if w.dtype != torch.uint8 else w):
+            if not torch.equal(
+                o.view(torch.uint8) if o.dtype != torch.uint8 else o,
+                w.view(torch.uint8) if w.dtype != torch.uint8 else w,
+            ):
                 problems.append(f"{k}: untouched tensor not byte-identical to the base")
             copied += 1
     res = dict(ok=not problems, problems=problems[:8], n_problems=len(problems), checked_merged=merged,
@@ -252,18 +291,25 @@ def job_rw_limit(model: Path) -> Job:
     def build(run: Path):
         out = run / "out"
         out.mkdir()
-        script = (f"cat {' '.join(map(shlex.quote, files))} > /dev/null & "
-                  f"dd if=/dev/zero of={shlex.quote(str(out / 'fill'))} bs={block} count={count} oflag=direct "
-                  "status=none; wait")
+        script = (
+            f"cat {' '.join(map(shlex.quote, files))} > /dev/null & "
+            f"dd if=/dev/zero of={shlex.quote(str(out / 'fill'))} bs={block} count={count} oflag=direct "
+            "status=none; wait"
+        )
         return ["sh", "-c", script], out
 
-    return Job("read+write limit", "limit", build,
-               display=f"cat BASE/*.safetensors > /dev/null & dd if=/dev/zero of=OUT bs=64M count={count} oflag=direct; "
-               "wait && sync")
+    return Job(
+        "read+write limit",
+        "limit",
+        build,
+        display=f"cat BASE/*.safetensors > /dev/null & dd if=/dev/zero of=OUT bs=64M count={count} oflag=direct; "
+        "wait && sync",
+    )
 
 
 def job_kernel_copy(model: Path) -> Job:
     """The best plain copier: copy_file_range of every base file (no user-space buffer) + fsync."""
+
     def build(run: Path):
         out = run / "out"
         return [sys.executable, str(BENCH), "_copy", "--src", str(model / "base"), "--out", str(out)], out

@@ -37,8 +37,10 @@ def detect(config: dict, directory) -> Codec | None:
     method = str(qc.get("quant_method", "")).lower()
     where = f"{directory}: the base is quantized with"
     if method in _REFUSED:
-        raise ShardmergeError(f"{where} {_REFUSED[method]}, which shardmerge cannot merge into; merge into the "
-                              "unquantized base model instead")
+        raise ShardmergeError(
+            f"{where} {_REFUSED[method]}, which shardmerge cannot merge into; merge into the "
+            "unquantized base model instead"
+        )
     if method == "fp8":
         return BlockFP8(qc)
     if method == "fbgemm_fp8":
@@ -47,8 +49,10 @@ def detect(config: dict, directory) -> Codec | None:
         return MXFP4(qc)
     if method == "compressed-tensors":
         return _compressed(qc, where)
-    raise ShardmergeError(f"{where} an unknown quant_method {qc.get('quant_method')!r}; shardmerge merges into "
-                          "fp8, fbgemm_fp8, mxfp4, compressed-tensors (FP8, NVFP4) and modelopt NVFP4 bases")
+    raise ShardmergeError(
+        f"{where} an unknown quant_method {qc.get('quant_method')!r}; shardmerge merges into "
+        "fp8, fbgemm_fp8, mxfp4, compressed-tensors (FP8, NVFP4) and modelopt NVFP4 bases"
+    )
 
 
 def _compressed(qc: dict, where: str) -> Codec:
@@ -59,9 +63,11 @@ def _compressed(qc: dict, where: str) -> Codec:
         return CompressedFP8(qc)
     if formats == {"nvfp4-pack-quantized"}:
         return CompressedNVFP4(qc.get("ignore"))
-    raise ShardmergeError(f"{where} compressed-tensors format {', '.join(sorted(map(str, formats))) or '(none)'}, "
-                          "which shardmerge cannot merge into (float-quantized FP8 and nvfp4-pack-quantized are "
-                          "supported)")
+    raise ShardmergeError(
+        f"{where} compressed-tensors format {', '.join(sorted(map(str, formats))) or '(none)'}, "
+        "which shardmerge cannot merge into (float-quantized FP8 and nvfp4-pack-quantized are "
+        "supported)"
+    )
 
 
 def _all_float8(qc: dict) -> bool:
@@ -83,6 +89,8 @@ def _modelopt_file(directory) -> dict | None:
 def _modelopt(qc: dict, file: dict, directory) -> Codec:
     algo = str(qc.get("quant_algo") or file.get("quant_algo") or "").upper()
     if algo != "NVFP4":
-        raise ShardmergeError(f"{directory}: the base is quantized with ModelOpt {algo or '(no quant_algo)'}, "
-                              "which shardmerge cannot merge into (ModelOpt NVFP4 is supported)")
+        raise ShardmergeError(
+            f"{directory}: the base is quantized with ModelOpt {algo or '(no quant_algo)'}, "
+            "which shardmerge cannot merge into (ModelOpt NVFP4 is supported)"
+        )
     return ModelOptNVFP4(qc.get("exclude_modules") or file.get("exclude_modules"))

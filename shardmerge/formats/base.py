@@ -67,8 +67,9 @@ class Codec:
         scale tensors as stored."""
         raise NotImplementedError
 
-    def requantize(self, q: Quantized, x: torch.Tensor, side: list[torch.Tensor], r0: int,
-                   amax: float | None) -> torch.Tensor:
+    def requantize(
+        self, q: Quantized, x: torch.Tensor, side: list[torch.Tensor], r0: int, amax: float | None
+    ) -> torch.Tensor:
         """Codes (stored dtype, (rows, -1)) for float32 rows r0:.. of the logical tensor; fresh scales for
         those rows' blocks go into `side` in place, in their stored dtype."""
         raise NotImplementedError
@@ -93,7 +94,7 @@ def scale_columns_(x: torch.Tensor, row_scales: torch.Tensor, bw: int, divide: b
     if full:
         op(x[:, : full * bw].unflatten(-1, (full, bw)), row_scales[:, :full, None])
     if rem:
-        op(x[:, full * bw:], row_scales[:, full:])
+        op(x[:, full * bw :], row_scales[:, full:])
     return x
 
 
@@ -106,7 +107,7 @@ def block_amax(x: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
     if full:
         parts.append(a[:, : full * bw].unflatten(-1, (full, bw)).amax(-1))
     if rem:
-        parts.append(a[:, full * bw:].amax(-1, keepdim=True))
+        parts.append(a[:, full * bw :].amax(-1, keepdim=True))
     per_row = torch.cat(parts, dim=1)
     blocks = math.ceil(rows / bh)
     per_row = F.pad(per_row, (0, 0, 0, blocks * bh - rows))  # zeros never raise a maximum of |x|

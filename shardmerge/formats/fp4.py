@@ -60,11 +60,20 @@ class MXFP4(Codec):
             logical = name[: -len("_blocks")]
             scales = tensors.get(logical + "_scales")
             _require(scales is not None, t, "MXFP4 blocks without their _scales")
-            _require(self.quantized_module(logical.rsplit(".", 1)[0]), t, "MXFP4 blocks in a module the config "
-                     "lists as not quantized")
-            _require(t.dtype == "U8" and scales.dtype == "U8" and len(t.shape) == 4 and t.shape[-1] == 16
-                     and tuple(t.shape[:-1]) == tuple(scales.shape), t, f"not MXFP4 blocks for scales "
-                     f"{list(scales.shape)}")
+            _require(
+                self.quantized_module(logical.rsplit(".", 1)[0]),
+                t,
+                "MXFP4 blocks in a module the config lists as not quantized",
+            )
+            _require(
+                t.dtype == "U8"
+                and scales.dtype == "U8"
+                and len(t.shape) == 4
+                and t.shape[-1] == 16
+                and tuple(t.shape[:-1]) == tuple(scales.shape),
+                t,
+                f"not MXFP4 blocks for scales {list(scales.shape)}",
+            )
             experts, out, groups, _ = t.shape
             found[name] = Quantized(self, logical, (experts, groups * 32, out), t, (scales,))
         return found
@@ -75,7 +84,7 @@ class MXFP4(Codec):
     def dequantize(self, q, codes, side, r0):
         n = codes.shape[0]
         _experts, cols, out = q.shape
-        exponents = side[0][r0: r0 + n].to(torch.float32).sub_(127)
+        exponents = side[0][r0 : r0 + n].to(torch.float32).sub_(127)
         values = fp4_values(codes.reshape(n, out, cols // 2), torch.exp2(exponents))  # (n, out, in)
         return values.transpose(1, 2).reshape(n, -1)
 
@@ -86,7 +95,7 @@ class MXFP4(Codec):
         peak = stored.abs().unflatten(-1, (cols // 32, 32)).amax(-1)
         # The next power of two at or above amax/6, so no code saturates.
         exponent = torch.ceil(torch.log2((peak / E2M1_MAX).clamp_min(2.0**-127))).clamp_(-127, 127)
-        side[0][r0: r0 + n] = (exponent + 127).to(torch.uint8)
+        side[0][r0 : r0 + n] = (exponent + 127).to(torch.uint8)
         scale = torch.where(peak > 0, torch.exp2(exponent), torch.zeros_like(peak))
         return fp4_codes(stored, scale).reshape(n, -1)
 
@@ -105,14 +114,26 @@ class _NVFP4(Codec):
             if leaf != self.codes_name or t.dtype != "U8":
                 continue
             scale, tensor_scale = tensors.get(f"{module}.weight_scale"), tensors.get(f"{module}.{self.global_name}")
-            _require(scale is not None and tensor_scale is not None, t,
-                     f"packed FP4 without weight_scale and {self.global_name} ({self.label})")
-            _require(self.quantized_module(module), t, f"packed FP4 in a module the {self.label} config lists as "
-                     "not quantized")
+            _require(
+                scale is not None and tensor_scale is not None,
+                t,
+                f"packed FP4 without weight_scale and {self.global_name} ({self.label})",
+            )
+            _require(
+                self.quantized_module(module),
+                t,
+                f"packed FP4 in a module the {self.label} config lists as not quantized",
+            )
             rows, half = t.shape if len(t.shape) == 2 else (0, 0)
-            _require(len(t.shape) == 2 and scale.dtype == "F8_E4M3" and tuple(scale.shape) == (rows, 2 * half // 16)
-                     and 2 * half % 16 == 0 and math.prod(tensor_scale.shape) == 1, t,
-                     f"not NVFP4 codes for weight_scale {list(scale.shape)} {scale.dtype}")
+            _require(
+                len(t.shape) == 2
+                and scale.dtype == "F8_E4M3"
+                and tuple(scale.shape) == (rows, 2 * half // 16)
+                and 2 * half % 16 == 0
+                and math.prod(tensor_scale.shape) == 1,
+                t,
+                f"not NVFP4 codes for weight_scale {list(scale.shape)} {scale.dtype}",
+            )
             passengers = tuple(tensors[f"{module}.{p}"] for p in self.passenger_names if f"{module}.{p}" in tensors)
             found[name] = Quantized(self, f"{module}.weight", (rows, 2 * half), t, (scale, tensor_scale), passengers)
         return found
@@ -133,14 +154,14 @@ class _NVFP4(Codec):
 
     def dequantize(self, q, codes, side, r0):
         rows = codes.shape[0]
-        return fp4_values(codes, self.combine(side[0][r0: r0 + rows].to(torch.float32), side[1]))
+        return fp4_values(codes, self.combine(side[0][r0 : r0 + rows].to(torch.float32), side[1]))
 
     def requantize(self, q, x, side, r0, amax):
         rows = x.shape[0]
         side[1].fill_(self.tensor_scale(amax))
         per_tensor = self.combine(torch.ones((), device=x.device), side[1])  # as stored
         block = e4m3(x.abs().unflatten(-1, (-1, 16)).amax(-1) / E2M1_MAX / per_tensor)
-        side[0][r0: r0 + rows] = block
+        side[0][r0 : r0 + rows] = block
         return fp4_codes(x, self.combine(block.to(torch.float32), side[1]))
 
 

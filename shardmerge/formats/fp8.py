@@ -42,19 +42,26 @@ def encode_like(scale: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
     return scale.to(stored_dtype)
 
 
-def grid_dequantize(codes: torch.Tensor, scale: torch.Tensor, grid: tuple[int, int], r0: int,
-                    round_to: torch.dtype | None = None) -> torch.Tensor:
+def grid_dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, grid: tuple[int, int], r0: int, round_to: torch.dtype | None = None
+) -> torch.Tensor:
     """codes * scale per block for a tile starting at row r0; `round_to` rounds the products to the dtype
     the format dequantizes in (compressed-tensors: the scale's)."""
     bh, bw = grid
     rows = codes.shape[0]
-    s = decode_scale(scale[r0 // bh: math.ceil((r0 + rows) / bh)])
+    s = decode_scale(scale[r0 // bh : math.ceil((r0 + rows) / bh)])
     x = scale_columns_(codes.to(torch.float32), expand_rows(s, bh, rows), bw)
     return x if round_to in (None, torch.float32) else x.to(round_to).to(torch.float32)
 
 
-def grid_requantize(x: torch.Tensor, scale: torch.Tensor, grid: tuple[int, int], r0: int,
-                    power_of_two: bool = False, amax: float | None = None) -> torch.Tensor:
+def grid_requantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    grid: tuple[int, int],
+    r0: int,
+    power_of_two: bool = False,
+    amax: float | None = None,
+) -> torch.Tensor:
     """Fresh scales for the tile's blocks (or from the tensor's `amax` for a per-tensor scale), written
     into `scale` as stored; codes from those stored values."""
     bh, bw = grid
@@ -92,8 +99,11 @@ class _GridFP8(Codec):
             module = name[: -len(".weight")]
             scale = tensors.get(f"{module}.{self.scale_name}")
             _require(scale is not None, t, f"an FP8 weight without its {self.scale_name} ({self.label})")
-            _require(self.quantized_module(module), t, f"an FP8 weight in a module the {self.label} config lists "
-                     "as not quantized")
+            _require(
+                self.quantized_module(module),
+                t,
+                f"an FP8 weight in a module the {self.label} config lists as not quantized",
+            )
             _require(len(t.shape) == 2, t, f"{self.label} weights must be 2-D here")
             _require(scale.dtype in _SCALE_DTYPES, scale, f"not a scale dtype ({', '.join(sorted(_SCALE_DTYPES))})")
             self.grid(t.shape, scale)  # refuses a grid that does not fit
@@ -113,13 +123,15 @@ class _GridFP8(Codec):
 
     def dequantize(self, q, codes, side, r0):
         round_to = side[0].dtype if self.round_to_scale_dtype and side[0].dtype not in _POWER_OF_TWO else None
-        return grid_dequantize(codes, side[0].reshape(self._grid_shape(q)), self.grid(q.shape, q.scales[0]), r0,
-                               round_to)
+        return grid_dequantize(
+            codes, side[0].reshape(self._grid_shape(q)), self.grid(q.shape, q.scales[0]), r0, round_to
+        )
 
     def requantize(self, q, x, side, r0, amax):
         scale = side[0].view(self._grid_shape(q))
-        return grid_requantize(x, scale, self.grid(q.shape, q.scales[0]), r0, self.power_of_two,
-                               amax if self.needs_amax(q) else None)
+        return grid_requantize(
+            x, scale, self.grid(q.shape, q.scales[0]), r0, self.power_of_two, amax if self.needs_amax(q) else None
+        )
 
     def _grid_shape(self, q: Quantized) -> tuple[int, int]:
         bh, bw = self.grid(q.shape, q.scales[0])
@@ -138,8 +150,9 @@ class BlockFP8(_GridFP8):
         block = qc.get("weight_block_size")
         self.block = tuple(block) if block else None
         self.power_of_two = qc.get("scale_fmt") == "ue8m0"
-        self.label = f"block FP8 (fp8, {'x'.join(map(str, block)) if block else 'per tensor'}" + \
-                     (", ue8m0)" if self.power_of_two else ")")
+        self.label = f"block FP8 (fp8, {'x'.join(map(str, block)) if block else 'per tensor'}" + (
+            ", ue8m0)" if self.power_of_two else ")"
+        )
 
     def grid(self, shape, scale):
         rows, cols = shape
@@ -147,8 +160,11 @@ class BlockFP8(_GridFP8):
             _require(math.prod(scale.shape) == 1, scale, "a per-tensor FP8 scale must hold one value")
             return rows, cols
         bh, bw = self.block
-        _require(tuple(scale.shape) == (math.ceil(rows / bh), math.ceil(cols / bw)), scale,
-                 f"does not match weight {list(shape)} on a {bh}x{bw} block grid")
+        _require(
+            tuple(scale.shape) == (math.ceil(rows / bh), math.ceil(cols / bw)),
+            scale,
+            f"does not match weight {list(shape)} on a {bh}x{bw} block grid",
+        )
         return bh, bw
 
 
@@ -166,8 +182,10 @@ class CompressedFP8(_GridFP8):
         for group in (qc.get("config_groups") or {}).values():
             weights = (group or {}).get("weights") or {}
             if weights.get("num_bits") != 8 or weights.get("type") != "float":
-                raise ShardmergeError(f"compressed-tensors weights of {weights.get('num_bits')} bits, type "
-                                      f"{weights.get('type')!r} are not supported (only 8-bit float)")
+                raise ShardmergeError(
+                    f"compressed-tensors weights of {weights.get('num_bits')} bits, type "
+                    f"{weights.get('type')!r} are not supported (only 8-bit float)"
+                )
             if weights.get("block_structure"):
                 self.block = tuple(weights["block_structure"])
         self.label = "compressed-tensors FP8 (float-quantized)"
@@ -199,4 +217,3 @@ class FbgemmFP8(_GridFP8):
     def grid(self, shape, scale):
         _require(tuple(scale.shape) == (shape[0], 1), scale, f"is not a per-row scale of weight {list(shape)}")
         return 1, shape[1]
-

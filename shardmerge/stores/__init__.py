@@ -31,8 +31,10 @@ def location(spec):
     if is_url(spec):
         scheme = spec.split("://", 1)[0].lower()
         if scheme != "s3":
-            raise ShardmergeError(f"{spec}: {scheme}:// is not supported; S3-compatible stores (GCS, MinIO, Ceph, R2) "
-                                  "work as s3://bucket/prefix with AWS_ENDPOINT_URL set to their endpoint")
+            raise ShardmergeError(
+                f"{spec}: {scheme}:// is not supported; S3-compatible stores (GCS, MinIO, Ceph, R2) "
+                "work as s3://bucket/prefix with AWS_ENDPOINT_URL set to their endpoint"
+            )
         from .s3 import parse_url
 
         return parse_url(spec)

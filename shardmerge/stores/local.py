@@ -26,8 +26,9 @@ def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise ShardmergeError(f"{path}: file ended at byte {offset + done} while reading; truncated or "
-                                  "changed during the merge")
+            raise ShardmergeError(
+                f"{path}: file ended at byte {offset + done} while reading; truncated or changed during the merge"
+            )
         done += n
 
 
@@ -38,8 +39,9 @@ def pwrite_all(fd: int, buffer, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int, scratch_size: int,
-               block: int = SHARE_BLOCK) -> None:
+def copy_range(
+    src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int, scratch_size: int, block: int = SHARE_BLOCK
+) -> None:
     """Copy bytes file to file, in the kernel where it can (copy_file_range), else through one buffer of
     at most `scratch_size` bytes, allocated only when the fallback is needed.
 

@@ -76,12 +76,15 @@ class S3Path:
         return S3Path(self.bucket, self.key.rsplit("/", 1)[0] if "/" in self.key else "")
 
     def is_relative_to(self, other: S3Path) -> bool:
-        return (isinstance(other, S3Path) and self.bucket == other.bucket
-                and (not other.key or self.key == other.key or self.key.startswith(other.key + "/")))
+        return (
+            isinstance(other, S3Path)
+            and self.bucket == other.bucket
+            and (not other.key or self.key == other.key or self.key.startswith(other.key + "/"))
+        )
 
 
 def parse_url(url: str) -> S3Path:
-    rest = url[len("s3://"):]
+    rest = url[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise ShardmergeError(f"{url}: an s3:// path needs a bucket (s3://bucket/prefix)")
@@ -177,8 +180,9 @@ class S3Store(Store):
         retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
         if "AWS_MAX_ATTEMPTS" not in os.environ:
             retries["max_attempts"] = 6
-        config = Config(retries=retries, max_pool_connections=READERS + UPLOADS + 4, connect_timeout=10,
-                        read_timeout=120)
+        config = Config(
+            retries=retries, max_pool_connections=READERS + UPLOADS + 4, connect_timeout=10, read_timeout=120
+        )
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         self.client = boto3.session.Session().client("s3", region_name=region, config=config)
         self.endpoint = self.client.meta.endpoint_url
@@ -219,31 +223,46 @@ class S3Store(Store):
         )
 
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
-            return ShardmergeError(f"{path}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
-                                   "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+            return ShardmergeError(
+                f"{path}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
         if isinstance(e, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)):
-            return ShardmergeError(f"{path}: cannot reach the S3 endpoint {self.endpoint} "
-                                   f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network")
+            return ShardmergeError(
+                f"{path}: cannot reach the S3 endpoint {self.endpoint} "
+                f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network"
+            )
         if not isinstance(e, ClientError):
             return ShardmergeError(f"{path}: S3 {operation} failed: {type(e).__name__}: {_first_line(e)}")
         error = e.response.get("Error", {})
         code, status = str(error.get("Code", "")), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code == "NoSuchBucket" or operation == "head_bucket" and code in ("404", "NotFound"):
-            return ShardmergeError(f"s3://{path.bucket}: no such bucket at {self.endpoint}; check the bucket name, "
-                                   "AWS_ENDPOINT_URL and the region")
+            return ShardmergeError(
+                f"s3://{path.bucket}: no such bucket at {self.endpoint}; check the bucket name, "
+                "AWS_ENDPOINT_URL and the region"
+            )
         if code in ("NoSuchKey", "404", "NotFound"):
             return FileNotFoundError(str(path))
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                    "InvalidClientTokenId", "AuthorizationHeaderMalformed"):
-            return ShardmergeError(f"{path}: the S3 endpoint {self.endpoint} refused the credentials ({code}); "
-                                   "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile")
+        if code in (
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "InvalidToken",
+            "ExpiredToken",
+            "InvalidClientTokenId",
+            "AuthorizationHeaderMalformed",
+        ):
+            return ShardmergeError(
+                f"{path}: the S3 endpoint {self.endpoint} refused the credentials ({code}); "
+                "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile"
+            )
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
-            return ShardmergeError(f"{path}: access denied ({operation}); the credentials lack permission for "
-                                   f"bucket {path.bucket}")
+            return ShardmergeError(
+                f"{path}: access denied ({operation}); the credentials lack permission for bucket {path.bucket}"
+            )
         if code in ("PreconditionFailed", "412"):
             return ShardmergeError(f"{path}: the object changed during the merge; re-run once it is stable")
-        return ShardmergeError(f"{path}: S3 {operation} failed: {code or status}: "
-                               f"{_first_line(error.get('Message', ''))}")
+        return ShardmergeError(
+            f"{path}: S3 {operation} failed: {code or status}: {_first_line(error.get('Message', ''))}"
+        )
 
     def _missing(self, operation: str, path: S3Path, **kwargs) -> dict | None:
         """The response, or None when the key does not exist."""
@@ -275,8 +294,9 @@ class S3Store(Store):
         prefix = directory.key + "/" if directory.key else ""
         found, token = set(), {}
         while True:
-            page = self.call("list_objects_v2", directory, Bucket=directory.bucket, Prefix=prefix, Delimiter="/",
-                             **token)
+            page = self.call(
+                "list_objects_v2", directory, Bucket=directory.bucket, Prefix=prefix, Delimiter="/", **token
+            )
             found |= {c["Prefix"].rstrip("/") for c in page.get("CommonPrefixes", [])}
             found |= {o["Key"] for o in page.get("Contents", []) if o["Key"] != prefix}
             if not page.get("IsTruncated"):
@@ -309,8 +329,13 @@ class S3Store(Store):
 
     def copy_file(self, source_store: Store, source, path: S3Path, staging) -> int:
         if isinstance(source, S3Path):
-            self.call("copy_object", path, Bucket=path.bucket, Key=path.key,
-                      CopySource={"Bucket": source.bucket, "Key": source.key})
+            self.call(
+                "copy_object",
+                path,
+                Bucket=path.bucket,
+                Key=path.key,
+                CopySource={"Bucket": source.bucket, "Key": source.key},
+            )
             return self.stat(path).size
         size = source_store.stat(source).size
         data = bytearray(size)
@@ -326,8 +351,12 @@ class S3Store(Store):
         keys = [path.key] if path.key else []
         keys += [p.key for p in self._all_under(path)]
         for i in range(0, len(keys), 1000):
-            self.call("delete_objects", path, Bucket=path.bucket,
-                      Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            self.call(
+                "delete_objects",
+                path,
+                Bucket=path.bucket,
+                Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+            )
 
     def _all_under(self, directory: S3Path) -> list[S3Path]:
         prefix = directory.key + "/" if directory.key else ""
@@ -389,8 +418,9 @@ class S3Reader(Reader):
     def read_into(self, buffer, offset: int) -> None:
         view = memoryview(buffer).cast("B")
         if offset + len(view) > self.size:
-            raise ShardmergeError(f"{self.path}: object ended at byte {self.size} while reading; truncated or changed "
-                                  "during the merge")
+            raise ShardmergeError(
+                f"{self.path}: object ended at byte {self.size} while reading; truncated or changed during the merge"
+            )
         if self.readahead and len(view) <= WINDOW:
             self._windowed(view, offset)
             return
@@ -398,7 +428,7 @@ class S3Reader(Reader):
         if len(ranges) <= 1:
             self._get(view, offset)
             return
-        futures = [self.store.readers.submit(self._get, view[o:o + n], offset + o) for o, n in ranges]
+        futures = [self.store.readers.submit(self._get, view[o : o + n], offset + o) for o, n in ranges]
         for future in futures:
             future.result()
 
@@ -408,7 +438,7 @@ class S3Reader(Reader):
             start = (offset + done) // WINDOW * WINDOW
             data = self._window(start).result()
             n = min(len(view) - done, start + len(data) - offset - done)
-            view[done:done + n] = data[offset + done - start:offset + done - start + n]
+            view[done : done + n] = data[offset + done - start : offset + done - start + n]
             done += n
 
     def _window(self, start: int):
@@ -437,15 +467,22 @@ class S3Reader(Reader):
         if not len(view):
             return
         for attempt in range(_BODY_ATTEMPTS):
-            response = self.store.call("get_object", self.path, Bucket=self.path.bucket, Key=self.path.key,
-                                       Range=f"bytes={offset}-{offset + len(view) - 1}", IfMatch=self.etag)
+            response = self.store.call(
+                "get_object",
+                self.path,
+                Bucket=self.path.bucket,
+                Key=self.path.key,
+                Range=f"bytes={offset}-{offset + len(view) - 1}",
+                IfMatch=self.etag,
+            )
             try:
                 _read_body(response["Body"], view, self.path)
                 return
             except (OSError, ValueError) as e:  # the connection dropped mid-body
                 if attempt == _BODY_ATTEMPTS - 1:
-                    raise ShardmergeError(f"{self.path}: reading failed after {_BODY_ATTEMPTS} attempts: "
-                                          f"{_first_line(e)}") from None
+                    raise ShardmergeError(
+                        f"{self.path}: reading failed after {_BODY_ATTEMPTS} attempts: {_first_line(e)}"
+                    ) from None
                 with self.store._count:
                     self.store.retries += 1
                 time.sleep(random.uniform(0, 0.2 * 2**attempt))
@@ -457,7 +494,7 @@ def _read_body(body, view: memoryview, path: S3Path) -> None:
         data = body.read(min(_BODY_CHUNK, len(view) - done))
         if not data:
             raise OSError(f"{path}: response ended at byte {done} of {len(view)}")
-        view[done:done + len(data)] = data
+        view[done : done + len(data)] = data
         done += len(data)
 
 
@@ -480,8 +517,9 @@ class S3Upload(PendingFile):
         self._sources: dict[int, list] = {}
         self._futures: list = []
         self.etags = {}
-        self.layout = hashlib.sha256(json.dumps([(p.start, p.end, p.source is not None) for p in parts])
-                                     .encode()).hexdigest()
+        self.layout = hashlib.sha256(
+            json.dumps([(p.start, p.end, p.source is not None) for p in parts]).encode()
+        ).hexdigest()
         self.upload_id = self._resume() or self._start()
 
     def _resume(self) -> str | None:
@@ -504,8 +542,9 @@ class S3Upload(PendingFile):
     def _list_parts(self, upload_id: str) -> dict[int, tuple[int, str]]:
         found, marker = {}, {}
         while True:
-            page = self.store.call("list_parts", self.path, Bucket=self.path.bucket, Key=self.path.key,
-                                   UploadId=upload_id, **marker)
+            page = self.store.call(
+                "list_parts", self.path, Bucket=self.path.bucket, Key=self.path.key, UploadId=upload_id, **marker
+            )
             found |= {p["PartNumber"]: (p["Size"], p["ETag"]) for p in page.get("Parts", [])}
             if not page.get("IsTruncated"):
                 return found
@@ -532,7 +571,7 @@ class S3Upload(PendingFile):
             with self._lock:
                 if self.parts[i].number not in self.etags:
                     part = self._buffers.setdefault(i, bytearray(self.parts[i].size))
-                    part[at:at + n] = view[start:start + n]
+                    part[at : at + n] = view[start : start + n]
                 self._filled[i] += n
                 full = self._filled[i] == self.parts[i].size
             if full:
@@ -555,9 +594,15 @@ class S3Upload(PendingFile):
     def _copy_part(self, part: Part) -> None:
         src, src_offset = part.source
         response = self.store.call(
-            "upload_part_copy", self.path, Bucket=self.path.bucket, Key=self.path.key, UploadId=self.upload_id,
-            PartNumber=part.number, CopySource={"Bucket": src.bucket, "Key": src.key},
-            CopySourceRange=f"bytes={src_offset}-{src_offset + part.size - 1}")
+            "upload_part_copy",
+            self.path,
+            Bucket=self.path.bucket,
+            Key=self.path.key,
+            UploadId=self.upload_id,
+            PartNumber=part.number,
+            CopySource={"Bucket": src.bucket, "Key": src.key},
+            CopySourceRange=f"bytes={src_offset}-{src_offset + part.size - 1}",
+        )
         self.etags[part.number] = response["CopyPartResult"]["ETag"]
 
     def _complete(self, i: int) -> None:
@@ -576,9 +621,16 @@ class S3Upload(PendingFile):
             buffer = buffer if buffer is not None else bytearray(part.size)
             view = memoryview(buffer)
             for reader, src_offset, at, n in sources:
-                _read_behind(reader, view[at:at + n], src_offset)
-            response = self.store.call("upload_part", self.path, Bucket=self.path.bucket, Key=self.path.key,
-                                       UploadId=self.upload_id, PartNumber=part.number, Body=buffer)
+                _read_behind(reader, view[at : at + n], src_offset)
+            response = self.store.call(
+                "upload_part",
+                self.path,
+                Bucket=self.path.bucket,
+                Key=self.path.key,
+                UploadId=self.upload_id,
+                PartNumber=part.number,
+                Body=buffer,
+            )
             self.etags[part.number] = response["ETag"]
         finally:
             self.store.upload_slots.release()
@@ -589,10 +641,14 @@ class S3Upload(PendingFile):
         missing = [p.number for p in self.parts if p.number not in self.etags]
         if missing:
             raise ShardmergeError(f"{self.path}: parts {missing[:5]} were never written; re-run to finish")
-        done = self.store.call("complete_multipart_upload", self.path, Bucket=self.path.bucket, Key=self.path.key,
-                               UploadId=self.upload_id, MultipartUpload={
-                                   "Parts": [{"PartNumber": p.number, "ETag": self.etags[p.number]}
-                                             for p in self.parts]})
+        done = self.store.call(
+            "complete_multipart_upload",
+            self.path,
+            Bucket=self.path.bucket,
+            Key=self.path.key,
+            UploadId=self.upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": self.etags[p.number]} for p in self.parts]},
+        )
         self.store.delete(self.staging)
         return {"etag": done["ETag"]}
 

@@ -10,6 +10,9 @@ import pkgutil
 
 def modes() -> list:
     """Every mode module, in the order of their ORDER (then name)."""
-    found = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
-             if not m.name.startswith("_")]
+    found = [
+        importlib.import_module(f"{__name__}.{m.name}")
+        for m in pkgutil.iter_modules(__path__)
+        if not m.name.startswith("_")
+    ]
     return sorted(found, key=lambda m: (getattr(m, "ORDER", 50), m.NAME))

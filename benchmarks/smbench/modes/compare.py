@@ -36,7 +36,9 @@ def add_arguments(c) -> None:
     c.add_argument("--model", help="generated model dir")
     c.add_argument("--size-gb", type=float, help="generate (or reuse) a model of this size when --model has none")
     c.add_argument("--tools", default="copy,idle,shardmerge,peft,mergekit")
-    c.add_argument("--mergekit-python", help="python of a venv with mergekit (default: $MERGEKIT_PYTHON or /tmp/mkvenv)")
+    c.add_argument(
+        "--mergekit-python", help="python of a venv with mergekit (default: $MERGEKIT_PYTHON or /tmp/mkvenv)"
+    )
     common(c, budgets="128MiB,256MiB,2GiB")
 
 
@@ -82,7 +84,18 @@ def do_compare(a, device: str = "cpu", title: str = "compare", key_prefix: str =
     log(f"{title}: {len(runnable)} tools x {a.runs} runs on {model} ({human(meta['total_bytes'])}); logs in {log_dir}")
     head = env_block(f"{title}: {model.name}", meta, model, py, mkpy, mkver, extra)
     fp = code_fingerprint()
-    run_rounds(runnable, a.runs, work, log_dir, py, {"": model}, a.timeout, verify=not a.no_verify, verify_full=a.verify_full, retries=a.retries)
+    run_rounds(
+        runnable,
+        a.runs,
+        work,
+        log_dir,
+        py,
+        {"": model},
+        a.timeout,
+        verify=not a.no_verify,
+        verify_full=a.verify_full,
+        retries=a.retries,
+    )
     head += f"- {code_note(fp)}\n"
     rmtree(work)
     sums = [summarize(j) for j in jobs]
@@ -90,7 +103,14 @@ def do_compare(a, device: str = "cpu", title: str = "compare", key_prefix: str =
     copy = best_copy(sums)
     table = compare_tables(sums, idle, copy)
     cmds = "\n".join(f"- {s.name}: `{s.display}`" for s in sums if s.display)
-    body = head + f"\nruns per tool: {a.runs} (interleaved, order rotated each round)\n\n" + table + "\n\nCommands measured:\n\n" + cmds + "\n"
+    body = (
+        head
+        + f"\nruns per tool: {a.runs} (interleaved, order rotated each round)\n\n"
+        + table
+        + "\n\nCommands measured:\n\n"
+        + cmds
+        + "\n"
+    )
     print("\n" + body)
     if not a.no_results:
         write_results(Path(a.results), f"{key_prefix}:{model.name}", body)

@@ -49,6 +49,7 @@ def ram_bytes() -> int:
 def cold_model(python: str):
     """Before each run: drop the page cache (root only), then warm the interpreter and torch again with one
     untimed import, so every tool reads the model cold while start-up stays what `idle start-up` measures."""
+
     def before() -> None:
         if os.geteuid() == 0:
             os.sync()
@@ -68,13 +69,29 @@ def run(a) -> int:
     merge = job_shardmerge(a.python, model, size_arg(a.budget), a.budget)
     jobs = [limit, job_copy(model), job_kernel_copy(model), idle, merge]
     cold = os.geteuid() == 0
-    head = env_block(f"large: {model.name}, larger than RAM, {'cold' if cold else 'warm (not root)'} cache", meta,
-                     model, a.python, None, None)
+    head = env_block(
+        f"large: {model.name}, larger than RAM, {'cold' if cold else 'warm (not root)'} cache",
+        meta,
+        model,
+        a.python,
+        None,
+        None,
+    )
     fp = code_fingerprint()
     work = Path(a.work) / "large"
     log_dir = Path(a.work) / "logs" / f"large-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_rounds(jobs, a.runs, work, log_dir, a.python, {"": model}, a.timeout, verify=not a.no_verify,
-               retries=a.retries, before_each=cold_model(a.python))
+    run_rounds(
+        jobs,
+        a.runs,
+        work,
+        log_dir,
+        a.python,
+        {"": model},
+        a.timeout,
+        verify=not a.no_verify,
+        retries=a.retries,
+        before_each=cold_model(a.python),
+    )
     head += f"- {code_note(fp)}\n"
     rmtree(work)
     if not a.keep_model:
@@ -102,16 +119,43 @@ def _body(a, sums: list[Summary], meta: dict, cold: bool) -> str:
         if s.stages:
             notes.append("busy " + ", ".join(f"{k} {fmt_s(v)}" for k, v in s.stages.items()))
         if above is not None and s.budget:
-            notes.append(f"RSS above idle {above / s.budget:.2f}x budget" + (" **OVER BUDGET**" if above > s.budget
-                                                                          else ""))
+            notes.append(
+                f"RSS above idle {above / s.budget:.2f}x budget" + (" **OVER BUDGET**" if above > s.budget else "")
+            )
         if s.verified:
             notes.append(verify_note(s))
-        rows.append([s.name, fmt_s(s.wall), fmt_s(net), "–" if ratio is None else f"{ratio:.2f}", fmt_s(s.cpu),
-                     fmt_s(s.stime), fmt_mb(above), "; ".join(notes)])
-    table = md_table(["tool", "median wall s", "wall − start-up s", "× read+write limit", "CPU s", "of which system s",
-                      "RSS above idle MiB", "notes"], rows)
+        rows.append(
+            [
+                s.name,
+                fmt_s(s.wall),
+                fmt_s(net),
+                "–" if ratio is None else f"{ratio:.2f}",
+                fmt_s(s.cpu),
+                fmt_s(s.stime),
+                fmt_mb(above),
+                "; ".join(notes),
+            ]
+        )
+    table = md_table(
+        [
+            "tool",
+            "median wall s",
+            "wall − start-up s",
+            "× read+write limit",
+            "CPU s",
+            "of which system s",
+            "RSS above idle MiB",
+            "notes",
+        ],
+        rows,
+    )
     cmds = "\n".join(f"- {s.name}: `{s.display}`" for s in sums if s.display)
-    return (f"\nmodel {meta['total_bytes'] / GB:.1f} GB in {meta['shards']} shards; budget {a.budget} "
-            f"({size_arg(a.budget) / MiB:.0f} MiB); runs {a.runs}, order rotated each round; "
-            f"{'page cache dropped before every run, then the interpreter re-warmed' if cold else 'page cache NOT dropped (not root)'}\n\n"
-            + table + "\n\nCommands measured:\n\n" + cmds + "\n")
+    return (
+        f"\nmodel {meta['total_bytes'] / GB:.1f} GB in {meta['shards']} shards; budget {a.budget} "
+        f"({size_arg(a.budget) / MiB:.0f} MiB); runs {a.runs}, order rotated each round; "
+        f"{'page cache dropped before every run, then the interpreter re-warmed' if cold else 'page cache NOT dropped (not root)'}\n\n"
+        + table
+        + "\n\nCommands measured:\n\n"
+        + cmds
+        + "\n"
+    )

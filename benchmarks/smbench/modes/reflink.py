@@ -48,7 +48,10 @@ def mount_xfs(image: Path, mount: Path, size: int) -> str | None:
     mount.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(size)
-    for cmd in (["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], ["mount", "-o", "loop", str(image), str(mount)]):
+    for cmd in (
+        ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)],
+        ["mount", "-o", "loop", str(image), str(mount)],
+    ):
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             return f"{cmd[0]} failed: {done.stderr.strip()}"
@@ -57,10 +60,13 @@ def mount_xfs(image: Path, mount: Path, size: int) -> str | None:
 
 def job_cp(model: Path, reflink: str) -> Job:
     """cp with an explicit --reflink (coreutils 9 defaults to auto, which shares extents too)."""
+
     def build(run: Path):
         return ["cp", "-r", f"--reflink={reflink}", str(model / "base"), str(run / "out")], run / "out"
 
-    return Job(f"cp -r --reflink={reflink}", "copy", build, display=f"cp -r --reflink={reflink} {model / 'base'} OUT && sync")
+    return Job(
+        f"cp -r --reflink={reflink}", "copy", build, display=f"cp -r --reflink={reflink} {model / 'base'} OUT && sync"
+    )
 
 
 def run(a) -> int:
@@ -96,15 +102,28 @@ def _measure_all(a, mount: Path, root: Path) -> int:
             res = measure(cmd, run, f"{job.slug}-r{r}", log_dir, sync_dirs=[run], timeout=a.timeout)
             growth = used(mount) - before
             same = _same_as_elsewhere(a, model, out, root) if job is merge and r == 0 and res.ok else None
-            rows.append([job.name, fmt_s(res.wall_s) if res.ok else f"FAILED: {res.error}", f"{growth / MiB:.0f}",
-                         f"{growth / merged:.2f}", "–" if same is None else ("yes" if same else "**NO**")])
+            rows.append(
+                [
+                    job.name,
+                    fmt_s(res.wall_s) if res.ok else f"FAILED: {res.error}",
+                    f"{growth / MiB:.0f}",
+                    f"{growth / merged:.2f}",
+                    "–" if same is None else ("yes" if same else "**NO**"),
+                ]
+            )
             rmtree(run)
     head += f"- {code_note(fp)}\n"
-    table = md_table(["tool", "wall s", "filesystem growth MiB", "× merged tensors' bytes",
-                      "shards identical to an ext4 run"], rows)
-    body = (head + f"\nadapter on q_proj and v_proj only: {merged / MiB:.0f} MiB of tensors change out of "
-            f"{meta['total_bytes'] / MiB:.0f} MiB; budget {a.budget}; growth is statvfs used blocks after a sync\n\n"
-            + table + "\n\nCommands measured:\n\n" + "\n".join(f"- {j.name}: `{j.display}`" for j in jobs) + "\n")
+    table = md_table(
+        ["tool", "wall s", "filesystem growth MiB", "× merged tensors' bytes", "shards identical to an ext4 run"], rows
+    )
+    body = (
+        head + f"\nadapter on q_proj and v_proj only: {merged / MiB:.0f} MiB of tensors change out of "
+        f"{meta['total_bytes'] / MiB:.0f} MiB; budget {a.budget}; growth is statvfs used blocks after a sync\n\n"
+        + table
+        + "\n\nCommands measured:\n\n"
+        + "\n".join(f"- {j.name}: `{j.display}`" for j in jobs)
+        + "\n"
+    )
     print("\n" + body)
     if not a.no_results:
         write_results(Path(a.results), f"reflink:{a.size_gb:g}g", body)
@@ -121,8 +140,21 @@ def _fresh(run: Path) -> Path:
 def _same_as_elsewhere(a, model: Path, out: Path, root: Path) -> bool:
     """The same plan written to the filesystem under --work (no extent sharing): identical shards?"""
     elsewhere = root / "elsewhere"
-    subprocess.run([a.python, "-m", "shardmerge", str(model / "plan.yaml"), "-q", "--max-memory", a.budget,
-                    "--output", str(elsewhere)], check=True, env=tool_env())
+    subprocess.run(
+        [
+            a.python,
+            "-m",
+            "shardmerge",
+            str(model / "plan.yaml"),
+            "-q",
+            "--max-memory",
+            a.budget,
+            "--output",
+            str(elsewhere),
+        ],
+        check=True,
+        env=tool_env(),
+    )
     shards = sorted(p.name for p in elsewhere.glob("*.safetensors"))
     log(f"comparing {len(shards)} shards with {elsewhere}")
     same = bool(shards) and all(filecmp.cmp(out / n, elsewhere / n, shallow=False) for n in shards)

@@ -18,7 +18,9 @@ def add_arguments(sm) -> None:
     sm.add_argument("--tools", default="copy,idle,shardmerge,peft,mergekit")
     sm.add_argument("--mergekit-python")
     sm.add_argument("--keep-model", action="store_true")
-    sm.add_argument("--keep-going", action="store_true", help="exit 0 even when a tool fails (default: fail like --strict)")
+    sm.add_argument(
+        "--keep-going", action="store_true", help="exit 0 even when a tool fails (default: fail like --strict)"
+    )
     common(sm, budgets="64MiB,256MiB", runs=1)
 
 

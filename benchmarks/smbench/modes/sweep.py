@@ -27,7 +27,9 @@ ORDER = 20
 def add_arguments(s) -> None:
     s.add_argument("--sizes", default="0.5,1,2,4")
     s.add_argument("--budget", default="256MiB")
-    s.add_argument("--shape", default="h2048", choices=list(SHAPES), help="one shape for every size (default %(default)s)")
+    s.add_argument(
+        "--shape", default="h2048", choices=list(SHAPES), help="one shape for every size (default %(default)s)"
+    )
     s.add_argument("--device", default="cpu")
     s.add_argument("--no-copy", action="store_true", help="skip the per-size copy floor")
     common(s, runs=1)
@@ -51,7 +53,14 @@ def run(a) -> int:
     work = Path(a.work) / "sweep"
     log_dir = Path(a.work) / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     mkpy, mkver = None, None
-    head = env_block(f"sweep: model size vs time and memory at max_memory {a.budget}", None, models[next(iter(models))], py, mkpy, mkver)
+    head = env_block(
+        f"sweep: model size vs time and memory at max_memory {a.budget}",
+        None,
+        models[next(iter(models))],
+        py,
+        mkpy,
+        mkver,
+    )
     fp = code_fingerprint()
     run_rounds(jobs, a.runs, work, log_dir, py, {"": next(iter(models.values())), **models}, a.timeout,
                verify=not a.no_verify, retries=a.retries)  # fmt: skip
