@@ -258,6 +258,21 @@ def _token_indices(files: AdapterFiles, module: str, values: TensorInfo) -> tupl
 def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
     check_config(files)
     adapter = Adapter(path=path, weight=weight, config=files.config, weights=files.weights)
+    modules = _sort_tensors(files, adapter)
+    ignored = _settle_modules(files, adapter, modules)
+    if ignored:
+        adapter.warnings.append(
+            f"{files.weights}: ignoring {len(ignored)} sets of tensors that PEFT's load ignores too, e.g. {ignored[0]}"
+        )
+    adapter.warnings += config_warnings(files)
+    if not adapter.modules and not adapter.replacements and not adapter.token_rows and not adapter.param_loras:
+        raise ShardmergeError(f"{files.weights}: adapter holds no tensors")
+    return adapter
+
+
+def _sort_tensors(files: AdapterFiles, adapter: Adapter) -> dict[str, LoraModule]:
+    """Each saved tensor to its place: trainable-token rows and replacements go on `adapter`, LoRA parts are
+    gathered per module and returned."""
     modules: dict[str, LoraModule] = {}
     for key, tensor in files.header.tensors.items():
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
@@ -290,6 +305,11 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
             raise ShardmergeError(f"{files.weights}: module {module_name!r} has two {part} tensors")
         setattr(module, slot, tensor)
         module.embedding = module.embedding or part.startswith("lora_embedding")
+    return modules
+
+
+def _settle_modules(files: AdapterFiles, adapter: Adapter, modules: dict[str, LoraModule]) -> list[str]:
+    """Keep the modules PEFT would build, as its config says, with their scaling; returns what was ignored."""
     targets = list(files.config.get("target_parameters") or [])
     ignored = []
     for module in modules.values():
@@ -318,14 +338,7 @@ def load_adapter(files: AdapterFiles, path: str, weight: float) -> Adapter:
                 f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}"
             )
         adapter.modules.append(module)
-    if ignored:
-        adapter.warnings.append(
-            f"{files.weights}: ignoring {len(ignored)} sets of tensors that PEFT's load ignores too, e.g. {ignored[0]}"
-        )
-    adapter.warnings += config_warnings(files)
-    if not adapter.modules and not adapter.replacements and not adapter.token_rows and not adapter.param_loras:
-        raise ShardmergeError(f"{files.weights}: adapter holds no tensors")
-    return adapter
+    return ignored
 
 
 def _check_param_module(files: AdapterFiles, module: LoraModule) -> None:

@@ -20,6 +20,7 @@ PROJECTIONS = {
 
 
 def write_demo(directory: Path) -> None:
+    """The quickstart's tiny base, adapter and plan. One function on purpose: it is a recipe, read top to bottom."""
     import torch
     from safetensors.torch import save_file
 

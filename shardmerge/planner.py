@@ -313,7 +313,9 @@ def _collect(
     base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None, quantized: set[str] = frozenset()
 ) -> Edits:
     """Every adapter tensor matched to the base tensor it changes (or to a tied head the base does not store);
-    `quantized` names the logical tensors of a quantized base's weights."""
+    `quantized` names the logical tensors of a quantized base's weights. One loop per kind of adapter content
+    (replacements, LoRA modules, biases, token rows, expert parameters), kept together so the order of edits,
+    which decides conflicts, reads in one place."""
     edits = Edits()
     token_rows: dict[str, list[tuple[str, set[int]]]] = {}
 
@@ -404,7 +406,9 @@ def _with_added(tensors: dict[str, TensorInfo], added: dict[str, str]):
 
 def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | None = None) -> MergePlan:
     """Read headers and configs, match every adapter tensor, lay out and tile the output. `budget` is the
-    bytes tiles may fill (cuda.tile_budget: on CUDA also bounded by GPU memory); default max_memory."""
+    bytes tiles may fill (cuda.tile_budget: on CUDA also bounded by GPU memory); default max_memory. It is
+    the plan's recipe, step by step (inputs, codec, matching, ties, layout, headers, tiling, fingerprint), so it
+    stays one function."""
     base = read_base(plan.base)
     codec = detect(base.config, base.directory)
     quantized = codec.weights(base.tensors) if codec else {}
@@ -600,7 +604,8 @@ _CODEC_WORK = 4
 
 def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     """Choose rows per tile (and per cache-sized chunk) for every tensor that is not a plain copy, and
-    the buffers that implies."""
+    the buffers that implies. The budget arithmetic is one piece: each reservation below feeds the next, and
+    tests/test_budget.py checks the whole against max_memory."""
     tensors = sum(len(s.tasks) for s in merge_plan.shards)
     reserved = store_for(location(merge_plan.plan.output)).write_memory()  # the output store's part buffers
     overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS) + reserved

@@ -150,6 +150,8 @@ def _agree(group: Group, topo: Topology, step) -> object:
 
 
 def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bool) -> MergeReport:
+    """Claim, execute, finalize: three agreed steps across ranks, whose shared state (the output, what is
+    finished) is clearest as closures in one function."""
     plan, output = merge_plan.plan, location(merge_plan.plan.output)
     sizes = {s.name: s.size for s in merge_plan.shards}
     state: OutputState | None = None
