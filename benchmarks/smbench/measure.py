@@ -237,6 +237,19 @@ class Job:
         return re.sub(r"[^A-Za-z0-9]+", "-", self.name).strip("-").lower()
 
 
+def verify_output(py: str, model: Path, out: Path, same_layout: bool, full: bool = False) -> Verification:
+    cmd = [py, str(BENCH), "_verify", "--model", str(model), "--out", str(out)]
+    if same_layout:
+        cmd.append("--same-layout")
+    if full:
+        cmd.append("--full")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), cwd=str(PROJECT))
+    try:
+        return Verification(**json.loads(r.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError, TypeError):
+        return Verification(ok=False, problems=[f"verifier crashed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"])
+
+
 def run_rounds(jobs: list[Job], runs: int, work: Path, log_dir: Path, py: str, models: dict[str, Path],
                timeout: float, verify: bool, verify_full: bool = False, retries: int = 1, before_each=None) -> None:  # fmt: skip
     """Each round runs every job once, in an order rotated by the round number.
@@ -244,8 +257,6 @@ def run_rounds(jobs: list[Job], runs: int, work: Path, log_dir: Path, py: str, m
     A failed run is retried `retries` times (fresh output dir) before the tool is marked failed and
     skipped in later rounds; the retry is noted in the table. `before_each()` runs untimed before every
     measurement (the large mode drops the page cache there)."""
-    from .tools import verify_output
-
     for r in range(runs):
         order = jobs[r % len(jobs) :] + jobs[: r % len(jobs)]
         for job in order:

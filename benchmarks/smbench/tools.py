@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .common import BENCH, DEFAULT_MK_VENV, PROJECT, size_arg, tool_env
-from .measure import Job, Verification
+from .measure import Job
 
 
 def job_copy(model: Path, group: str = "") -> Job:
@@ -257,19 +257,6 @@ def cmd_verify(a) -> int:
                checked_copied=copied, max_err_ulp=round(max_excess, 3), min_exact_fraction=round(worst_exact, 5))  # fmt: skip
     print(json.dumps(res))
     return 0
-
-
-def verify_output(py: str, model: Path, out: Path, same_layout: bool, full: bool = False) -> Verification:
-    cmd = [py, str(BENCH), "_verify", "--model", str(model), "--out", str(out)]
-    if same_layout:
-        cmd.append("--same-layout")
-    if full:
-        cmd.append("--full")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), cwd=str(PROJECT))
-    try:
-        return Verification(**json.loads(r.stdout.strip().splitlines()[-1]))
-    except (ValueError, IndexError, TypeError):
-        return Verification(ok=False, problems=[f"verifier crashed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"])
 
 
 def check_shardmerge_ready(py: str) -> str | None:
