@@ -77,32 +77,32 @@ class Verification:
     min_exact_fraction: float | None = None
 
 
+def _fsync(path: str) -> bool:
+    """fsync one file or directory; False where it cannot be opened or synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(path: Path) -> int:
+    """fsync every regular file and directory under `path`; returns how many files were synced."""
     n = 0
     if not path.exists():
         return 0
     for root, _dirs, files in os.walk(path):
         for f in files:
             p = os.path.join(root, f)
-            if os.path.islink(p):
-                continue
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            if not os.path.islink(p) and _fsync(p):
                 n += 1
-            except OSError:
-                pass
-        try:
-            fd = os.open(root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        _fsync(root)
     return n
 
 
