@@ -1,19 +1,16 @@
 """The command line as a user meets it: plan validation, overrides, dry runs, one-line errors."""
 
 import json
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
+from helpers import plans
+from helpers.adapters import lora_pair, q_proj_case, write_adapter
+from helpers.plans import write_plan
 from safetensors.torch import load_file
-from synth import lora_pair, tiny_llama, write_adapter, write_plan
 
-
-def run_cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "shardmerge", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
-    )
+run_cli = partial(plans.run_cli, process=True)  # a real interpreter: the exit code and streams a shell sees
 
 
 def assert_one_line_error(result, *needles):
@@ -27,7 +24,7 @@ def assert_one_line_error(result, *needles):
 
 @pytest.fixture
 def inputs(tmp_path):
-    base, adapter = tiny_llama(tmp_path)
+    base, adapter = q_proj_case(tmp_path)
     return tmp_path, base, adapter
 
 

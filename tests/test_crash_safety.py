@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import select
@@ -28,7 +27,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_models as tm  # noqa: E402
+from helpers import models  # noqa: E402
+from helpers.adapters import write_adapter, write_tiny_adapter  # noqa: E402
+from helpers.plans import run_cli, write_plan  # noqa: E402
 
 import shardmerge  # noqa: E402
 import shardmerge.journal as journal_mod  # noqa: E402
@@ -43,20 +44,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def model(tmp_path_factory):
     """Inputs shared by every test, the reference output of an uninterrupted run, and the inputs' hashes."""
     root = tmp_path_factory.mktemp("model")
-    base = tm.write_base(root / "base")
-    adapter = tm.write_adapter(root / "adapter")
-    plan = tm.write_plan(root / "reference.yaml", base, adapter, root / "reference")
-    rc, err = run_cli(plan)
-    assert rc == 0, err
-    reference = tm.tree_bytes(root / "reference")
-    assert tm.MANIFEST_NAME in reference and tm.INDEX_NAME in reference
-    assert not any(name.startswith(tm.STATE_DIR) for name in reference)
+    base = models.write_tiny_base(root / "base")
+    adapter = write_tiny_adapter(root / "adapter")
+    plan = write_plan(
+        root / "reference.yaml", base=base, adapters=[adapter], output=root / "reference", **models.TINY_OPTIONS
+    )
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0, result.stderr
+    reference = models.tree_bytes(root / "reference")
+    assert models.MANIFEST_NAME in reference and models.INDEX_NAME in reference
+    assert not any(name.startswith(models.STATE_DIR) for name in reference)
     return {
         "root": root,
         "base": base,
         "adapter": adapter,
         "reference": reference,
-        "inputs": tm.tree_hashes(base, adapter),
+        "inputs": models.tree_hashes(base, adapter),
     }
 
 
@@ -65,19 +68,16 @@ def inputs_untouched(model):
     """After every test, whatever it did (kills, failures, refusals): the inputs are byte for byte and
     mtime for mtime what they were."""
     yield
-    assert tm.tree_hashes(model["base"], model["adapter"]) == model["inputs"], "an input file was modified"
+    assert models.tree_hashes(model["base"], model["adapter"]) == model["inputs"], "an input file was modified"
 
 
-def make_plan(model, tmp_path: Path, name: str = "plan.yaml", output: Path | None = None, **kw) -> Path:
-    return tm.write_plan(tmp_path / name, model["base"], model["adapter"], output or tmp_path / "out", **kw)
-
-
-def run_cli(plan: Path, *args: str) -> tuple[int, str]:
-    """`python -m shardmerge PLAN -q`, in this process; returns (exit code, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = cli_main([str(plan), "-q", *args])
-    return rc, err.getvalue()
+def make_plan(model, directory: Path, name="plan.yaml", output=None, weight=1.0, adapter=None, **options) -> Path:
+    """A plan merging the shared inputs (or `adapter` in place of theirs) with `weight` into `output`."""
+    adapters = [{"path": adapter or model["adapter"], "weight": weight}]
+    output = output or directory / "out"
+    return write_plan(
+        directory / name, base=model["base"], adapters=adapters, output=output, **models.TINY_OPTIONS, **options
+    )
 
 
 def one_error_line(stderr: str) -> str:
@@ -149,10 +149,10 @@ def assert_no_incomplete_shard(out: Path, reference: dict[str, bytes]) -> None:
 
 
 def assert_resumes_to_reference(plan: Path, out: Path, reference: dict[str, bytes], context: str) -> None:
-    rc, err = run_cli(plan)
-    assert rc == 0, f"resume failed ({context}): {err}"
-    tm.assert_same_tree(out, reference, context)
-    assert not (out / tm.STATE_DIR).exists()
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0, f"resume failed ({context}): {result.stderr}"
+    models.assert_same_tree(out, reference, context)
+    assert not (out / models.STATE_DIR).exists()
 
 
 # -- fault injection: SIGKILL at exact points, then resume ---------------------------------------------------
@@ -234,7 +234,7 @@ def signalled_runs(model, tmp_path_factory):
         ("SIGTERM-finalizing", signal.SIGTERM, "replace", 10),
     ):
         d = tmp_path_factory.mktemp(key)
-        plan = tm.write_plan(d / "plan.yaml", model["base"], model["adapter"], d / "out")
+        plan = make_plan(model, d)
         env = dict(
             os.environ,
             SM_SIGNAL=str(int(sig)),
@@ -270,15 +270,15 @@ def test_signal_mid_run_exits_128_plus_signum_with_one_line_and_no_traceback(sig
     assert run["rc"] == code, f"exit status {run['rc']}, stderr: {run['stderr']!r}"
     line = one_error_line(run["stderr"])
     assert key.split("-")[0] in line and "resum" in line
-    assert not (run["out"] / tm.MANIFEST_NAME).exists()
-    assert not (run["out"] / tm.INDEX_NAME).exists()
+    assert not (run["out"] / models.MANIFEST_NAME).exists()
+    assert not (run["out"] / models.INDEX_NAME).exists()
 
 
 @pytest.mark.parametrize("key", ["SIGINT", "SIGTERM", "SIGTERM-finalizing"])
 def test_signal_mid_run_leaves_output_resumable_to_identical_bytes(model, signalled_runs, key):
     run = signalled_runs[key]
-    assert (run["out"] / tm.STATE_DIR / "state.json").is_file(), "the interrupted run left no resumable state"
-    assert not (run["out"] / tm.MANIFEST_NAME).exists()
+    assert (run["out"] / models.STATE_DIR / "state.json").is_file(), "the interrupted run left no resumable state"
+    assert not (run["out"] / models.MANIFEST_NAME).exists()
     assert_no_incomplete_shard(run["out"], model["reference"])
     assert_resumes_to_reference(run["plan"], run["out"], model["reference"], f"after {key}")
 
@@ -286,7 +286,7 @@ def test_signal_mid_run_leaves_output_resumable_to_identical_bytes(model, signal
 def test_external_sigkill_of_python_m_shardmerge_resumes_to_identical_bytes(model, signalled_runs):
     run = signalled_runs["SIGKILL"]
     assert run["rc"] == -signal.SIGKILL
-    assert not (run["out"] / tm.MANIFEST_NAME).exists()
+    assert not (run["out"] / models.MANIFEST_NAME).exists()
     assert_no_incomplete_shard(run["out"], model["reference"])
     assert_resumes_to_reference(run["plan"], run["out"], model["reference"], "after an external SIGKILL")
 
@@ -295,10 +295,10 @@ def test_external_sigkill_of_python_m_shardmerge_resumes_to_identical_bytes(mode
 @pytest.fixture(scope="module")
 def half_weight_reference(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("half")
-    plan = tm.write_plan(d / "plan.yaml", model["base"], model["adapter"], d / "out", weight=0.5)
-    rc, err = run_cli(plan)
-    assert rc == 0, err
-    reference = tm.tree_bytes(d / "out")
+    plan = make_plan(model, d, weight=0.5)
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0, result.stderr
+    reference = models.tree_bytes(d / "out")
     assert reference != model["reference"]
     return reference
 
@@ -310,21 +310,21 @@ def _partial_output(model, tmp_path) -> Path:
 
 
 def _finished_output(model, tmp_path) -> Path:
-    rc, err = run_cli(make_plan(model, tmp_path))
-    assert rc == 0, err
+    result = run_cli(make_plan(model, tmp_path), "-q")
+    assert result.returncode == 0, result.stderr
     return tmp_path / "out"
 
 
 @pytest.mark.parametrize("existing", [_partial_output, _finished_output], ids=["partial", "finished"])
 def test_changed_plan_over_existing_output_is_refused_naming_the_directory(model, tmp_path, existing):
     out = existing(model, tmp_path)
-    before = tm.tree_bytes(out)
+    before = models.tree_bytes(out)
     plan = make_plan(model, tmp_path, "changed.yaml", weight=0.5)
-    rc, err = run_cli(plan)
-    assert rc != 0
-    line = one_error_line(err)
+    result = run_cli(plan, "-q")
+    assert result.returncode != 0
+    line = one_error_line(result.stderr)
     assert str(out) in line and "overwrite" in line
-    assert tm.tree_bytes(out) == before, "a refused run changed the output directory"
+    assert models.tree_bytes(out) == before, "a refused run changed the output directory"
 
 
 @pytest.mark.parametrize("existing", [_partial_output, _finished_output], ids=["partial", "finished"])
@@ -333,19 +333,19 @@ def test_changed_plan_with_overwrite_replaces_output_with_the_new_plans_bytes(
 ):
     out = existing(model, tmp_path)
     plan = make_plan(model, tmp_path, "changed.yaml", weight=0.5, overwrite=True)
-    rc, err = run_cli(plan)
-    assert rc == 0, err
-    tm.assert_same_tree(out, half_weight_reference, "overwrite with weight 0.5")
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0, result.stderr
+    models.assert_same_tree(out, half_weight_reference, "overwrite with weight 0.5")
 
 
 def test_foreign_files_in_output_are_refused_without_overwrite(model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    rc, err = run_cli(make_plan(model, tmp_path))
-    assert rc != 0
-    assert str(out) in one_error_line(err)
-    assert tm.tree_listing(out) == ["notes.txt"]
+    result = run_cli(make_plan(model, tmp_path), "-q")
+    assert result.returncode != 0
+    assert str(out) in one_error_line(result.stderr)
+    assert models.tree_listing(out) == ["notes.txt"]
 
 
 # -- the lock --------------------------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def concurrent_run(plan: Path, at: int = 2):
 
 def settled(out: Path) -> dict[str, bytes]:
     """The output as another run may rely on it: everything but the stalled run's in-flight .partial files."""
-    return {k: v for k, v in tm.tree_bytes(out).items() if not k.startswith(f"{tm.STATE_DIR}/tmp/")}
+    return {k: v for k, v in models.tree_bytes(out).items() if not k.startswith(f"{models.STATE_DIR}/tmp/")}
 
 
 def test_second_concurrent_run_on_same_output_is_refused_naming_the_directory(model, tmp_path):
@@ -399,10 +399,10 @@ def test_second_concurrent_run_on_same_output_is_refused_naming_the_directory(mo
     out = tmp_path / "out"
     with concurrent_run(plan):
         before = settled(out)
-        rc, err = run_cli(plan)
+        result = run_cli(plan, "-q")
         after = settled(out)
-    assert rc != 0
-    line = one_error_line(err)
+    assert result.returncode != 0
+    line = one_error_line(result.stderr)
     assert str(out) in line and "another shardmerge run" in line
     assert after == before, "the refused run changed the output"
     assert_resumes_to_reference(plan, out, model["reference"], "after the first run was killed")
@@ -415,10 +415,10 @@ def test_overwrite_run_is_refused_while_another_run_is_writing(model, tmp_path):
     changed = make_plan(model, tmp_path, "changed.yaml", weight=0.5, overwrite=True)
     with concurrent_run(plan):
         before = settled(out)
-        rc, err = run_cli(changed)
+        result = run_cli(changed, "-q")
         after = settled(out)
-    assert rc != 0, "a second run cleared and wrote a directory another run was writing"
-    assert "another shardmerge run" in one_error_line(err)
+    assert result.returncode != 0, "a second run cleared and wrote a directory another run was writing"
+    assert "another shardmerge run" in one_error_line(result.stderr)
     assert after == before, "the overwrite run deleted the files of the run holding the lock"
 
 
@@ -450,10 +450,10 @@ def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(mod
         shardmerge.merge(str(plan))
     message = str(failure.value)
     assert "no space left on device" in message
-    assert any(tm.shard_name(i) in message for i in range(tm.N_SHARDS)), message
+    assert any(models.shard_name(i) in message for i in range(models.TINY.shards)), message
     assert "\n" not in message
-    assert not (out / tm.MANIFEST_NAME).exists()
-    assert not (out / tm.INDEX_NAME).exists()
+    assert not (out / models.MANIFEST_NAME).exists()
+    assert not (out / models.INDEX_NAME).exists()
     assert not list(out.rglob("*.partial")), "a failed run left partial shards holding the disk"
     assert_no_incomplete_shard(out, model["reference"])
     monkeypatch.undo()
@@ -463,9 +463,9 @@ def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(mod
 def test_enospc_through_cli_is_one_error_line(model, tmp_path, monkeypatch):
     plan = make_plan(model, tmp_path)
     monkeypatch.setattr(local_mod, "pwrite_all", enospc_on_call(local_mod.pwrite_all, 30))
-    rc, err = run_cli(plan)
-    assert rc == 1
-    assert "no space left on device" in one_error_line(err)
+    result = run_cli(plan, "-q")
+    assert result.returncode == 1
+    assert "no space left on device" in one_error_line(result.stderr)
 
 
 def test_enospc_while_writing_the_index_is_one_error_line_and_resumable(model, tmp_path, monkeypatch):
@@ -475,18 +475,18 @@ def test_enospc_while_writing_the_index_is_one_error_line_and_resumable(model, t
     real = local_mod.atomic_write
 
     def atomic_write(path, data):
-        if Path(path).name == tm.INDEX_NAME:
+        if Path(path).name == models.INDEX_NAME:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data)
 
     monkeypatch.setattr(local_mod, "atomic_write", atomic_write)
     try:
-        rc, err = run_cli(plan)
+        result = run_cli(plan, "-q")
     except OSError as e:
         pytest.fail(f"a raw OSError escaped the CLI (the user sees a traceback): {e!r}")
-    assert rc == 1
-    assert "no space left on device" in one_error_line(err)
-    assert not (out / tm.MANIFEST_NAME).exists()
+    assert result.returncode == 1
+    assert "no space left on device" in one_error_line(result.stderr)
+    assert not (out / models.MANIFEST_NAME).exists()
     monkeypatch.undo()
     assert_resumes_to_reference(plan, out, model["reference"], "after ENOSPC on the index")
 
@@ -497,7 +497,7 @@ def test_journaled_shard_damaged_before_resume_is_redone(model, tmp_path, damage
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
     assert_killed(killed_run(plan, "journal", 4, after=True))
-    shard = out / tm.shard_name(1)
+    shard = out / models.shard_name(1)
     data = bytearray(shard.read_bytes())
     if damage == "deleted":
         shard.unlink()
@@ -511,22 +511,19 @@ def test_journaled_shard_damaged_before_resume_is_redone(model, tmp_path, damage
 
 # -- inputs are never touched, even by failed runs --------------------------------------------------------------
 def test_failed_run_with_a_bad_adapter_touches_no_input_and_writes_no_output(model, tmp_path):
-    bad = tmp_path / "bad-adapter"
-    shutil.copytree(model["adapter"], bad)
-    config = json.loads((bad / "adapter_config.json").read_text())
-    config["target_modules"] = ["q_proj", "nope"]  # a targeted module the base lacks (untargeted ones are ignored)
-    (bad / "adapter_config.json").write_text(json.dumps(config))
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    config = json.loads((model["adapter"] / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "nope"]  # a targeted module the base lacks (untargeted ones are ignored)
+    tensors = load_file(str(model["adapter"] / "adapter_model.safetensors"))
     tensors["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = tensors.popitem()[1]
-    save_file(tensors, str(bad / "adapter_model.safetensors"))
-    before = tm.tree_hashes(bad)
-    plan = tm.write_plan(tmp_path / "plan.yaml", model["base"], bad, tmp_path / "out")
-    rc, err = run_cli(plan)
-    assert rc != 0
-    one_error_line(err)
-    assert tm.tree_hashes(bad) == before
+    bad = write_adapter(tmp_path / "bad-adapter", tensors, **config)
+    before = models.tree_hashes(bad)
+    plan = make_plan(model, tmp_path, adapter=bad)
+    result = run_cli(plan, "-q")
+    assert result.returncode != 0
+    one_error_line(result.stderr)
+    assert models.tree_hashes(bad) == before
     assert not (tmp_path / "out").exists()
 
 
@@ -535,11 +532,11 @@ def test_truncated_adapter_file_fails_without_touching_inputs(model, tmp_path):
     shutil.copytree(model["adapter"], bad)
     weights = bad / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    before = tm.tree_hashes(bad)
-    rc, err = run_cli(tm.write_plan(tmp_path / "plan.yaml", model["base"], bad, tmp_path / "out"))
-    assert rc != 0
-    assert "adapter_model.safetensors" in one_error_line(err)
-    assert tm.tree_hashes(bad) == before
+    before = models.tree_hashes(bad)
+    result = run_cli(make_plan(model, tmp_path, adapter=bad), "-q")
+    assert result.returncode != 0
+    assert "adapter_model.safetensors" in one_error_line(result.stderr)
+    assert models.tree_hashes(bad) == before
     assert not (tmp_path / "out").exists()
 
 
@@ -552,12 +549,12 @@ def test_output_overlapping_an_input_is_refused_and_nothing_is_written(model, tm
         "contains-base": model["root"],
     }[where]
     watched = model["root"]
-    before = tm.tree_listing(watched)
-    rc, err = run_cli(make_plan(model, tmp_path, output=output))
-    assert rc != 0
-    line = one_error_line(err)
+    before = models.tree_listing(watched)
+    result = run_cli(make_plan(model, tmp_path, output=output), "-q")
+    assert result.returncode != 0
+    line = one_error_line(result.stderr)
     assert str(output) in line and "overlap" in line
-    assert tm.tree_listing(watched) == before, "a refused run created files"
+    assert models.tree_listing(watched) == before, "a refused run created files"
     assert not list(tmp_path.glob("out*"))
 
 
@@ -566,13 +563,11 @@ def test_rerun_over_finished_output_exits_0_reports_complete_and_rewrites_nothin
     plan = make_plan(model, tmp_path)
     out = _finished_output(model, tmp_path)
     stamps = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")}
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = cli_main([str(plan)])  # not quiet: the summary says what happened
-    assert rc == 0, err.getvalue()
-    assert "already complete" in err.getvalue()
+    result = run_cli(plan)  # not quiet: the summary says what happened
+    assert result.returncode == 0, result.stderr
+    assert "already complete" in result.stderr
     assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")} == stamps
-    tm.assert_same_tree(out, model["reference"])
+    models.assert_same_tree(out, model["reference"])
 
 
 @pytest.mark.parametrize("damage", ["flipped-shard-byte", "deleted-config"])
@@ -584,13 +579,13 @@ def test_rerun_over_damaged_finished_output_repairs_it(model, tmp_path, damage):
     if damage == "deleted-config":
         (out / "config.json").unlink()
     else:
-        shard = out / tm.shard_name(2)
+        shard = out / models.shard_name(2)
         data = bytearray(shard.read_bytes())
         data[-1] ^= 0xFF
         shard.write_bytes(bytes(data))
     try:
-        rc, err = run_cli(plan)
+        result = run_cli(plan, "-q")
     except OSError as e:
         pytest.fail(f"a raw OSError escaped the CLI (the user sees a traceback): {e!r}")
-    assert rc == 0, err
-    tm.assert_same_tree(out, model["reference"], f"repaired finished output ({damage})")
+    assert result.returncode == 0, result.stderr
+    models.assert_same_tree(out, model["reference"], f"repaired finished output ({damage})")

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.adapters import lora_pair, write_adapter
+from helpers.models import write_model
 from safetensors.torch import load_file
-from synth import lora_pair, write_adapter, write_base
 
 import shardmerge
 from shardmerge.config import load_plan
@@ -19,7 +20,7 @@ def inputs(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {f"layers.{i}.proj.weight": torch.randn(512, 256, generator=g).to(torch.bfloat16) for i in range(2)}
     tensors["embed.weight"] = torch.randn(300, 256, generator=g).to(torch.bfloat16)
-    write_base(tmp_path / "base", tensors, shards=2)
+    write_model(tmp_path / "base", tensors, shards=2)
     adapter = {}
     for i in range(2):
         adapter.update(lora_pair(f"layers.{i}.proj", 512, 256, r=8, seed=i))

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from synth import lora_pair, write_adapter, write_base, write_plan
+from helpers.adapters import lora_pair, write_adapter
+from helpers.models import assert_same_tree, tree_bytes, write_model
+from helpers.plans import write_plan
 
 import shardmerge
 from shardmerge.demo import write_demo
@@ -59,7 +61,7 @@ def _seven_shard_model(tmp: Path) -> tuple[Path, Path]:
         adapter.update(lora_pair(f"model.layers.{i}.self_attn.q_proj", width, 32, seed=i))
         adapter.update(lora_pair(f"model.layers.{i}.mlp.up_proj", 2 * width, 32, seed=10 + i))
     tensors["model.embed_tokens.weight"] = torch.randn(64, 32, generator=g).to(torch.bfloat16)
-    base = write_base(tmp / "base", tensors, shards=7, config={"model_type": "llama", "hidden_size": 32})
+    base = write_model(tmp / "base", tensors, shards=7, config={"model_type": "llama", "hidden_size": 32})
     return base, write_adapter(tmp / "adapter", adapter, target_modules=["q_proj", "up_proj"])
 
 
@@ -69,26 +71,12 @@ def _single_shard_model(tmp: Path) -> tuple[Path, Path]:
         "model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32, generator=g).to(torch.bfloat16),
         "model.norm.weight": torch.ones(32, dtype=torch.bfloat16),
     }
-    base = write_base(tmp / "base", tensors, shards=1)
+    base = write_model(tmp / "base", tensors, shards=1)
     return base, write_adapter(tmp / "adapter", lora_pair("model.layers.0.self_attn.q_proj", 32, 32))
 
 
 def _plan(path: Path, base: Path, adapter: Path, output: Path) -> Path:
-    return write_plan(
-        path, base=str(base), adapters=[{"path": str(adapter)}], output=str(output), device="cpu", max_memory="64MiB"
-    )
-
-
-def _tree(directory: Path) -> dict[str, bytes]:
-    """Every file under the output, hidden bookkeeping included (a finished output has none)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _assert_same_tree(actual: Path, expected: dict[str, bytes], context: str) -> None:
-    got = _tree(actual)
-    assert sorted(got) == sorted(expected), f"{context}: files differ: {sorted(got)} vs {sorted(expected)}"
-    for name in expected:
-        assert got[name] == expected[name], f"{context}: {name} differs from the single-process merge"
+    return write_plan(path, base=base, adapters=[{"path": adapter}], output=output, device="cpu", max_memory="64MiB")
 
 
 def _reference(tmp: Path, base: Path, adapter: Path, monkeypatch) -> dict[str, bytes]:
@@ -99,7 +87,7 @@ def _reference(tmp: Path, base: Path, adapter: Path, monkeypatch) -> dict[str, b
         monkeypatch.delenv(var, raising=False)
     out = tmp / "reference"
     shardmerge.merge(_plan(tmp / "reference.yaml", base, adapter, out))
-    return _tree(out)
+    return tree_bytes(out)
 
 
 # -- launching ------------------------------------------------------------------------------------------------
@@ -419,7 +407,7 @@ def test_torchrun_three_ranks_equals_one_process(seven, monkeypatch):
         ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_tree(tmp / "three", expected, "torchrun x3")
+    assert_same_tree(tmp / "three", expected, "torchrun x3")
 
 
 @pytest.mark.slow
@@ -434,7 +422,7 @@ def test_more_ranks_than_shards_single_shard_model(tmp_path, monkeypatch):
     )
     for r, result in enumerate(results):
         assert result.returncode == 0, f"rank {r}: {result.stderr[-3000:]}"
-    _assert_same_tree(tmp_path / "two", expected, "2 ranks, 1 shard")
+    assert_same_tree(tmp_path / "two", expected, "2 ranks, 1 shard")
     report = yaml.safe_load((tmp_path / "report-r0.json").read_text())  # gathered from every rank
     assert report["ranks"] == 2 and report["shards_written"] == 1 and report["tensors_merged"] == 1
 
@@ -497,7 +485,7 @@ def test_killed_rank_fails_the_job_and_a_rerun_with_other_ranks_resumes(seven, t
     )
     for r, result in enumerate(results):
         assert result.returncode == 0, f"rank {r}: {result.stderr[-3000:]}"
-    _assert_same_tree(out, expected, "resumed with 3 ranks")
+    assert_same_tree(out, expected, "resumed with 3 ranks")
     report = yaml.safe_load((tmp_path / "report-r0.json").read_text())
     done_before = sum(len(lines) for lines in journals.values())
     assert report["shards_resumed"] == done_before >= 1 and report["shards_written"] == 7 - done_before
@@ -683,7 +671,7 @@ def test_slurm_batch_script_runs_two_ranks_and_matches_one_process(demo, tmp_pat
         ),
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    _assert_same_tree(tmp_path / "slurm", expected, "slurm batch script, 2 ranks")
+    assert_same_tree(tmp_path / "slurm", expected, "slurm batch script, 2 ranks")
     assert f"rank 0 on 127.0.0.1:{env['MASTER_PORT']}" in result.stderr  # MASTER_ADDR from scontrol's first host
     assert "--kill-on-bad-exit=1" in (tmp_path / "srun.log").read_text()
 

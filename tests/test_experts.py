@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from test_peft_moe import moe_config
+from helpers.adapters import write_adapter
+from helpers.models import write_model
+from helpers.moe import moe_config
+from safetensors.torch import load_file
 
 import shardmerge
 from shardmerge import experts, mergemath
@@ -180,36 +182,27 @@ def _fused_case(tmp_path: Path):
     """A Llama-4-style fused base (E, H, 2I) of 36 MiB and an adapter on it, written by hand (float64 reference)."""
     g = torch.Generator().manual_seed(0)
     experts_, hidden, inter, rank = 8, 768, 1536, 1
-    base = tmp_path / "base"
-    base.mkdir()
     name = "model.layers.0.feed_forward.experts.gate_up_proj"
     weights = {
         name: (torch.randn(experts_, hidden, 2 * inter, generator=g) * 0.05).to(torch.bfloat16),
         "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
     }
-    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
     config = moe_config("llama4")
     config.update(
         {"hidden_size": hidden, "intermediate_size": inter, "num_local_experts": experts_, "num_hidden_layers": 1}
     )
-    (base / "config.json").write_text(config.to_json_string())
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
+    base = write_model(tmp_path / "base", weights, shards=1, config=json.loads(config.to_json_string()))
     a = torch.randn(rank * experts_, 2 * inter, generator=g) * 0.2  # swapped: A (r*E, d2), B (d1, r*E)
     b = torch.randn(hidden, rank * experts_, generator=g) * 0.2
     module = f"base_model.model.{name.rpartition('.')[0]}"
-    save_file({f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b}, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "r": rank,
-                "lora_alpha": 4,
-                "target_modules": [],
-                "peft_version": "0.21.2",
-                "target_parameters": ["feed_forward.experts.gate_up_proj"],
-            }
-        )
+    adapter = write_adapter(
+        tmp_path / "adapter",
+        {f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b},
+        r=rank,
+        lora_alpha=4,
+        target_modules=[],
+        peft_version="0.21.2",
+        target_parameters=["feed_forward.experts.gate_up_proj"],
     )
     a_e = a.double().reshape(experts_, rank, -1)
     b_e = b.double().reshape(hidden, rank, experts_).permute(2, 0, 1)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.adapters import write_adapter
+from helpers.models import write_model
 from safetensors.torch import save_file
 
 from shardmerge.errors import ShardmergeError
@@ -36,19 +38,8 @@ def write_index(directory: Path, weight_map: dict, metadata=None) -> Path:
 
 def sharded_model(directory: Path) -> Path:
     """A valid two-shard model: a, b in shard 1; c in shard 2."""
-    directory.mkdir(parents=True, exist_ok=True)
-    write_shard(directory / "model-00001-of-00002.safetensors", {"a": torch.ones(2, 3), "b": torch.zeros(4)})
-    write_shard(directory / "model-00002-of-00002.safetensors", {"c": torch.arange(6.0)})
-    write_index(
-        directory,
-        {
-            "a": "model-00001-of-00002.safetensors",
-            "b": "model-00001-of-00002.safetensors",
-            "c": "model-00002-of-00002.safetensors",
-        },
-    )
-    (directory / "config.json").write_text('{"model_type": "llama"}')
-    return directory
+    tensors = {"a": torch.ones(2, 3), "b": torch.zeros(4), "c": torch.arange(6.0)}
+    return write_model(directory, tensors, shards=[["a", "b"], ["c"]])
 
 
 def refused(fn, *args, names: tuple[str, ...]) -> str:
@@ -61,23 +52,13 @@ def refused(fn, *args, names: tuple[str, ...]) -> str:
 
 
 def adapter_dir(directory: Path, tensors: dict[str, torch.Tensor] | None = None, legacy=False) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
-    )
-    tensors = (
-        tensors
-        if tensors is not None
-        else {
+    """A LoRA (r=2) on q_proj; `legacy`: its weights in a pickled adapter_model.bin instead."""
+    if tensors is None:
+        tensors = {
             "base_model.model.q_proj.lora_A.weight": torch.randn(2, 3),
             "base_model.model.q_proj.lora_B.weight": torch.randn(3, 2),
         }
-    )
-    if legacy:
-        torch.save(tensors, directory / "adapter_model.bin")
-    else:
-        save_file(tensors, str(directory / "adapter_model.safetensors"))
-    return directory
+    return write_adapter(directory, tensors, legacy=legacy, r=2, lora_alpha=4)
 
 
 # ----------------------------------------------------------------------------------- base: the good cases

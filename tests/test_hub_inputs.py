@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from safetensors.torch import load_file, save_file
+from helpers.adapters import write_adapter
+from helpers.models import tree_bytes
+from helpers.plans import run_cli, write_plan
+from safetensors.torch import load_file
 
 import shardmerge
 from shardmerge.cli import main
@@ -84,10 +84,6 @@ def fake_repo(
     return snapshot
 
 
-def _files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """Local copies of a base and two adapter revisions, and the same files as cached Hub repos."""
@@ -97,18 +93,12 @@ def hub(tmp_path_factory):
     for name, data in {**TOKENIZER, "pytorch_model.bin": NOT_FETCHED["pytorch_model.bin"]}.items():
         (local_base / name).write_bytes(data)  # the local dir has the same stray .bin as the cached snapshot
     # A second adapter revision: same keys, B doubled.
-    v0 = tmp / "adapter-v0"
-    v0.mkdir()
     tensors = load_file(str(local_adapter / "adapter_model.safetensors"))
-    save_file(
-        {k: (v * 2 if ".lora_B." in k else v) for k, v in tensors.items()},
-        str(v0 / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    (v0 / "adapter_config.json").write_bytes((local_adapter / "adapter_config.json").read_bytes())
+    doubled = {k: (v * 2 if ".lora_B." in k else v) for k, v in tensors.items()}
+    v0 = write_adapter(tmp / "adapter-v0", doubled, **json.loads((local_adapter / "adapter_config.json").read_text()))
 
     cache = tmp / "hub"
-    base_files = _files(local_base)
+    base_files = tree_bytes(local_base)
     fake_repo(
         cache,
         "org/name",
@@ -123,10 +113,10 @@ def hub(tmp_path_factory):
         cache,
         "org/adapter",
         ADAPTER_MAIN,
-        {**_files(local_adapter), "README.md": b"# adapter\n"},
+        {**tree_bytes(local_adapter), "README.md": b"# adapter\n"},
         listed_only={"training_args.bin": NOT_FETCHED["training_args.bin"], "checkpoint-10/optimizer.pt": b"opt"},
     )
-    fake_repo(cache, "org/adapter", ADAPTER_V0, _files(v0), refs=("v0",))
+    fake_repo(cache, "org/adapter", ADAPTER_V0, tree_bytes(v0), refs=("v0",))
     # A repo whose listing names a shard the cache does not have: an interrupted download.
     partial = dict(base_files)
     missing = partial.pop("model-00002-of-00003.safetensors")
@@ -148,18 +138,15 @@ def offline(hub, monkeypatch):
 
 def _merge(tmp: Path, name: str, base: str, adapter: str) -> Path:
     out = tmp / name
-    plan = tmp / f"{name}.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {"base": base, "adapters": [{"path": adapter}], "output": str(out), "device": "cpu", "max_memory": "64MiB"}
-        )
+    plan = write_plan(
+        tmp / f"{name}.yaml", base=base, adapters=[{"path": adapter}], output=out, device="cpu", max_memory="64MiB"
     )
     shardmerge.merge(plan)
     return out
 
 
 def _assert_same_output(actual: Path, expected: Path) -> None:
-    got, want = _files(actual), _files(expected)
+    got, want = tree_bytes(actual), tree_bytes(expected)
     assert sorted(got) == sorted(want)
     for name in want:
         if name != MANIFEST:  # the manifest records where the inputs were (cache snapshot vs local dir)
@@ -232,7 +219,7 @@ def test_repo_ids_merge_like_local_paths(offline, tmp_path):
     local = _merge(tmp_path, "local", str(offline["base"]), str(offline["adapter"]))
     from_hub = _merge(tmp_path, "hub", "org/name", "org/adapter")
     _assert_same_output(from_hub, local)
-    names = set(_files(from_hub))
+    names = set(tree_bytes(from_hub))
     assert set(TOKENIZER) <= names  # tokenizer and generation config come along
     assert not any(n.endswith((".bin", ".msgpack", ".pth")) for n in names)  # the cached pytorch_model.bin does not
     assert "README.md" not in names  # the adapter repo's files are not the model's
@@ -248,7 +235,7 @@ def test_repo_ids_merge_like_local_paths(offline, tmp_path):
 def test_cache_with_only_the_indexed_shards_merges_offline(offline, tmp_path):
     """Repos often hold the weights twice (Mistral's consolidated.safetensors next to the shards). A cache filled
     with only what the index names (`hf download org/name --include "*.json" "model-*"`) is complete for us."""
-    files = _files(offline["base"])
+    files = tree_bytes(offline["base"])
     fake_repo(
         offline["cache"],
         "org/twice",
@@ -267,22 +254,22 @@ def test_repo_id_at_revision(offline, tmp_path):
     _assert_same_output(by_tag, expected)
     _assert_same_output(by_commit, expected)
     main_rev = _merge(tmp_path, "main", "org/name", "org/adapter@main")
-    assert _files(main_rev)["model-00001-of-00003.safetensors"] != _files(by_tag)["model-00001-of-00003.safetensors"]
+    assert (
+        tree_bytes(main_rev)["model-00001-of-00003.safetensors"]
+        != tree_bytes(by_tag)["model-00001-of-00003.safetensors"]
+    )
     old_base = _merge(tmp_path, "old-base", "org/name@v1.0", "org/adapter")
-    assert _files(old_base)["config.json"] != _files(main_rev)["config.json"]
+    assert tree_bytes(old_base)["config.json"] != tree_bytes(main_rev)["config.json"]
 
 
 def test_uncached_repo_is_one_line_error_naming_it(offline, tmp_path, capsys):
-    plan = tmp_path / "plan.yaml"
     for base, adapter, needle in (
         ("org/not-cached", "org/adapter", "org/not-cached"),
         ("org/name", "org/no-adapter@v9", "org/no-adapter@v9"),
         ("org/name@nope", "org/adapter", "org/name@nope"),
     ):
-        plan.write_text(
-            yaml.safe_dump(
-                {"base": base, "adapters": [{"path": adapter}], "output": str(tmp_path / "o"), "device": "cpu"}
-            )
+        plan = write_plan(
+            tmp_path / "plan.yaml", base=base, adapters=[{"path": adapter}], output=tmp_path / "o", device="cpu"
         )
         assert main([str(plan), "-q"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
@@ -291,16 +278,12 @@ def test_uncached_repo_is_one_line_error_naming_it(offline, tmp_path, capsys):
 
 
 def test_incomplete_cached_snapshot_is_one_line_error(offline, tmp_path, capsys):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {
-                "base": "org/partial",
-                "adapters": [{"path": "org/adapter"}],
-                "output": str(tmp_path / "o"),
-                "device": "cpu",
-            }
-        )
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        base="org/partial",
+        adapters=[{"path": "org/adapter"}],
+        output=tmp_path / "o",
+        device="cpu",
     )
     assert main([str(plan), "-q"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -319,28 +302,16 @@ def test_cli_with_hf_environment_variables(hub, tmp_path):
         HF_HOME=str(tmp_path / "hf-home"),
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {
-                "base": "org/name",
-                "adapters": [{"path": "org/adapter", "weight": 1.0}],
-                "output": "out",
-                "device": "cpu",
-                "max_memory": "64MiB",
-            }
-        )
+    adapters = [{"path": "org/adapter", "weight": 1.0}]
+    plan = write_plan(
+        tmp_path / "plan.yaml", base="org/name", adapters=adapters, output="out", device="cpu", max_memory="64MiB"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "shardmerge", str(plan), "-q"], env=env, capture_output=True, text=True, timeout=120
-    )
+    result = run_cli(plan, "-q", process=True, env=env)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / MANIFEST).is_file() and not (tmp_path / "out" / "pytorch_model.bin").exists()
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == TOKENIZER["tokenizer.json"]
-    plan.write_text(yaml.safe_dump({"base": "org/missing", "adapters": [{"path": "org/adapter"}], "output": "out2"}))
-    result = subprocess.run(
-        [sys.executable, "-m", "shardmerge", str(plan)], env=env, capture_output=True, text=True, timeout=120
-    )
+    write_plan(plan, base="org/missing", adapters=[{"path": "org/adapter"}], output="out2")
+    result = run_cli(plan, process=True, env=env)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "org/missing" in lines[0], result.stderr

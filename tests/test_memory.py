@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import torch
+from helpers.adapters import lora_pair, write_adapter
+from helpers.models import write_model
+from helpers.plans import run_cli, write_plan
 from safetensors.torch import load_file
-from synth import lora_pair, write_adapter, write_base, write_plan
 
 MiB = 2**20
 
@@ -21,19 +23,14 @@ def test_tensors_larger_than_budget_merge_exactly_within_budget(tmp_path):
     rows, cols = 4096, 2048  # 16 MiB each in bf16, 32 MiB as float32 work: 4x the budget
     tensors = {f"layers.{i}.proj.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16) for i in range(3)}
     tensors["embed.weight"] = torch.randn(1024, cols, generator=g).to(torch.bfloat16)
-    write_base(tmp_path / "base", tensors, shards=2)
+    write_model(tmp_path / "base", tensors, shards=2)
     adapter = {}
     for i in range(3):
         adapter.update(lora_pair(f"layers.{i}.proj", rows, cols, r=8, seed=i))
     write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
     budget = 16 * MiB  # 8 MiB of fixed run overhead + 8 MiB of buffers
     plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory=budget)
-    result = subprocess.run(
-        [sys.executable, "-m", "shardmerge", str(plan), "-q", "--report-json", str(tmp_path / "report.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(plan, "-q", "--report-json", tmp_path / "report.json", process=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
 
@@ -57,7 +54,7 @@ def test_output_bytes_do_not_depend_on_the_budget(tmp_path):
     # The merge arithmetic runs in fixed-size chunks, so tiles of different sizes give the same bytes.
     g = torch.Generator().manual_seed(3)
     tensors = {f"layers.{i}.proj.weight": torch.randn(2048, 512, generator=g).to(torch.bfloat16) for i in range(2)}
-    write_base(tmp_path / "base", tensors, shards=2)
+    write_model(tmp_path / "base", tensors, shards=2)
     adapter = {}
     for i in range(2):
         adapter.update(lora_pair(f"layers.{i}.proj", 2048, 512, r=8, seed=i))

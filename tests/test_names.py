@@ -13,10 +13,9 @@ import sys
 
 import pytest
 import torch
-from builders import INDEX_NAME, shard_files
-from safetensors.torch import load_file, save_file
-from tiny_models import sha256
-from vlm_models import build_vlm, make_vlm_adapter
+from helpers.models import INDEX_NAME, add_tensor, load_tensors, sha256, shard_files
+from helpers.plans import run_cli, write_plan
+from helpers.vlm import build_vlm, make_vlm_adapter
 
 import shardmerge
 from shardmerge import names
@@ -167,18 +166,10 @@ def test_a_name_the_renames_send_to_two_stored_tensors_is_refused_in_one_line(ll
     # the same weight also stored in the layout transformers 5.10-5.23 wrote for some models
     stored, duplicate = ("language_model.model.layers.0.self_attn.q_proj.weight",
                          "model.language_model.model.layers.0.self_attn.q_proj.weight")  # fmt: skip
-    index = json.loads((base / INDEX_NAME).read_text())
-    shard = index["weight_map"][stored]
-    tensors = load_file(str(base / shard))
-    save_file({**tensors, duplicate: tensors[stored].clone()}, str(base / shard), metadata={"format": "pt"})
-    index["weight_map"][duplicate] = shard
-    (base / INDEX_NAME).write_text(json.dumps(index))
+    add_tensor(base, duplicate, load_tensors(base)[stored].clone(), beside=stored)
     before = {p.name: sha256(p) for p in [*base.iterdir(), *adapter.iterdir()]}
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(json.dumps({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"),
-                                "device": "cpu"}))  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "shardmerge", str(plan)], capture_output=True, text=True,
-                            timeout=300, check=False)  # fmt: skip
+    plan = write_plan(tmp_path / "plan.yaml", base=base, adapters=[adapter], output=tmp_path / "out", device="cpu")
+    result = run_cli(plan, process=True, timeout=300)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.adapters import write_adapter
+from helpers.models import write_model
+from helpers.plans import write_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -71,7 +73,7 @@ def client(server):
     return boto3.client("s3")
 
 
-def write_model(directory: Path) -> Path:
+def s3_model(directory: Path) -> Path:
     """A bf16 Llama-shaped base in two ~19 MiB shards: 12 MiB embeddings and lm_head (untouched, with the
     norm and down_proj after them: server-side copies), merged projections, small norms between them."""
     g = torch.Generator().manual_seed(0)
@@ -86,19 +88,13 @@ def write_model(directory: Path) -> Path:
         shard[f"model.layers.{i}.mlp.down_proj.weight"] = randn(HIDDEN, INTER)
         shard[f"model.layers.{i}.input_layernorm.weight"] = 1 + randn(HIDDEN)
     shards[1]["model.norm.weight"] = 1 + randn(HIDDEN)
-    directory.mkdir(parents=True)
-    weight_map = {}
-    for n, tensors in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-00002.safetensors"
-        save_file(tensors, str(directory / name), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(tensors, name)
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
-    return directory
+    tensors = {name: t for shard in shards for name, t in shard.items()}
+    config = {"model_type": "llama", "tie_word_embeddings": False}
+    files = {"tokenizer_config.json": {"model_max_length": 128}}
+    return write_model(directory, tensors, [list(shard) for shard in shards], config, files)
 
 
-def write_adapter(directory: Path) -> Path:
+def s3_adapter(directory: Path) -> Path:
     g = torch.Generator().manual_seed(1)
     lora = {}
     for i in range(2):
@@ -106,12 +102,7 @@ def write_adapter(directory: Path) -> Path:
             key = f"base_model.model.model.layers.{i}.{target}"
             lora[f"{key}.lora_A.weight"] = torch.randn(8, HIDDEN, generator=g) * 0.1
             lora[f"{key}.lora_B.weight"] = torch.randn(out, 8, generator=g) * 0.1
-    directory.mkdir(parents=True)
-    save_file(lora, str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "up_proj"]})
-    )
-    return directory
+    return write_adapter(directory, lora, r=8, lora_alpha=16, target_modules=["q_proj", "up_proj"])
 
 
 def files(directory: Path) -> dict[str, bytes]:
@@ -141,7 +132,7 @@ def assert_same_as_local(got: dict[str, bytes], reference: dict[str, bytes]) -> 
 @pytest.fixture(scope="module")
 def inputs(server, client, tmp_path_factory):
     root = tmp_path_factory.mktemp("s3")
-    base, adapter = write_model(root / "base"), write_adapter(root / "adapter")
+    base, adapter = s3_model(root / "base"), s3_adapter(root / "adapter")
     for directory, prefix in ((base, "base"), (adapter, "adapter")):
         for path in directory.iterdir():
             client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
@@ -227,7 +218,7 @@ def test_rerun_over_a_finished_s3_output_does_nothing(inputs, client, calls):
     assert not [op for op, _ in calls if op in ("upload_part", "upload_part_copy", "put_object")]
 
 
-def _killed_while_uploading(plan: Path, at: int) -> int:
+def _killed_while_uploading(plan: str | Path, at: int) -> int:
     """Fork; the child runs the CLI and SIGKILLs itself once its `at`-th part upload is done."""
     pid = os.fork()
     if pid == 0:
@@ -257,17 +248,7 @@ def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_
     inputs, client, calls, tmp_path
 ):
     output = "killed"
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        json.dumps(
-            {
-                "base": f"s3://{BUCKET}/base",
-                "adapters": [f"s3://{BUCKET}/adapter"],
-                "output": f"s3://{BUCKET}/{output}",
-                "device": "cpu",
-            }
-        )
-    )
+    plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}")
     status = _killed_while_uploading(plan, at=2)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert MANIFEST not in objects(client, output)
@@ -288,18 +269,7 @@ def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_
 
 def test_overwriting_an_s3_output_of_another_plan_aborts_its_abandoned_uploads(inputs, client, tmp_path):
     output = "replaced"
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        json.dumps(
-            {
-                "base": f"s3://{BUCKET}/base",
-                "adapters": [f"s3://{BUCKET}/adapter"],
-                "output": f"s3://{BUCKET}/{output}",
-                "device": "cpu",
-                "dtype": "float16",
-            }
-        )
-    )
+    plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}", dtype="float16")
     _killed_while_uploading(plan, at=2)
     assert open_uploads(client)
     shardmerge.merge(
@@ -322,12 +292,10 @@ def one_error_line(capsys, argv: list[str]) -> str:
     return err
 
 
-def _plan(tmp_path: Path, base: str, output: str) -> str:
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        json.dumps({"base": base, "adapters": [f"s3://{BUCKET}/adapter"], "output": output, "device": "cpu"})
-    )
-    return str(plan)
+def _plan(tmp_path: Path, base: str, output: str, **options) -> str:
+    """plan.yaml merging the uploaded adapter into `base`."""
+    adapters = [f"s3://{BUCKET}/adapter"]
+    return str(write_plan(tmp_path / "plan.yaml", base=base, adapters=adapters, output=output, device="cpu", **options))
 
 
 def test_missing_bucket_is_one_line_naming_it(inputs, tmp_path, capsys):
@@ -488,11 +456,6 @@ def test_untouched_ranges_of_at_least_twice_the_minimum_are_copied_server_side()
     assert copied == 20 * MiB - (s3_store.MIN_PART - 1000)  # the header's part borrows what it lacks
 
 
-def _write(path: Path, plan: dict) -> Path:
-    path.write_text(json.dumps(plan))
-    return path
-
-
 def test_planning_reads_only_the_base_shards_headers(inputs, tmp_path, calls):
     """--dry-run from s3://: every GET of a base shard lies inside its header."""
     from shardmerge.safetensors_io import read_header
@@ -504,7 +467,7 @@ def test_planning_reads_only_the_base_shards_headers(inputs, tmp_path, calls):
         "output": f"s3://{BUCKET}/dry",
         "device": "cpu",
     }
-    assert cli_main([str(_write(tmp_path / "plan.yaml", plan)), "--dry-run"]) == 0
+    assert cli_main([str(write_plan(tmp_path / "plan.yaml", **plan)), "--dry-run"]) == 0
     gets = [(kw["Key"], _range_end(kw["Range"])) for op, kw in calls if op == "get_object" and kw["Key"] in header_ends]
     assert {key for key, _ in gets} == set(header_ends)
     assert all(end < header_ends[key] for key, end in gets), gets

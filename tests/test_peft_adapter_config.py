@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import INDEX_NAME, assert_same_model, build_base, make_adapter, peft_merged, resolve_adapter_dir, run_cli
+from helpers.adapters import make_adapter, resolve_adapter_dir
+from helpers.models import INDEX_NAME, build_base, tree_hashes
+from helpers.plans import run_cli, write_plan
+from helpers.reference import assert_same_model, peft_merged
 from safetensors.torch import load_file, save_file
-from tiny_models import tree_hashes
 
 import shardmerge
 
@@ -53,15 +55,12 @@ def _merge(tmp_path: Path, base: Path, *adapters: Path) -> Path:
 def _assert_refused(tmp_path: Path, base: Path, adapters: list[Path], *needles: str) -> None:
     before = tree_hashes(base, *adapters)
     out = tmp_path / "refused"
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps({"base": str(base), "adapters": [str(a) for a in adapters], "output": str(out), "device": "cpu"})
-    )
-    rc, stderr = run_cli(plan, "-q")
-    assert rc != 0
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
+    plan = write_plan(tmp_path / "plan.yaml", base=base, adapters=adapters, output=out, device="cpu")
+    result = run_cli(plan, "-q")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert not (out / INDEX_NAME).exists() and not (out / "shardmerge-manifest.json").exists()

@@ -4,19 +4,19 @@ the logits); into a causal-LM base, which has no head, they are refused naming t
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from builders import assert_same_model, build_base, run_cli, tiny_config
-from tiny_models import tree_hashes
+from helpers.adapters import make_adapter
+from helpers.models import build_base, tiny_config, tree_hashes
+from helpers.plans import run_cli, write_plan
+from helpers.reference import assert_same_model, peft_merged
 
 import shardmerge
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType
     from transformers import AutoModelForSequenceClassification
 
     root = tmp_path_factory.mktemp("cls")
@@ -24,20 +24,14 @@ def classifier(tmp_path_factory):
     config.num_labels = 3
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(str(root / "base"), max_shard_size="20KB")
-    model = get_peft_model(
-        AutoModelForSequenceClassification.from_pretrained(str(root / "base")),
-        LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"]),
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"])
+    make_adapter(
+        root / "base", root / "adapter", lora, dtype=torch.float32, auto_class=AutoModelForSequenceClassification
     )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(str(root / "adapter"))
     return root
 
 
 def test_classification_adapter_on_a_classification_base_merges_as_peft(classifier, tmp_path):
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "out"
@@ -49,34 +43,20 @@ def test_classification_adapter_on_a_classification_base_merges_as_peft(classifi
             "device": "cpu",
         }
     )
-    reference = (
-        PeftModel.from_pretrained(
-            AutoModelForSequenceClassification.from_pretrained(str(classifier / "base")), str(classifier / "adapter")
-        )
-        .merge_and_unload()
-        .eval()
-    )
+    reference = peft_merged(classifier / "base", [classifier / "adapter"], AutoModelForSequenceClassification)
     assert_same_model(out, reference, AutoModelForSequenceClassification)
 
 
 def test_classification_adapter_on_a_causal_lm_base_is_refused_naming_the_head_and_class(classifier, tmp_path):
     base = build_base(tmp_path / "causal", "llama", torch.float32)
     before = tree_hashes(base, classifier / "adapter")
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps(
-            {
-                "base": str(base),
-                "adapters": [str(classifier / "adapter")],
-                "output": str(tmp_path / "out"),
-                "device": "cpu",
-            }
-        )
+    plan = write_plan(
+        tmp_path / "plan.yaml", base=base, adapters=[classifier / "adapter"], output=tmp_path / "out", device="cpu"
     )
-    rc, stderr = run_cli(plan, "-q")
-    assert rc != 0 and "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
+    result = run_cli(plan, "-q")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
     assert "'score'" in lines[0] and "LlamaForSequenceClassification" in lines[0] and "num_labels=3" in lines[0]
     assert not (tmp_path / "out" / "shardmerge-manifest.json").exists()
     assert tree_hashes(base, classifier / "adapter") == before

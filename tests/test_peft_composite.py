@@ -11,7 +11,9 @@ import shutil
 
 import pytest
 import torch
-from builders import assert_same_model, build_base, load_tensors, make_adapter, peft_merged, tensor_bytes
+from helpers.adapters import make_adapter
+from helpers.models import build_base, load_tensors, randomize, tensor_bytes
+from helpers.reference import assert_same_model, peft_merged
 
 import shardmerge
 
@@ -56,14 +58,6 @@ def _g():
     return torch.Generator().manual_seed(7)
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(noise * 0.05 if p.ndim >= 2 else 1 + 0.1 * noise)
-
-
 def _logits(model, inputs):
     decoder_input_ids = torch.randint(3, 96, (2, 5), generator=_g())
     with torch.no_grad():
@@ -74,28 +68,17 @@ def _logits(model, inputs):
     "build", [_vision_encoder_decoder, _encoder_decoder], ids=["vision-encoder-decoder", "encoder-decoder"]
 )
 def test_gpt2_decoder_in_a_composite_model_merges_as_peft(tmp_path, build):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig
 
     model, inputs = build()
-    _randomize(model)
+    randomize(model, seed=0)
     model.save_pretrained(str(tmp_path / "base"), max_shard_size="40KB")
     assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
     cls = type(model)
     # square layers on both sides: decoder attn.c_proj (Conv1D, 32x32) and the encoder's query/value (Linear, 32x32)
-    peft_model = get_peft_model(
-        cls.from_pretrained(str(tmp_path / "base")),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj", "query", "value"]),
-    )
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=_g()) * 0.2)
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
-    reference = (
-        PeftModel.from_pretrained(cls.from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
-        .merge_and_unload()
-        .eval()
-    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj", "query", "value"])
+    make_adapter(tmp_path / "base", tmp_path / "adapter", lora, dtype=torch.float32, std=0.2, auto_class=cls)
+    reference = peft_merged(tmp_path / "base", [tmp_path / "adapter"], cls)
 
     shardmerge.merge(
         {

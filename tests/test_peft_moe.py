@@ -10,79 +10,18 @@ Llama 4), with an adapter on attention projections and on both expert parameters
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from builders import (
-    INDEX_NAME,
-    _randomize_base,
-    input_ids,
-    load_tensors,
-    shard_files,
-    tensor_bytes,
-)
+from helpers.adapters import write_adapter
+from helpers.models import INDEX_NAME, load_tensors, quiet, shard_files, tensor_bytes
+from helpers.moe import build_moe_base, make_moe_adapter
+from helpers.plans import write_plan
+from helpers.reference import input_ids, peft_model
 
 import shardmerge
-
-EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
-COMMON = {
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "head_dim": 8,
-    "tie_word_embeddings": False,
-}
-
-
-def moe_config(family: str):
-    """Every token routed to every expert (top-k = E): a bf16 rounding difference then cannot flip a routing
-    choice, so logits compare continuously."""
-    from transformers import (
-        GptOssConfig,
-        Llama4TextConfig,
-        MixtralConfig,
-        Qwen3MoeConfig,
-    )
-
-    if family == "qwen3_moe":  # gate_up (E, 48, 32), down (E, 32, 24): the shapes decide the orientation
-        return Qwen3MoeConfig(
-            **COMMON,
-            intermediate_size=64,
-            moe_intermediate_size=24,
-            num_experts=4,
-            num_experts_per_tok=4,
-            norm_topk_prob=True,
-        )
-    if family == "mixtral":
-        return MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=4)
-    if family == "gpt_oss":  # down_proj (E, 32, 32) is square: only the PEFT version decides it
-        return GptOssConfig(
-            **COMMON,
-            intermediate_size=32,
-            num_local_experts=4,
-            num_experts_per_tok=4,
-            layer_types=["sliding_attention", "full_attention"],
-            sliding_window=16,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        )
-    if family == "llama4":
-        return Llama4TextConfig(
-            **COMMON,
-            intermediate_size=24,
-            intermediate_size_mlp=48,
-            num_local_experts=4,
-            num_experts_per_tok=4,
-            interleave_moe_layer_step=1,
-            no_rope_layers=[1, 1],
-            attn_temperature_tuning=False,
-        )
-    raise ValueError(family)
 
 
 @dataclass(frozen=True)
@@ -110,41 +49,6 @@ CASES = [
 CASES_BY_ID = {c.id: c for c in CASES}
 
 
-def _quiet():
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
-def build_moe_base(directory: Path, family: str, max_shard_size: str = "20KB", config=None) -> Path:
-    _quiet()
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config or moe_config(family), dtype=torch.float32)
-    _randomize_base(model, seed=0)
-    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size=max_shard_size)
-    return directory
-
-
-def build_moe_adapter(base: Path, directory: Path, seed: int, **lora) -> Path:
-    """An adapter on q_proj/v_proj and both expert parameters, every LoRA tensor random (none zero)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    config = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERT_PARAMS}
-    peft_model = get_peft_model(model, LoraConfig(**{**config, **lora}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    peft_model.save_pretrained(directory)
-    return directory
-
-
 @dataclass
 class Reference:
     params: dict[str, torch.Tensor]  # PEFT's merged model, module names
@@ -166,8 +70,7 @@ def _param_delta64(module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def peft_moe_reference(base: Path, adapters: list[Path], weights: tuple[float, ...]) -> Reference:
-    _quiet()
-    from peft import PeftModel
+    quiet()
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear, ParamWrapper
     from transformers import AutoModelForCausalLM
@@ -175,13 +78,8 @@ def peft_moe_reference(base: Path, adapters: list[Path], weights: tuple[float, .
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         base_logits = base_model(input_ids()).logits.float()
-    names = [f"a{i}" for i in range(len(adapters))]
-    pm = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapters[0], adapter_name=names[0]
-    )
-    for name, path in zip(names[1:], adapters[1:]):
-        pm.load_adapter(path, adapter_name=name)
-    pm.base_model.set_adapter(names)
+    pm = peft_model(base, adapters, dtype=torch.bfloat16)
+    names = list(pm.peft_config)
     exact, mag = {}, {}
     for path, module in pm.named_modules():
         if not isinstance(module, LoraLayer):
@@ -230,7 +128,7 @@ def built(request, tmp_path_factory) -> Built:
         root = tmp_path_factory.mktemp(case.id)
         base = build_moe_base(root / "base", case.family, case.max_shard_size)
         adapters = [
-            build_moe_adapter(base, root / f"adapter{i}", seed=1 + i, **case.lora) for i in range(len(case.weights))
+            make_moe_adapter(base, root / f"adapter{i}", seed=1 + i, **case.lora) for i in range(len(case.weights))
         ]
         ref = peft_moe_reference(base, adapters, case.weights)
         report = shardmerge.merge(
@@ -356,7 +254,7 @@ def test_a_layer_whose_experts_span_two_shards_is_a_real_case(built: Built):
 
 def _gpt_oss_without_version(tmp_path) -> tuple[Path, Path]:
     base = build_moe_base(tmp_path / "base", "gpt_oss")
-    adapter = build_moe_adapter(base, tmp_path / "adapter", seed=3)
+    adapter = make_moe_adapter(base, tmp_path / "adapter", seed=3)
     config = json.loads((adapter / "adapter_config.json").read_text())
     del config["peft_version"]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -365,10 +263,7 @@ def _gpt_oss_without_version(tmp_path) -> tuple[Path, Path]:
 
 def test_square_experts_without_peft_version_are_refused_as_ambiguous(tmp_path, capsys):
     base, adapter = _gpt_oss_without_version(tmp_path)
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu"})
-    )
+    plan = write_plan(tmp_path / "plan.yaml", base=base, adapters=[adapter], output=tmp_path / "out", device="cpu")
     from shardmerge.cli import main
 
     assert main([str(plan)]) != 0
@@ -403,8 +298,6 @@ def test_peft_version_in_the_plan_resolves_square_experts(tmp_path):
 
 
 def test_per_expert_adapter_of_the_transformers_4_era_merges_into_per_expert_tensors(tmp_path):
-    from safetensors.torch import save_file
-
     base = build_moe_base(tmp_path / "base", "qwen3_moe")
     stored = load_tensors(base)
     g = torch.Generator().manual_seed(5)
@@ -415,13 +308,8 @@ def test_per_expert_adapter_of_the_transformers_4_era_merges_into_per_expert_ten
             a, b = torch.randn(4, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 4, generator=g) * 0.2
             lora[f"base_model.model.{module}.lora_A.weight"], lora[f"base_model.model.{module}.lora_B.weight"] = a, b
             exact[name] = w.double() + 2.0 * (b.double() @ a.double())
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_file(lora, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(
-        json.dumps(
-            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj", "up_proj", "down_proj"]}
-        )
+    adapter = write_adapter(
+        tmp_path / "adapter", lora, r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]
     )
     shardmerge.merge({"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / "out"), "device": "cpu"})
     out = load_tensors(tmp_path / "out")
@@ -434,20 +322,17 @@ def test_per_expert_adapter_of_the_transformers_4_era_merges_into_per_expert_ten
 def test_unsloth_grouped_by_expert_lora_b_gives_the_same_merge(tmp_path):
     """The same factors with lora_B's columns grouped by expert (e*r + k) and `lora_B_layout` saying so merge
     to the same bytes as PEFT's rank-major packing (k*E + e)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     base = build_moe_base(tmp_path / "base", "mixtral")
-    peft_adapter = build_moe_adapter(base, tmp_path / "peft", seed=7)
+    peft_adapter = make_moe_adapter(base, tmp_path / "peft", seed=7)
     tensors = load_file(str(peft_adapter / "adapter_model.safetensors"))
     config = json.loads((peft_adapter / "adapter_config.json").read_text())
     experts = 4
     for key, t in tensors.items():
         if ".experts." in key and "lora_B" in key:  # columns k*E + e -> e*r + k
             tensors[key] = t.reshape(t.shape[0], config["r"], experts).transpose(1, 2).reshape(t.shape).contiguous()
-    unsloth = tmp_path / "unsloth"
-    unsloth.mkdir()
-    save_file(tensors, str(unsloth / "adapter_model.safetensors"))
-    (unsloth / "adapter_config.json").write_text(json.dumps({**config, "lora_B_layout": "grouped_by_expert"}))
+    unsloth = write_adapter(tmp_path / "unsloth", tensors, **config, lora_B_layout="grouped_by_expert")
     for name, adapter in (("a", peft_adapter), ("b", unsloth)):
         shardmerge.merge(
             {"base": str(base), "adapters": [str(adapter)], "output": str(tmp_path / name), "device": "cpu"}
@@ -461,17 +346,13 @@ def test_unsloth_grouped_by_expert_lora_b_gives_the_same_merge(tmp_path):
 def test_verify_recomputes_expert_tensors_from_the_inputs(built: Built, tmp_path):
     from shardmerge.cli import main
 
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps(
-            {
-                "base": str(built.base),
-                "output": str(built.output),
-                "device": "cpu",
-                "max_memory": built.case.max_memory,
-                "adapters": [{"path": str(a), "weight": w} for a, w in zip(built.adapters, built.case.weights)],
-            }
-        )
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        base=built.base,
+        output=built.output,
+        device="cpu",
+        max_memory=built.case.max_memory,
+        adapters=[{"path": a, "weight": w} for a, w in zip(built.adapters, built.case.weights)],
     )
     assert main(["verify", str(built.output), "--plan", str(plan), "--samples", "1000"]) == 0
 

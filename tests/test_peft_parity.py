@@ -21,21 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import (
-    DTYPES,
-    INDEX_NAME,
-    LLAMA_ALL_LINEAR,
-    PeftReference,
-    build_base,
-    float64_slack,
-    input_ids,
-    load_tensors,
-    make_adapter,
-    peft_reference,
-    rounding_tolerance,
-    shard_files,
-    tensor_bytes,
-)
+from helpers.adapters import make_adapter
+from helpers.models import DTYPES, INDEX_NAME, LLAMA_ALL_LINEAR, build_base, load_tensors, shard_files, tensor_bytes
+from helpers.reference import PeftReference, float64_slack, input_ids, peft_reference, rounding_tolerance
 
 import shardmerge
 
@@ -441,7 +429,7 @@ def test_adapter_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
     base = build_base(tmp_path / "base", "llama", torch.bfloat16)
     # same architecture and tensor names, but trained on a model with other projection sizes
     other = tmp_path / "other"
-    from builders import tiny_config
+    from helpers.models import tiny_config
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config("llama")

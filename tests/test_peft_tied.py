@@ -15,17 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import (
-    INDEX_NAME,
-    assert_same_model,
-    build_base,
-    load_tensors,
-    make_adapter,
-    peft_merged,
-    shard_files,
-    tensor_bytes,
-)
-from safetensors.torch import load_file, save_file
+from helpers.adapters import make_adapter
+from helpers.models import INDEX_NAME, add_tensor, build_base, load_tensors, shard_files, tensor_bytes
+from helpers.reference import assert_same_model, peft_merged
 
 import shardmerge
 
@@ -65,16 +57,8 @@ def _tied_base(tmp_path: Path) -> Path:
 
 def _store_head(tmp_path: Path, base: Path, offset: float) -> Path:
     """The tied base with lm_head.weight stored too, next to the embedding: equal to it, or `offset` away."""
-    both = tmp_path / f"base-both-{offset}"
-    shutil.copytree(base, both)
-    index = json.loads((both / INDEX_NAME).read_text())
-    shard = index["weight_map"][EMBED]
-    tensors = load_file(str(both / shard))
-    tensors[HEAD] = tensors[EMBED] + offset
-    save_file(tensors, str(both / shard), metadata={"format": "pt"})
-    index["weight_map"][HEAD] = shard
-    (both / INDEX_NAME).write_text(json.dumps(index))
-    return both
+    both = Path(shutil.copytree(base, tmp_path / f"base-both-{offset}"))
+    return add_tensor(both, HEAD, load_tensors(base)[EMBED] + offset, beside=EMBED)
 
 
 def _adapter(tmp_path: Path, base: Path, name: str = "adapter", seed: int = 1, **lora) -> Path:

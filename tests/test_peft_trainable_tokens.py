@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from helpers.adapters import make_adapter
+from helpers.reference import peft_merged
+from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,19 +24,9 @@ def test_trainable_tokens_replace_embedding_rows_as_peft(tmp_path, indices):
         tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"), max_shard_size="20KB")
-    peft_model = get_peft_model(
-        LlamaForCausalLM.from_pretrained(str(tmp_path / "base")),
-        LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices),
-    )
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name or "trainable_tokens" in name:
-            torch.nn.init.normal_(param, std=0.1)
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
-    reference = (
-        PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
-        .merge_and_unload()
-        .state_dict()
-    )
+    lora = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices)
+    make_adapter(tmp_path / "base", tmp_path / "adapter", lora, dtype=torch.float32, auto_class=LlamaForCausalLM)
+    reference = peft_merged(tmp_path / "base", [tmp_path / "adapter"], LlamaForCausalLM).state_dict()
 
     shardmerge.merge(
         {

@@ -10,14 +10,16 @@ logits on an image plus text.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from builders import INDEX_NAME, load_tensors, shard_files, tensor_bytes
+from helpers.adapters import write_adapter
+from helpers.models import INDEX_NAME, load_tensors, shard_files, tensor_bytes
+from helpers.vlm import TINY_VLMS, VLMReference, build_vlm, load_vlm, logits, make_vlm_adapter, peft_vlm_reference
 from safetensors import safe_open
-from vlm_models import TINY_VLMS, VLMReference, build_vlm, load_vlm, logits, make_vlm_adapter, peft_vlm_reference
 
 import shardmerge
 
@@ -129,12 +131,9 @@ CHECKPOINT_STYLE_PREFIXES = {
 
 
 def test_an_adapter_with_checkpoint_layout_names_merges_like_its_module_named_twin(built, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     family, b = built
-    old_style = tmp_path / "adapter"
-    old_style.mkdir()
-    (old_style / "adapter_config.json").write_bytes((b.adapter / "adapter_config.json").read_bytes())
     renamed = {}
     for key, tensor in load_file(str(b.adapter / "adapter_model.safetensors")).items():
         name = key.removeprefix("base_model.model.")
@@ -145,7 +144,8 @@ def test_an_adapter_with_checkpoint_layout_names_merges_like_its_module_named_tw
         else:
             raise AssertionError(f"{key}: no checkpoint-style prefix for it")
         renamed["base_model.model." + name] = tensor
-    save_file(renamed, str(old_style / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((b.adapter / "adapter_config.json").read_text())
+    old_style = write_adapter(tmp_path / "adapter", renamed, **config)
     merge(b.base, old_style, tmp_path / "merged")
     for shard in sorted(set(shard_files(b.base).values())):
         assert (tmp_path / "merged" / shard).read_bytes() == (b.output / shard).read_bytes(), shard

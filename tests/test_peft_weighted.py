@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import torch
-from builders import assert_same_model, build_base, make_adapter
+from helpers.adapters import make_adapter
+from helpers.models import build_base
+from helpers.reference import assert_same_model
 
 import shardmerge
 

@@ -1,5 +1,5 @@
 """Quantized bases: merged into their own format (dtype: keep) or dequantized to a float dtype, against the
-tests' float64 reference quantizers (tests/quant_models.py) and against PEFT and transformers."""
+tests' float64 reference quantizers (tests/helpers/quant.py) and against PEFT and transformers."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import _quiet, rounding_tolerance
-from quant_models import (
+from helpers.adapters import make_adapter, write_adapter
+from helpers.models import quiet, random_model, write_model
+from helpers.plans import write_plan
+from helpers.quant import (
     Format,
-    float_model,
     formats,
     mxfp4_dequantize,
     mxfp4_quantize,
@@ -21,6 +22,7 @@ from quant_models import (
     tiny_llama_config,
     write_quantized,
 )
+from helpers.reference import peft_merged, rounding_tolerance
 from safetensors.torch import load_file
 
 from shardmerge import ShardmergeError, merge
@@ -31,18 +33,11 @@ TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]  # gate_proj: ragged ro
 SCALING = 2.0  # lora_alpha 16 / r 8
 
 
-def make_adapter(model, directory: Path, std: float = 0.02, seed: int = 1) -> Path:
-    from peft import LoraConfig, get_peft_model
+def make_lora(model, directory: Path, std: float = 0.02) -> Path:
+    """A LoRA (r=8, alpha=16) on TARGETS of the model in memory, every LoRA tensor ~ N(0, std^2)."""
+    from peft import LoraConfig
 
-    _quiet()
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    peft_model.save_pretrained(str(directory))
-    return directory
+    return make_adapter(model, directory, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS), std=std)
 
 
 def deltas(adapter: Path) -> dict[str, torch.Tensor]:
@@ -68,11 +63,11 @@ class Case:
 
 def build_case(tmp_path: Path, fmt_key: str, std: float = 0.02, config=None) -> Case:
     config = config or tiny_llama_config()
-    model = float_model(config)
+    model = random_model(config)
     fmt = FORMATS[fmt_key]
     base = tmp_path / "base"
     tensors = write_quantized(base, model, fmt)
-    adapter = make_adapter(float_model(config), tmp_path / "adapter", std)
+    adapter = make_lora(random_model(config), tmp_path / "adapter", std)
     return Case(fmt, base, tensors, adapter, quantized_linears(model))
 
 
@@ -138,7 +133,6 @@ def test_keep_copies_untouched_quantized_tensors_and_config_byte_for_byte(tmp_pa
 def _peft_reference(config, tensors, fmt, adapter, modules) -> tuple[torch.Tensor, dict, dict]:
     """PEFT's merge into a bf16 model holding the dequantized base weights: logits, parameters, and the
     float64 bound |W| + |s| |B| @ |A| on what PEFT rounds, per parameter."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -155,7 +149,7 @@ def _peft_reference(config, tensors, fmt, adapter, modules) -> tuple[torch.Tenso
             module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
             b = lora[key.replace(".lora_A.", ".lora_B.")]
             mag[f"{module}.weight"] += SCALING * b.double().abs() @ a.double().abs()
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    merged = peft_merged(model, [adapter])
     with torch.no_grad():
         return merged(INPUT_IDS).logits.float(), merged.state_dict(), mag
 
@@ -211,16 +205,11 @@ def test_delta_survival_matches_a_direct_computation(tmp_path, dtype):
 
 
 def test_delta_survival_of_a_bf16_base_matches_a_direct_computation(tmp_path):
-    from safetensors.torch import save_file
-
     config = tiny_llama_config()
-    model = float_model(config)
-    base = tmp_path / "base"
-    base.mkdir()
+    model = random_model(config)
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
-    (base / "config.json").write_text(json.dumps(model.config.to_dict()))
-    adapter = make_adapter(float_model(config), tmp_path / "adapter", std=0.004)
+    base = write_model(tmp_path / "base", tensors, shards=1, config=model.config.to_dict())
+    adapter = make_lora(random_model(config), tmp_path / "adapter", std=0.004)
     report = run_merge(base, adapter, tmp_path / "out")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     for module, delta in deltas(adapter).items():
@@ -234,10 +223,7 @@ def test_rounded_away_deltas_warn_once_from_the_cli_and_never_from_the_library(t
     report = run_merge(c.base, c.adapter, tmp_path / "lib")
     assert capsys.readouterr().err == ""
     assert len(report.warnings) == 1 and "dtype: bfloat16" in report.warnings[0]
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "cli")})
-    )
+    plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "cli")
     assert main([str(plan), "--quiet", "--report-json", str(tmp_path / "report.json")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("shardmerge: warning:") and f"{len(TARGETS)} of {len(TARGETS)}" in err[0]
@@ -248,27 +234,15 @@ def test_rounded_away_deltas_warn_once_from_the_cli_and_never_from_the_library(t
 
 @pytest.mark.parametrize("fmt_key", ["fp8:bf16", "ct:tensor:f32"])  # block scales; one scale (a pre-pass)
 def test_a_quantized_tensor_larger_than_max_memory_merges_within_it(tmp_path, fmt_key):
-    from safetensors.torch import save_file
-
     fmt = FORMATS[fmt_key]
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16384, 1000, generator=g, dtype=torch.float64) * 0.05  # 16 MB of FP8, ragged columns
     tensors = fmt.quantize("layer.proj", w)
-    base = tmp_path / "base"
-    base.mkdir()
-    save_file(tensors, str(base / "model.safetensors"))
-    (base / "config.json").write_text(json.dumps({"quantization_config": fmt.config}))
+    base = write_model(tmp_path / "base", tensors, shards=1, config={"quantization_config": fmt.config})
     a = torch.randn(4, 1000, generator=g) * 0.05
     b = torch.randn(16384, 4, generator=g) * 0.05
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_file(
-        {"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b},
-        str(adapter / "adapter_model.safetensors"),
-    )
-    (adapter / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]})
-    )
+    lora = {"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b}
+    adapter = write_adapter(tmp_path / "adapter", lora, r=4, lora_alpha=8, target_modules=["proj"])
     budget = 14 * 2**20  # 8 MiB of fixed runtime overhead, 6 MiB for buffers
     report = run_merge(base, adapter, tmp_path / "out", max_memory=budget)
     assert tensors["layer.proj.weight"].numel() > budget and 0 < report.peak_budget_bytes <= budget
@@ -285,11 +259,8 @@ def test_verify_with_the_plan_accepts_quantized_outputs_and_catches_a_changed_co
     from shardmerge.verify import verify
 
     c = build_case(tmp_path, "fp8:bf16")
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        json.dumps(
-            {"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o"), "dtype": dtype}
-        )
+    plan = write_plan(
+        tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o", dtype=dtype
     )
     assert main([str(plan), "--quiet"]) == 0
     assert verify(str(tmp_path / "o"), plan=str(plan)) == []
@@ -330,10 +301,7 @@ def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, cap
     config = json.loads((c.base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": quant_method, "bits": 4}
     (c.base / "config.json").write_text(json.dumps(config))
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        json.dumps({"base": str(c.base), "adapters": [{"path": str(c.adapter)}], "output": str(tmp_path / "o")})
-    )
+    plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o")
     assert main([str(plan), "--quiet"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0]
@@ -342,35 +310,20 @@ def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, cap
 
 def test_mxfp4_experts_dequantize_to_the_float_layout(tmp_path):
     """gpt-oss stores experts as MXFP4 blocks (E, out, in/32, 16); a float output stores (E, in, out)."""
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 96, 64, generator=g, dtype=torch.float64)  # (E, out, in)
     blocks, scales = mxfp4_quantize(w)
-    base = tmp_path / "base"
-    base.mkdir()
     prefix = "model.layers.0.mlp.experts.gate_up_proj"
     dense = torch.randn(64, 64, generator=g).to(torch.bfloat16)
-    save_file(
-        {f"{prefix}_blocks": blocks, f"{prefix}_scales": scales, "model.layers.0.self_attn.q_proj.weight": dense},
-        str(base / "model.safetensors"),
-    )
-    (base / "config.json").write_text(
-        json.dumps({"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn"]}})
-    )
+    tensors = {f"{prefix}_blocks": blocks, f"{prefix}_scales": scales, "model.layers.0.self_attn.q_proj.weight": dense}
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn"]}
+    base = write_model(tmp_path / "base", tensors, shards=1, config={"quantization_config": quantization})
     a, b = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_file(
-        {
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
-        },
-        str(adapter / "adapter_model.safetensors"),
-    )
-    (adapter / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]})
-    )
+    lora = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
+    }
+    adapter = write_adapter(tmp_path / "adapter", lora, r=2, lora_alpha=2)
     run_merge(base, adapter, tmp_path / "out", dtype="bfloat16")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert sorted(out) == [prefix, "model.layers.0.self_attn.q_proj.weight"]
@@ -415,7 +368,7 @@ def _codec_weight(codec, shape, scale_shape, scale_dtype, codes_dtype="F8_E4M3")
 
 @pytest.mark.parametrize("scale_dtype", ["U8", "F8_E8M0"])
 def test_ue8m0_scales_stored_as_bytes_or_e8m0_requantize_to_powers_of_two_in_tiles(scale_dtype):
-    from quant_models import fp8_dequantize, fp8_quantize
+    from helpers.quant import fp8_dequantize, fp8_quantize
 
     from shardmerge.formats.fp8 import BlockFP8
 
@@ -487,7 +440,7 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    _quiet()
+    quiet()
     model = _tiny_gpt_oss()
     base = tmp_path / "base"
     model.save_pretrained(str(base))
@@ -510,7 +463,7 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(
         str(base), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
     ).state_dict()
-    adapter = make_adapter(_tiny_gpt_oss(), tmp_path / "adapter")
+    adapter = make_lora(_tiny_gpt_oss(), tmp_path / "adapter")
     run_merge(base, adapter, tmp_path / "out", dtype="bfloat16")
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.bfloat16).state_dict()
     experts = [n for n in loaded if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
@@ -520,10 +473,10 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
 
 
 def test_expert_lora_into_quantized_experts_is_refused_naming_the_tensor(tmp_path):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from safetensors.torch import save_file
 
-    _quiet()
+    quiet()
     model = _tiny_gpt_oss()
     base = tmp_path / "base"
     model.save_pretrained(str(base))
@@ -534,10 +487,8 @@ def test_expert_lora_into_quantized_experts_is_refused_naming_the_tensor(tmp_pat
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     (base / "config.json").write_text(json.dumps(config))
-    peft_model = get_peft_model(
-        _tiny_gpt_oss(), LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
-    )
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    lora = LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    make_adapter(_tiny_gpt_oss(), tmp_path / "adapter", lora)
     with pytest.raises(ShardmergeError, match=f"'{name}' is U8.*merging into quantized weights is not supported"):
         run_merge(base, tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()

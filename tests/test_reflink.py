@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 import torch
-from synth import lora_pair, tiny_llama, write_adapter, write_base
+from helpers.adapters import lora_pair, q_proj_case, write_adapter
+from helpers.models import write_model
 
 import shardmerge
 
@@ -57,7 +58,7 @@ def attention_model(directory, layers: int = 8, hidden: int = 1024, mlp: int = 2
         tensors[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
         for proj, out in (("q_proj", hidden), ("v_proj", hidden // 4)):
             adapter.update(lora_pair(p + "self_attn." + proj, out, hidden, r=8, seed=i))
-    write_base(directory / "base", tensors, shards=3)
+    write_model(directory / "base", tensors, shards=3)
     write_adapter(directory / "adapter", adapter, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     merged = sum(t.numel() * 2 for n, t in tensors.items() if "q_proj" in n or "v_proj" in n)
     return sum(t.numel() * 2 for t in tensors.values()), merged
@@ -89,7 +90,7 @@ def pad_header(path, data_start: int) -> None:
 def test_kept_layout_keeps_each_base_shards_data_start_and_resharding_does_not(tmp_path):
     from shardmerge.safetensors_io import read_header
 
-    base, adapter = tiny_llama(tmp_path)
+    base, adapter = q_proj_case(tmp_path)
     shards = sorted(base.glob("*.safetensors"))
     pad_header(shards[0], 4096 + 64)
     plan = {"base": str(base), "adapters": [str(adapter)], "device": "cpu"}

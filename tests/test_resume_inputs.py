@@ -13,16 +13,18 @@ import signal
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
+from helpers import models
+from helpers.adapters import write_tiny_adapter
+from helpers.plans import run_cli, write_plan
 from safetensors import safe_open
-from test_crash_safety import killed_run, run_cli
+from test_crash_safety import killed_run
 
 
 @pytest.fixture
 def inputs(tmp_path):
-    base = tm.write_base(tmp_path / "base")
-    adapter = tm.write_adapter(tmp_path / "adapter")
+    base = models.write_tiny_base(tmp_path / "base")
+    adapter = write_tiny_adapter(tmp_path / "adapter")
     return base, adapter
 
 
@@ -39,17 +41,20 @@ def _rewrite_in_place(path: Path, factor: float = 1.5) -> None:
             f.write((tensor.float() * factor).to(tensor.dtype).contiguous().view(torch.uint8).numpy().tobytes())
 
 
+def _plan(path: Path, base: Path, adapter: Path, output: Path) -> Path:
+    return write_plan(path, base=base, adapters=[adapter], output=output, **models.TINY_OPTIONS)
+
+
 def _reference(tmp_path: Path, base: Path, adapter: Path) -> dict[str, bytes]:
     """An uninterrupted merge of the inputs as they are now."""
-    plan = tm.write_plan(tmp_path / "reference.yaml", base, adapter, tmp_path / "reference")
-    rc, err = run_cli(plan)
-    assert rc == 0, err
-    return tm.tree_bytes(tmp_path / "reference")
+    result = run_cli(_plan(tmp_path / "reference.yaml", base, adapter, tmp_path / "reference"), "-q")
+    assert result.returncode == 0, result.stderr
+    return models.tree_bytes(tmp_path / "reference")
 
 
 def _killed_after_first_shard(tmp_path: Path, base: Path, adapter: Path) -> tuple[Path, Path]:
     out = tmp_path / "out"
-    plan = tm.write_plan(tmp_path / "plan.yaml", base, adapter, out)
+    plan = _plan(tmp_path / "plan.yaml", base, adapter, out)
     status = killed_run(plan, "journal", 1, after=True)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert len(list(out.glob("*.safetensors"))) == 1, "one finished shard"
@@ -73,10 +78,10 @@ def test_input_rewritten_under_the_same_header_after_a_kill_is_redone_not_kept(t
     ino = changed.stat().st_ino
     _rewrite_in_place(changed)
     assert changed.stat().st_ino == ino
-    rc, err = run_cli(plan)
-    assert rc == 0, err
-    assert str(changed) in err and "redoing" in err
-    tm.assert_same_tree(out, _reference(tmp_path, base, adapter), f"resume after {which} changed")
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0, result.stderr
+    assert str(changed) in result.stderr and "redoing" in result.stderr
+    models.assert_same_tree(out, _reference(tmp_path, base, adapter), f"resume after {which} changed")
 
 
 def test_resume_with_unchanged_inputs_keeps_the_finished_shard(tmp_path, inputs):
@@ -84,20 +89,20 @@ def test_resume_with_unchanged_inputs_keeps_the_finished_shard(tmp_path, inputs)
     plan, out = _killed_after_first_shard(tmp_path, base, adapter)
     finished = next(out.glob("*.safetensors"))
     ino = finished.stat().st_ino
-    rc, err = run_cli(plan)
-    assert rc == 0 and "redoing" not in err, err
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0 and "redoing" not in result.stderr, result.stderr
     assert finished.stat().st_ino == ino, "the finished shard was kept, not rewritten"
 
 
 def test_finished_output_is_redone_where_an_input_changed_since(tmp_path, inputs):
     base, adapter = inputs
     out = tmp_path / "out"
-    plan = tm.write_plan(tmp_path / "plan.yaml", base, adapter, out)
-    assert run_cli(plan)[0] == 0
-    replaced = base / tm.shard_name(2)
+    plan = _plan(tmp_path / "plan.yaml", base, adapter, out)
+    assert run_cli(plan, "-q").returncode == 0
+    replaced = base / models.shard_name(2)
     shutil.copyfile(replaced, tmp_path / "copy")
     _rewrite_in_place(tmp_path / "copy", 0.5)
     os.replace(tmp_path / "copy", replaced)  # a re-download: a new file under the old name
-    rc, err = run_cli(plan)
-    assert rc == 0 and str(replaced) in err, err
-    tm.assert_same_tree(out, _reference(tmp_path, base, adapter), "re-run after the base changed")
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0 and str(replaced) in result.stderr, result.stderr
+    models.assert_same_tree(out, _reference(tmp_path, base, adapter), "re-run after the base changed")

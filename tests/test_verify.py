@@ -5,8 +5,6 @@ One finished merge of the test model is made per module; every test damages its 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -17,9 +15,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_models as tm  # noqa: E402
+from helpers import models  # noqa: E402
+from helpers.adapters import lora_pair, write_adapter, write_tiny_adapter  # noqa: E402
+from helpers.plans import run_cli, write_plan  # noqa: E402
 
-from shardmerge.cli import main as cli_main  # noqa: E402
 from shardmerge.safetensors_io import read_header  # noqa: E402
 from shardmerge.stores.local import file_checksum  # noqa: E402
 from shardmerge.verify import verify  # noqa: E402
@@ -32,11 +31,11 @@ COPIED = "lm_head.weight"  # a tensor the adapter does not touch
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
-    base = tm.write_base(root / "base")
-    adapter = tm.write_adapter(root / "adapter")
-    plan = tm.write_plan(root / "plan.yaml", base, adapter, root / "merged")
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        assert cli_main([str(plan), "-q"]) == 0, err.getvalue()
+    base = models.write_tiny_base(root / "base")
+    adapter = write_tiny_adapter(root / "adapter")
+    plan = write_plan(root / "plan.yaml", base=base, adapters=[adapter], output=root / "merged", **models.TINY_OPTIONS)
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0, result.stderr
     return {"out": root / "merged", "plan": plan}
 
 
@@ -46,18 +45,12 @@ def out(finished, tmp_path) -> Path:
     return Path(shutil.copytree(finished["out"], tmp_path / "merged"))
 
 
-def run_verify_cli(*args: str) -> tuple[int, str]:
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        rc = cli_main(["verify", *map(str, args)])
-    return rc, err.getvalue()
-
-
 def index(out: Path) -> dict:
-    return json.loads((out / tm.INDEX_NAME).read_text())
+    return json.loads((out / models.INDEX_NAME).read_text())
 
 
 def write_index(out: Path, value: dict) -> None:
-    (out / tm.INDEX_NAME).write_text(json.dumps(value, indent=2))
+    (out / models.INDEX_NAME).write_text(json.dumps(value, indent=2))
 
 
 def shard_of(out: Path, tensor: str) -> Path:
@@ -74,14 +67,7 @@ def only_problem(problems: list[str], *needles: str) -> str:
 
 # -- a good output --------------------------------------------------------------------------------------------
 def test_good_output_passes_verify_through_python_m_shardmerge(finished):
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardmerge", "verify", str(finished["out"])],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")),
-    )
+    proc = run_cli("verify", finished["out"], cwd=ROOT, process=True)  # python -m finds the package from ROOT
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -91,9 +77,9 @@ def test_good_output_passes_recomputation_of_every_merged_tensor(finished):
 
 
 def test_good_output_passes_verify_plan_through_cli(finished):
-    rc, err = run_verify_cli(finished["out"], "--plan", finished["plan"])
-    assert rc == 0, err
-    assert "OK" in err
+    result = run_cli("verify", finished["out"], "--plan", finished["plan"])
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stderr
 
 
 # -- damaged shards -------------------------------------------------------------------------------------------
@@ -110,10 +96,10 @@ def test_flipped_byte_fails_verify_cli_with_exit_1_and_a_count(out):
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x80
     shard.write_bytes(bytes(data))
-    rc, err = run_verify_cli(out)
-    assert rc == 1
-    assert shard.name in err and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == f"shardmerge: verify: 1 problem(s) in {out}"
+    result = run_cli("verify", out)
+    assert result.returncode == 1
+    assert shard.name in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"shardmerge: verify: 1 problem(s) in {out}"
 
 
 def test_truncated_shard_is_caught(out):
@@ -136,14 +122,14 @@ def test_stray_extra_shard_is_caught(out):
 
 
 def test_missing_manifest_means_unfinished(out):
-    (out / tm.MANIFEST_NAME).unlink()
-    only_problem(verify(str(out)), tm.MANIFEST_NAME, "did not finish")
+    (out / models.MANIFEST_NAME).unlink()
+    only_problem(verify(str(out)), models.MANIFEST_NAME, "did not finish")
 
 
 def test_missing_copied_config_file_is_caught(out):
     """The manifest records the base's other files it copied (config, tokenizer); without config.json the
     output no longer loads with transformers, so verify should say so."""
-    manifest = json.loads((out / tm.MANIFEST_NAME).read_text())
+    manifest = json.loads((out / models.MANIFEST_NAME).read_text())
     assert "config.json" in manifest["copied_files"]
     (out / "config.json").unlink()
     only_problem(verify(str(out)), "config.json")
@@ -156,26 +142,26 @@ def test_index_mapping_a_tensor_to_the_wrong_shard_is_caught(out):
     wrong = next(s for s in sorted(set(value["weight_map"].values())) if s != right)
     value["weight_map"][MERGED] = wrong
     write_index(out, value)
-    only_problem(verify(str(out)), tm.INDEX_NAME, MERGED, wrong)
+    only_problem(verify(str(out)), models.INDEX_NAME, MERGED, wrong)
 
 
 def test_index_with_wrong_total_size_is_caught(out):
     value = index(out)
     value["metadata"]["total_size"] += 2
     write_index(out, value)
-    only_problem(verify(str(out)), tm.INDEX_NAME, "total_size")
+    only_problem(verify(str(out)), models.INDEX_NAME, "total_size")
 
 
 def test_index_missing_a_tensor_is_caught(out):
     value = index(out)
     del value["weight_map"][MERGED]
     write_index(out, value)
-    only_problem(verify(str(out)), tm.INDEX_NAME, MERGED)
+    only_problem(verify(str(out)), models.INDEX_NAME, MERGED)
 
 
 def test_missing_index_is_caught(out):
-    (out / tm.INDEX_NAME).unlink()
-    only_problem(verify(str(out)), tm.INDEX_NAME)
+    (out / models.INDEX_NAME).unlink()
+    only_problem(verify(str(out)), models.INDEX_NAME)
 
 
 # -- recomputation catches what checksums cannot -----------------------------------------------------------------
@@ -184,7 +170,7 @@ def alter_consistently(out: Path, tensors: list[str]) -> None:
     so that only a recomputation from the inputs can tell."""
     import torch
 
-    manifest = json.loads((out / tm.MANIFEST_NAME).read_text())
+    manifest = json.loads((out / models.MANIFEST_NAME).read_text())
     for name in tensors:
         shard = shard_of(out, name)
         info = read_header(shard).tensors[name]
@@ -194,15 +180,15 @@ def alter_consistently(out: Path, tensors: list[str]) -> None:
         data[info.offset : info.offset + info.nbytes] = values.view(torch.uint8).numpy().tobytes()
         shard.write_bytes(bytes(data))
         manifest["shards"][shard.name]["xxh3_128"] = file_checksum(shard)
-    (out / tm.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    (out / models.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
 
 def test_consistently_altered_tensor_passes_checksums_but_fails_recomputation(out, finished):
     alter_consistently(out, [MERGED])
     assert verify(str(out)) == [], "the alteration should be invisible to the manifest checks"
-    rc, err = run_verify_cli(out, "--plan", finished["plan"], "--samples", "1000")
-    assert rc == 1
-    assert MERGED in err and shard_of(out, MERGED).name in err and "recomputation" in err
+    result = run_cli("verify", out, "--plan", finished["plan"], "--samples", "1000")
+    assert result.returncode == 1
+    assert MERGED in result.stderr and shard_of(out, MERGED).name in result.stderr and "recomputation" in result.stderr
 
 
 def test_default_sample_of_recomputation_catches_altered_merged_tensors(out, finished):
@@ -215,11 +201,10 @@ def test_default_sample_of_recomputation_catches_altered_merged_tensors(out, fin
 
 def test_verify_plan_recomputes_a_tensor_four_times_its_budget_within_the_budget(tmp_path):
     import torch
-    from synth import lora_pair, write_adapter, write_base, write_plan
 
     g = torch.Generator().manual_seed(5)
     rows, cols, budget = 8192, 4096, 16 * 2**20  # 64 MiB in bf16 (256 MiB in float64): 4x the budget
-    write_base(
+    models.write_model(
         tmp_path / "base",
         {"big.proj.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16), "small.weight": torch.ones(8)},
         shards=2,
@@ -228,7 +213,7 @@ def test_verify_plan_recomputes_a_tensor_four_times_its_budget_within_the_budget
         tmp_path / "adapter", lora_pair("big.proj", rows, cols, r=8), r=8, lora_alpha=16, target_modules=["proj"]
     )
     plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="256MiB")
-    assert subprocess.run([sys.executable, "-m", "shardmerge", str(plan), "-q"]).returncode == 0
+    assert run_cli(plan, "-q", process=True).returncode == 0
 
     def peak_rss(*args: str) -> tuple[int, int]:
         proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -4,20 +4,20 @@ downloaded), saved in the Hub's layout, with PEFT adapters and PEFT's own merge 
 The Hub layout differs from the module layout: LLaVA-family checkpoints keep `language_model.model.layers...`
 and `vision_tower.vision_model.encoder...` where the loaded model has `model.language_model.layers...` and
 `model.vision_tower.encoder...`; Qwen2-VL keeps `model.layers...` and `visual...`. save_pretrained writes it
-by reverting the model's conversion mapping; a model built from a config (not loaded from the Hub) would skip
-the reverting of prefix changes (`vision_model.`), so the builder hands save_pretrained the conversions
-from_pretrained would have recorded for a Hub checkpoint.
+by reverting the model's conversion mapping (models.build_base's hub_layout).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from builders import INDEX_NAME, _quiet, _randomize_base
+
+from helpers import reference
+from helpers.adapters import make_adapter
+from helpers.models import build_base, quiet
 
 _TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
@@ -117,43 +117,28 @@ TINY_VLMS = {
 
 
 def load_vlm(path: str | Path, dtype: torch.dtype):
-    _quiet()
+    quiet()
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).eval()
 
 
 def build_vlm(out_dir: str | Path, family: str, dtype: torch.dtype, *, seed: int = 0) -> Path:
-    """A tiny random VLM saved in several shards in the Hub's layout; returns its directory."""
-    _quiet()
+    """A tiny random VLM saved in three or more shards in the Hub's layout; returns its directory."""
     from transformers import AutoModelForImageTextToText
-    from transformers.conversion_mapping import get_model_conversion_mapping
 
-    out = Path(out_dir)
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(TINY_VLMS[family].config(), dtype=torch.float32)
-    _randomize_base(model, seed)
-    model = model.to(dtype)
-    model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)  # as from the Hub
-    model.save_pretrained(out, max_shard_size="20KB")
-    shards = set(json.loads((out / INDEX_NAME).read_text())["weight_map"].values())
-    assert len(shards) > 2, f"{out} has only {len(shards)} shards"
-    return out
+    config = TINY_VLMS[family].config()
+    return build_base(out_dir, config, dtype, seed=seed, auto_class=AutoModelForImageTextToText, hub_layout=True,
+                      min_shards=3)  # fmt: skip
 
 
 def make_vlm_adapter(base_dir: Path, adapter_dir: Path, family: str, dtype: torch.dtype, seed: int = 1) -> Path:
     """A LoRA adapter (r=8, alpha=16, every LoRA tensor ~ N(0, 0.1^2)) on the family's targets, saved by PEFT."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText
 
-    model = load_vlm(base_dir, dtype)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TINY_VLMS[family].lora_targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    peft_model.save_pretrained(str(adapter_dir))
-    return adapter_dir
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=TINY_VLMS[family].lora_targets)
+    return make_adapter(base_dir, adapter_dir, lora, dtype=dtype, seed=seed, auto_class=AutoModelForImageTextToText)
 
 
 def logits(model, family: str) -> torch.Tensor:
@@ -173,14 +158,14 @@ class VLMReference:
 
 
 def peft_vlm_reference(base_dir: Path, adapter_dir: Path, family: str, dtype: torch.dtype) -> VLMReference:
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForImageTextToText
 
     base = load_vlm(base_dir, dtype)
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    base_logits = logits(base, family)
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    peft_model = reference.peft_model(base_dir, [adapter_dir], AutoModelForImageTextToText, dtype)
     lora = {name.removeprefix("base_model.model.") + ".weight"
             for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}  # fmt: skip
     merged = peft_model.merge_and_unload().eval()
-    return VLMReference(dict(merged.state_dict()), lora, logits(merged, family), base_state, base_logits)
+    return VLMReference(
+        dict(merged.state_dict()), lora, logits(merged, family), base.state_dict(), logits(base, family)
+    )

@@ -7,13 +7,13 @@ checkpoint is a float model whose chosen Linear weights are replaced by the form
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from helpers.models import tiny_config, write_model
 
 E4M3_MAX = 448.0
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
@@ -263,35 +263,11 @@ def formats() -> dict[str, Format]:
 # -- checkpoints -------------------------------------------------------------------------------------------
 def tiny_llama_config(hidden: int = 256, intermediate: int = 320, layers: int = 1):
     """Hidden 256 (two 128-blocks) and an intermediate size that is not a multiple of 128 (ragged blocks)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    config = tiny_config("llama")
+    config.update(
+        {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers, "head_dim": 64}
     )
-
-
-def float_model(config, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(noise * 0.05 if p.ndim >= 2 else 1 + 0.1 * noise)
-    return model
+    return config
 
 
 def quantized_linears(model) -> list[str]:
@@ -301,7 +277,6 @@ def quantized_linears(model) -> list[str]:
 
 def write_quantized(directory: Path, model, fmt: Format) -> dict[str, torch.Tensor]:
     """The model's checkpoint with every decoder Linear in `fmt`, the rest bf16; returns the tensors."""
-    directory.mkdir(parents=True, exist_ok=True)
     quantized = set(quantized_linears(model))
     tensors = {}
     for name, p in model.state_dict().items():
@@ -310,11 +285,6 @@ def write_quantized(directory: Path, model, fmt: Format) -> dict[str, torch.Tens
             tensors.update(fmt.quantize(module, p.detach().double()))
         else:
             tensors[name] = p.detach().to(torch.bfloat16).contiguous()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["dtype"] = "bfloat16"
-    config["quantization_config"] = fmt.config
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    for name, content in fmt.extra_files.items():
-        (directory / name).write_text(json.dumps(content))
+    config = {**model.config.to_dict(), "dtype": "bfloat16", "quantization_config": fmt.config}
+    write_model(directory, tensors, shards=1, config=config, files=fmt.extra_files)
     return tensors
