@@ -306,7 +306,7 @@ class Executor:
         task, q = tile.task, tile.task.quant
         r0, r1 = tile.r0 + c0, tile.r0 + c1
         work = work_buffer[: (r1 - r0) * _row_elems(task)].view(r1 - r0, -1)
-        work.copy_(raw[c0:c1] if q is None else q.codec.dequantize(q, raw[c0:c1], state.side, r0))
+        work.copy_(raw[c0:c1] if q is None else q.codec.decode(q, raw[c0:c1], state.side, r0, task.quant_group))
         if tile.prepass:
             if task.column_norms:
                 terms.column_pass(task.terms, state.factors, work, r0, r1, task.rows)
@@ -319,8 +319,8 @@ class Executor:
         self._check_finite(task, merged)
         if task.requant:
             amax = None if state.amax is None else float(state.amax)
-            rounded = q.codec.requantize(q, merged, state.fresh, r0, amax)
-            kept = q.codec.dequantize(q, rounded, state.fresh, r0) if base is not None else None
+            rounded = q.codec.encode(q, merged, state.fresh, r0, amax, task.quant_group)
+            kept = q.codec.decode(q, rounded, state.fresh, r0, task.quant_group) if base is not None else None
         else:  # copies, so that the survival sums below may work in place
             rounded = merged.to(mergemath.TORCH_DTYPES[task.out_dtype], copy=True)
             kept = rounded.to(torch.float32, copy=True) if base is not None else None

@@ -111,9 +111,16 @@ class TensorTask:
         return self.column_norms or self.needs_amax
 
     @property
+    def quant_group(self) -> int:
+        """Tile rows per row of a quantized source's codec: a codec counts rows along dim 0 of the logical
+        tensor, and a stack of experts merged along (expert, d1) has d1 tile rows per expert."""
+        return self.rows // self.source.shape[0] if self.quant is not None and self.source.shape else 1
+
+    @property
     def row_unit(self) -> int:
-        """Tiles and chunks start on multiples of this many rows: whole scale blocks."""
-        return self.quant.codec.row_block(self.quant) if self.quant is not None else 1
+        """Tiles and chunks start on multiples of this many rows: whole scale blocks (for MXFP4, whose scales
+        run along the stored transpose, whole experts)."""
+        return self.quant.codec.row_block(self.quant) * self.quant_group if self.quant is not None else 1
 
 
 @dataclass
@@ -234,8 +241,9 @@ def _read_adapters(plan: Plan, scratch: Path) -> list[Adapter]:
     return adapters
 
 
-def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
-    """(base tensor name, ExpertTerm) for every expert parameter the adapter's target_parameters change."""
+def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames, quantized: set[str]):
+    """(base tensor name, ExpertTerm) for every expert parameter the adapter's target_parameters change;
+    `quantized` names the logical tensors of a quantized base (their codec decodes them around the term)."""
     if not adapter.param_loras:
         return
     model, rules = experts.ModelFacts(base.config), experts.rules_for(base.config)
@@ -270,10 +278,10 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames):
             swap = experts.swapped(lora.a.shape, lora.b.shape, d1, d2, rule, transposed, origin)
             stored = _stored_as(parts, shape)
             for name, part in parts:
-                if base.tensors[name].dtype not in FLOAT_DTYPES:
+                if base.tensors[name].dtype not in FLOAT_DTYPES and name not in quantized:
                     raise ShardmergeError(
-                        f"{origin}: base tensor {name!r} is {base.tensors[name].dtype}, not a float "
-                        "tensor; merging into quantized weights is not supported"
+                        f"{origin}: base tensor {name!r} is {base.tensors[name].dtype}, neither a float tensor "
+                        "nor a weight of a quantized format named in config.json; cannot merge into it"
                     )
                 a, b = experts.narrowed_reads(lora.a, lora.b, count, swap, part)
                 yield name, ExpertTerm(a, b, count, swap, layout, part, scaling, adapter.weight, origin, stored)
@@ -351,7 +359,7 @@ def _collect(
                 edits.terms.setdefault(bias_name, []).append(
                     BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}")
                 )
-        for name, term in _expert_terms(adapter, base, names):
+        for name, term in _expert_terms(adapter, base, names, quantized):
             edits.terms.setdefault(name, []).append(term)
         for module_name, (indices, values) in adapter.token_rows.items():
             name, target_tensor = target(module_name + ".weight", weights_file, values.name)

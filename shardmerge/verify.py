@@ -184,11 +184,12 @@ def _check_requantized(path: Path, task, header, block: int) -> list[str]:
     fresh = [_whole(s) for s in q.scales]
     written = [_whole(header.tensors[c.source.name]) for c in task.companions]
     amax = max(float(e.abs().max()) for _, _, e in _expected_blocks(task, block)) if task.needs_amax else None
+    group = task.quant_group
     error = ideal = 0.0
     for r0, r1, expected in _expected_blocks(task, block):
-        requantized = q.codec.requantize(q, expected.float(), fresh, r0, amax)
-        ideal += (q.codec.dequantize(q, requantized, fresh, r0).double() - expected).square().sum().item()
-        actual = q.codec.dequantize(q, _rows(header.tensors[task.name], r0, r1), written, r0).double()
+        requantized = q.codec.encode(q, expected.float(), fresh, r0, amax, group)
+        ideal += (q.codec.decode(q, requantized, fresh, r0, group).double() - expected).square().sum().item()
+        actual = q.codec.decode(q, _rows(header.tensors[task.name], r0, r1, task.rows), written, r0, group).double()
         error += (actual - expected).square().sum().item()
     if error**0.5 > 1.5 * ideal**0.5 + 1e-9:
         line = (
@@ -206,7 +207,7 @@ def _base_rows(task, side: list, r0: int, r1: int):
     q = task.quant
     if q is None:
         return _rows64(task.source, r0, r1, task.rows)
-    return q.codec.dequantize(q, _rows(q.codes, r0, r1), side, r0).to(torch.float64)
+    return q.codec.decode(q, _rows(q.codes, r0, r1, task.rows), side, r0, task.quant_group).to(torch.float64)
 
 
 def _whole(info):

@@ -74,6 +74,20 @@ class Codec:
         those rows' blocks go into `side` in place, in their stored dtype."""
         raise NotImplementedError
 
+    def decode(self, q: Quantized, codes: torch.Tensor, side: list[torch.Tensor], r0: int, group: int = 1):
+        """`dequantize` for a tile whose rows are finer than the codec's: `group` tile rows make one codec row
+        (a stack of experts merged along (expert, d1) rows, where the codec's rows are whole experts, as
+        TensorTask.quant_group says). r0 and the result count tile rows; tiles hold whole codec rows."""
+        rows = codes.shape[0]
+        return self.dequantize(q, codes.reshape(rows // group, -1), side, r0 // group).reshape(rows, -1)
+
+    def encode(
+        self, q: Quantized, x: torch.Tensor, side: list[torch.Tensor], r0: int, amax: float | None, group: int = 1
+    ) -> torch.Tensor:
+        """`requantize` for a tile counted in tile rows, as `decode`."""
+        rows = x.shape[0]
+        return self.requantize(q, x.reshape(rows // group, -1), side, r0 // group, amax).reshape(rows, -1)
+
     def quantized_module(self, module: str) -> bool:
         """False where the format's own list leaves the module unquantized (transformers' matching rule:
         a prefix up to a module boundary, a regex with that boundary, or a suffix)."""

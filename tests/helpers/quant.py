@@ -270,6 +270,48 @@ def tiny_llama_config(hidden: int = 256, intermediate: int = 320, layers: int = 
     return config
 
 
+def qwen3_moe_config(moe_intermediate: int = 320):
+    """Hidden 256 (two 128-blocks); experts of 320 rows or columns (a ragged third block). Every token goes to
+    every expert, so a rounding difference cannot flip a routing choice and logits compare continuously."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=moe_intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=4,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def gpt_oss_config():
+    """Experts gate_up (E, 64, 192) and down (E, 96, 64): 32-blocks along both inputs, no square expert."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=4,
+        max_position_embeddings=64,
+        layer_types=["full_attention"],
+        tie_word_embeddings=False,
+    )
+
+
 def quantized_linears(model) -> list[str]:
     """Every Linear in the decoder layers (lm_head stays float, as real checkpoints keep it)."""
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
