@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,12 +28,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import models  # noqa: E402
 from helpers.adapters import write_adapter, write_tiny_adapter  # noqa: E402
-from helpers.plans import run_cli, write_plan  # noqa: E402
+from helpers.plans import at_call, fork_cli, killed_run, run_cli, write_plan  # noqa: E402
 
 import shardmerge  # noqa: E402
 import shardmerge.journal as journal_mod  # noqa: E402
 import shardmerge.stores.local as local_mod  # noqa: E402
-from shardmerge.cli import main as cli_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,25 +86,6 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def killing_hook(real, n: int, after: bool):
-    """`real`, except that its n-th call (counted across threads) SIGKILLs this process, before the call
-    or just after it returns."""
-    lock, count = threading.Lock(), [0]
-
-    def hook(*args, **kwargs):
-        with lock:
-            count[0] += 1
-            hit = count[0] == n
-        if hit and not after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = real(*args, **kwargs)
-        if hit and after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    return hook
-
-
 HOOK_TARGETS = {
     "pwrite": (local_mod, "pwrite_all"),  # shard headers and merged tiles
     "copy": (local_mod, "copy_range"),  # untouched tensors, copied in the kernel
@@ -117,23 +96,9 @@ HOOK_TARGETS = {
 }
 
 
-def killed_run(plan: Path, target: str, n: int, after: bool = False) -> int:
-    """Fork; the child runs the CLI with the hook installed and is expected to die by SIGKILL. Returns the
-    child's wait status."""
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 99
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            obj, attr = HOOK_TARGETS[target]
-            setattr(obj, attr, killing_hook(getattr(obj, attr), n, after))
-            code = cli_main([str(plan), "-q"])
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+def killed_at(plan: Path, target: str, n: int, after: bool = False) -> int:
+    """The wait status of a forked run of `plan` that SIGKILLs itself at the n-th call of a HOOK_TARGETS function."""
+    return killed_run(plan, *HOOK_TARGETS[target], n, after)
 
 
 def assert_killed(status: int) -> None:
@@ -178,7 +143,7 @@ KILL_POINTS = [
 def test_sigkill_at_kill_point_then_rerun_is_byte_identical_to_uninterrupted_run(model, tmp_path, target, n, after):
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
-    assert_killed(killed_run(plan, target, n, after))
+    assert_killed(killed_at(plan, target, n, after))
     assert_no_incomplete_shard(out, model["reference"])
     assert_resumes_to_reference(plan, out, model["reference"], f"killed {'after' if after else 'before'} {target} #{n}")
 
@@ -189,7 +154,7 @@ def test_repeated_sigkills_then_rerun_is_byte_identical(model, tmp_path):
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
     for target, n in [("pwrite", 10), ("journal", 2), ("pwrite", 40), ("replace", 3), ("journal", 1)]:
-        assert_killed(killed_run(plan, target, n))
+        assert_killed(killed_at(plan, target, n))
         assert_no_incomplete_shard(out, model["reference"])
     assert_resumes_to_reference(plan, out, model["reference"], "after five successive kills")
 
@@ -305,7 +270,7 @@ def half_weight_reference(model, tmp_path_factory):
 
 def _partial_output(model, tmp_path) -> Path:
     plan = make_plan(model, tmp_path)
-    assert_killed(killed_run(plan, "pwrite", 50))
+    assert_killed(killed_at(plan, "pwrite", 50))
     return tmp_path / "out"
 
 
@@ -355,29 +320,12 @@ def concurrent_run(plan: Path, at: int = 2):
     lock shardmerge takes) for as long as the block lasts; SIGKILLed afterwards. While it stalls, no shard is
     renamed or journaled; only its half-written .partial files under .shardmerge/tmp may still grow."""
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 99
-        try:
-            os.close(r)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            real, lock, count = journal_mod.OutputState.journal, threading.Lock(), [0]
 
-            def stall(*args, **kwargs):
-                with lock:
-                    count[0] += 1
-                    hit = count[0] == at
-                if hit:
-                    os.write(w, b"x")
-                    time.sleep(300)
-                return real(*args, **kwargs)
+    def stall():
+        os.write(w, b"x")
+        time.sleep(300)
 
-            journal_mod.OutputState.journal = stall
-            code = cli_main([str(plan), "-q"])
-        finally:
-            os._exit(code)
+    pid = fork_cli(plan, "-q", patch=(journal_mod.OutputState, "journal", lambda real: at_call(real, at, stall)))
     os.close(w)
     try:
         ready, _, _ = select.select([r], [], [], 60)
@@ -423,18 +371,8 @@ def test_overwrite_run_is_refused_while_another_run_is_writing(model, tmp_path):
 
 
 # -- a full disk --------------------------------------------------------------------------------------------
-def enospc_on_call(real, n: int):
-    lock, count = threading.Lock(), [0]
-
-    def hook(*args, **kwargs):
-        with lock:
-            count[0] += 1
-            hit = count[0] == n
-        if hit:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, **kwargs)
-
-    return hook
+def no_space_left():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 @pytest.mark.parametrize(
@@ -445,7 +383,7 @@ def enospc_on_call(real, n: int):
 def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(model, tmp_path, monkeypatch, attr, n):
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
-    monkeypatch.setattr(local_mod, attr, enospc_on_call(getattr(local_mod, attr), n))
+    monkeypatch.setattr(local_mod, attr, at_call(getattr(local_mod, attr), n, no_space_left))
     with pytest.raises(shardmerge.ShardmergeError) as failure:
         shardmerge.merge(str(plan))
     message = str(failure.value)
@@ -462,7 +400,7 @@ def test_enospc_fails_cleanly_naming_the_shard_and_rerun_resumes_identically(mod
 
 def test_enospc_through_cli_is_one_error_line(model, tmp_path, monkeypatch):
     plan = make_plan(model, tmp_path)
-    monkeypatch.setattr(local_mod, "pwrite_all", enospc_on_call(local_mod.pwrite_all, 30))
+    monkeypatch.setattr(local_mod, "pwrite_all", at_call(local_mod.pwrite_all, 30, no_space_left))
     result = run_cli(plan, "-q")
     assert result.returncode == 1
     assert "no space left on device" in one_error_line(result.stderr)
@@ -496,7 +434,7 @@ def test_enospc_while_writing_the_index_is_one_error_line_and_resumable(model, t
 def test_journaled_shard_damaged_before_resume_is_redone(model, tmp_path, damage):
     plan = make_plan(model, tmp_path)
     out = tmp_path / "out"
-    assert_killed(killed_run(plan, "journal", 4, after=True))
+    assert_killed(killed_at(plan, "journal", 4, after=True))
     shard = out / models.shard_name(1)
     data = bytearray(shard.read_bytes())
     if damage == "deleted":

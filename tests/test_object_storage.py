@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 from itertools import pairwise
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 from helpers.adapters import write_adapter
 from helpers.models import write_model
-from helpers.plans import write_plan
+from helpers.plans import killed_run, write_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,30 +217,9 @@ def test_rerun_over_a_finished_s3_output_does_nothing(inputs, client, calls):
     assert not [op for op, _ in calls if op in ("upload_part", "upload_part_copy", "put_object")]
 
 
-def _killed_while_uploading(plan: str | Path, at: int) -> int:
-    """Fork; the child runs the CLI and SIGKILLs itself once its `at`-th part upload is done."""
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            real, lock, count = s3_store.S3Upload._upload, threading.Lock(), [0]
-
-            def upload(self, part, *args):
-                real(self, part, *args)
-                with lock:
-                    count[0] += 1
-                    if count[0] == at:
-                        os.kill(os.getpid(), signal.SIGKILL)
-
-            s3_store.S3Upload._upload = upload
-            code = cli_main([str(plan), "-q"])
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+def _killed_while_uploading(plan: str, at: int) -> int:
+    """A forked CLI run of `plan` that SIGKILLs itself once the `at`-th part upload it started is done."""
+    return killed_run(plan, s3_store.S3Upload, "_upload", at, after=True)
 
 
 def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_part_and_leaves_no_upload(

@@ -22,8 +22,7 @@ def classifier(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
     config = tiny_config("llama")
     config.num_labels = 3
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(root / "base"), max_shard_size="20KB")
+    build_base(root / "base", config, torch.float32, auto_class=AutoModelForSequenceClassification)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"])
     make_adapter(
         root / "base", root / "adapter", lora, dtype=torch.float32, auto_class=AutoModelForSequenceClassification

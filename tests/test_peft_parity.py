@@ -22,7 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.adapters import make_adapter
-from helpers.models import DTYPES, INDEX_NAME, LLAMA_ALL_LINEAR, build_base, load_tensors, shard_files, tensor_bytes
+from helpers.models import (
+    DTYPES,
+    INDEX_NAME,
+    LLAMA_ALL_LINEAR,
+    build_base,
+    load_tensors,
+    shard_files,
+    tensor_bytes,
+    tiny_config,
+)
 from helpers.reference import PeftReference, float64_slack, input_ids, peft_reference, rounding_tolerance
 
 import shardmerge
@@ -428,13 +437,9 @@ def test_adapter_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
 
     base = build_base(tmp_path / "base", "llama", torch.bfloat16)
     # same architecture and tensor names, but trained on a model with other projection sizes
-    other = tmp_path / "other"
-    from helpers.models import tiny_config
-    from transformers import AutoModelForCausalLM
-
     cfg = tiny_config("llama")
     cfg.intermediate_size = 48
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(other))
+    other = build_base(tmp_path / "other", cfg, torch.float32, min_shards=1)
     adapter = make_adapter(
         other, tmp_path / "adapter", LoraConfig(r=4, target_modules=["gate_proj"]), dtype=torch.float32
     )

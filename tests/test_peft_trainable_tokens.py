@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers.adapters import make_adapter
+from helpers.models import build_base
 from helpers.reference import peft_merged
 from peft import LoraConfig
 from safetensors.torch import load_file
@@ -13,7 +14,6 @@ import shardmerge
 
 @pytest.mark.parametrize("indices", [[1, 5, 9], {"embed_tokens": [0, 63]}], ids=["list", "mapping"])
 def test_trainable_tokens_replace_embedding_rows_as_peft(tmp_path, indices):
-    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=64,
         hidden_size=32,
@@ -23,7 +23,7 @@ def test_trainable_tokens_replace_embedding_rows_as_peft(tmp_path, indices):
         num_key_value_heads=2,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"), max_shard_size="20KB")
+    build_base(tmp_path / "base", config, torch.float32)
     lora = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices)
     make_adapter(tmp_path / "base", tmp_path / "adapter", lora, dtype=torch.float32, auto_class=LlamaForCausalLM)
     reference = peft_merged(tmp_path / "base", [tmp_path / "adapter"], LlamaForCausalLM).state_dict()

@@ -21,6 +21,7 @@ from helpers.quant import (
     mxfp4_quantize,
     quantized_linears,
     tiny_llama_config,
+    write_mxfp4_experts,
     write_quantized,
 )
 from helpers.reference import peft_merged, rounding_tolerance
@@ -438,29 +439,12 @@ def _tiny_gpt_oss():
 def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
     """transformers dequantizes gpt-oss MXFP4 experts on a CPU; a bf16 output must hold the same experts, and
     load in plain transformers."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     quiet()
-    model = _tiny_gpt_oss()
-    base = tmp_path / "base"
-    model.save_pretrained(str(base))
-    state = load_file(str(base / "model.safetensors"))
-    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        blocks, scales = mxfp4_quantize(state.pop(name).double().transpose(1, 2))  # stored (E, out, in)
-        state[name + "_blocks"], state[name + "_scales"] = blocks, scales
-    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn",
-            "model.layers.*.mlp.router",
-            "model.embed_tokens",
-            "lm_head",
-        ],
-    }
-    (base / "config.json").write_text(json.dumps(config))
+    experts = ("experts.gate_up_proj", "experts.down_proj")
+    keep_float = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    base = write_mxfp4_experts(tmp_path / "base", _tiny_gpt_oss(), experts, keep_float)
     reference = AutoModelForCausalLM.from_pretrained(
         str(base), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
     ).state_dict()
@@ -475,16 +459,14 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
 
 def test_expert_lora_into_integer_experts_without_a_quantized_format_is_refused_naming_the_tensor(tmp_path):
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     quiet()
-    model = _tiny_gpt_oss()
-    base = tmp_path / "base"
-    model.save_pretrained(str(base))
-    state = load_file(str(base / "model.safetensors"))
     name = "model.layers.0.mlp.experts.gate_up_proj"
+    base = tmp_path / "base"
+    _tiny_gpt_oss().save_pretrained(str(base))
+    state = load_file(str(base / "model.safetensors"))
     state[name] = state[name].to(torch.int8)  # no quantization_config says what these integers mean
-    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    write_model(base, state, shards=1, config=json.loads((base / "config.json").read_text()))
     lora = LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
     make_adapter(_tiny_gpt_oss(), tmp_path / "adapter", lora)
     with pytest.raises(ShardmergeError, match=f"'{name}' is I8, neither a float tensor nor a weight of a quantized"):

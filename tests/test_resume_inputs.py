@@ -16,9 +16,10 @@ import pytest
 import torch
 from helpers import models
 from helpers.adapters import write_tiny_adapter
-from helpers.plans import run_cli, write_plan
+from helpers.plans import killed_run, run_cli, write_plan
 from safetensors import safe_open
-from test_crash_safety import killed_run
+
+from shardmerge.journal import OutputState
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def _reference(tmp_path: Path, base: Path, adapter: Path) -> dict[str, bytes]:
 def _killed_after_first_shard(tmp_path: Path, base: Path, adapter: Path) -> tuple[Path, Path]:
     out = tmp_path / "out"
     plan = _plan(tmp_path / "plan.yaml", base, adapter, out)
-    status = killed_run(plan, "journal", 1, after=True)
+    status = killed_run(plan, OutputState, "journal", 1, after=True)  # the first shard journaled
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert len(list(out.glob("*.safetensors"))) == 1, "one finished shard"
     return plan, out

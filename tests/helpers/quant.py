@@ -7,13 +7,14 @@ checkpoint is a float model whose chosen Linear weights are replaced by the form
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from helpers.models import tiny_config, write_model
+from helpers.models import SINGLE_NAME, tiny_config, write_model
 
 E4M3_MAX = 448.0
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
@@ -330,3 +331,19 @@ def write_quantized(directory: Path, model, fmt: Format) -> dict[str, torch.Tens
     config = {**model.config.to_dict(), "dtype": "bfloat16", "quantization_config": fmt.config}
     write_model(directory, tensors, shards=1, config=config, files=fmt.extra_files)
     return tensors
+
+
+def write_mxfp4_experts(directory: Path, model, experts: tuple[str, ...], keep_float: list[str]) -> Path:
+    """`model` as save_pretrained writes it (one file), with every expert parameter whose name ends with one of
+    `experts` stored as MXFP4 blocks and scales, as gpt-oss checkpoints store them, and a quantization_config
+    whose modules_to_not_convert is `keep_float`."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(str(directory))
+    state = load_file(str(directory / SINGLE_NAME))
+    for name in [n for n in state if n.endswith(experts)]:
+        blocks, scales = mxfp4_quantize(state.pop(name).double().transpose(1, 2))  # stored (E, in, out)
+        state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": keep_float}
+    return write_model(directory, state, shards=1, config=config)
