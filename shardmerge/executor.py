@@ -294,15 +294,21 @@ class Executor:
             starts.reverse()
         for c0 in starts:
             c1 = min(c0 + step, rows)
-            rounded = self._merge_rows(tile, state, raw, work_buffer, c0, c1)
-            if rounded is not None:
-                out[c0:c1].copy_(rounded)
+            self._merge_rows(tile, state, raw, work_buffer, c0, c1, out[c0:c1])
 
     def _merge_rows(
-        self, tile: _Tile, state: _TaskState, raw: torch.Tensor, work_buffer: torch.Tensor, c0: int, c1: int
+        self,
+        tile: _Tile,
+        state: _TaskState,
+        raw: torch.Tensor,
+        work_buffer: torch.Tensor,
+        c0: int,
+        c1: int,
+        dest: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Rows c0:c1 of a tile merged in float32 and rounded to the output (requantized for a kept quantized
-        format), or None in a pre-pass (DoRA column norms, a per-tensor scale's maximum)."""
+        format) into `dest`, or into a new tensor when there is none; None in a pre-pass (DoRA column norms, a
+        per-tensor scale's maximum)."""
         task, q = tile.task, tile.task.quant
         r0, r1 = tile.r0 + c0, tile.r0 + c1
         work = work_buffer[: (r1 - r0) * _row_elems(task)].view(r1 - r0, -1)
@@ -314,28 +320,35 @@ class Executor:
                 peak = terms.merge_tile(task.terms, state.factors, work, r0, r1).abs().max()
                 state.amax = peak if state.amax is None else torch.maximum(state.amax, peak)
             return None
-        base = work.clone() if task.terms else None
+        # The survival sums need the unmerged base beside the merge, on the rows they are taken over.
+        sample = mergemath.sampled_ranges(r0, r1, *task.survival_rows) if task.terms else []
+        bases = [work[a - r0 : b - r0].clone() for a, b in sample]
         merged = terms.merge_tile(task.terms, state.factors, work, r0, r1)
-        self._check_finite(task, merged)
         if task.requant:
+            self._check_finite(task, merged)  # a requantized format saturates: only the merge itself can fail
             amax = None if state.amax is None else float(state.amax)
             rounded = q.codec.encode(q, merged, state.fresh, r0, amax, task.quant_group)
-            kept = q.codec.decode(q, rounded, state.fresh, r0, task.quant_group) if base is not None else None
-        else:  # copies, so that the survival sums below may work in place
-            rounded = merged.to(mergemath.TORCH_DTYPES[task.out_dtype], copy=True)
-            kept = rounded.to(torch.float32, copy=True) if base is not None else None
-        if base is not None:
-            state.kept_sq += torch.linalg.vector_norm(kept.sub_(base)).square()
-            state.delta_sq += torch.linalg.vector_norm(merged.sub_(base)).square()
+            if dest is not None:
+                rounded = dest.copy_(rounded)
+        elif dest is not None:
+            rounded = dest.copy_(merged)
+        else:
+            rounded = merged.to(mergemath.TORCH_DTYPES[task.out_dtype])
+        if not task.requant:
+            self._check_finite(task, rounded)
+        if sample:
+            kept = q.codec.decode(q, rounded, state.fresh, r0, task.quant_group) if task.requant else rounded
+            for (a, b), base in zip(sample, bases):
+                # torch.dist widens a bf16/fp16 operand to float32 exactly before subtracting
+                state.kept_sq += torch.dist(kept[a - r0 : b - r0], base).square()
+                state.delta_sq += torch.dist(merged[a - r0 : b - r0], base).square()
         return rounded
 
-    def _check_finite(self, task: TensorTask, merged: torch.Tensor) -> None:
-        """safe_merge: the float32 merge, and its rounding to the output dtype, which may overflow to Inf (a
-        requantized format saturates instead)."""
+    def _check_finite(self, task: TensorTask, values: torch.Tensor) -> None:
+        """safe_merge: the merge, as rounded to the output dtype (which may overflow to Inf), holds no NaN or Inf."""
         if not self.plan.plan.safe_merge:
             return
-        rounded = merged if task.requant else merged.to(mergemath.TORCH_DTYPES[task.out_dtype])
-        if rounded.is_floating_point() and not bool(torch.isfinite(rounded).all()):
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
             origin = ", ".join(t.origin for t in task.terms) or "dtype conversion"
             raise ShardmergeError(f"{task.name}: merged tensor holds NaN or Inf (safe_merge is on); from {origin}")
 

@@ -116,3 +116,13 @@ def add_experts(
             dst.addmm_(right[e][:, lo:hi].t(), left[e].t(), alpha=scale)
         else:
             dst.addmm_(left[e][lo:hi], right[e], alpha=scale)
+
+
+def sampled_ranges(r0: int, r1: int, run: int, period: int) -> list[tuple[int, int]]:
+    """The row ranges within r0:r1 of the rows r with r % period < run."""
+    ranges = []
+    for k in range(r0 // period, (r1 - 1) // period + 1) if r1 > r0 else ():
+        start, stop = max(r0, k * period), min(r1, k * period + run)
+        if start < stop:
+            ranges.append((start, stop))
+    return ranges

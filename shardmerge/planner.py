@@ -37,6 +37,15 @@ _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 RUNTIME_BYTES = 8 * MiB
 PLAN_TENSORS = 1024
 PER_TENSOR_BYTES = 2 * KiB
+# Delta survival is a diagnostic, and its exact sums cost as much as the merge itself (a float32 copy of the
+# base, the rounded result widened back, two differences, two norms). A tensor larger than SURVIVAL_EXACT_ELEMS
+# has them taken on a fixed sample of its rows instead: runs of about SURVIVAL_RUN_ELEMS elements, one run in
+# every SURVIVAL_STRIDE, placed by row number so that the sample (and the number reported) does not depend on
+# the tiling, the budget or the device. Contiguous runs keep the sums to a few large operations per chunk
+# rather than many small strided ones. A term that changes only some rows (trainable tokens) is summed whole.
+SURVIVAL_EXACT_ELEMS = 1024 * 1024
+SURVIVAL_RUN_ELEMS = 64 * 1024
+SURVIVAL_STRIDE = 16
 
 
 @dataclass
@@ -100,6 +109,14 @@ class TensorTask:
     @property
     def out_row_bytes(self) -> int:
         return self.out_nbytes // self.rows if self.rows else self.out_nbytes
+
+    @property
+    def survival_rows(self) -> tuple[int, int]:
+        """(run, period): delta survival is summed over the rows r with r % period < run (all of a small tensor)."""
+        if self.source.numel <= SURVIVAL_EXACT_ELEMS or not all(t.every_row for t in self.terms):
+            return 1, 1
+        run = max(1, SURVIVAL_RUN_ELEMS // _row_elems(self))
+        return run, run * SURVIVAL_STRIDE
 
     @property
     def needs_amax(self) -> bool:

@@ -52,6 +52,7 @@ class Term(ABC):
     needs_base: bool = False  # `apply` reads the tile as it was before any term
     work_copies: int = 1  # tile-sized float32 buffers `apply` may hold at once (the tile itself included)
     row_dims: int = 1  # leading dims a tile's rows run over (2 for a stack of experts: rows are (expert, d1))
+    every_row: bool = True  # changes every row, so that a sample of rows shows how much of its change survived
 
     @abstractmethod
     def reads(self) -> tuple[TensorInfo, ...]:
@@ -180,6 +181,7 @@ class RowsTerm(Term):
     values: TensorInfo
     weight: float
     origin: str
+    every_row = False
 
     def reads(self) -> tuple[TensorInfo, ...]:
         return (self.values,)
