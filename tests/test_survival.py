@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.adapters import lora_pair, write_adapter
+from helpers.models import write_model
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from synth import lora_pair, write_adapter, write_base
 
 from shardmerge import merge
 from shardmerge.mergemath import sampled_ranges
@@ -44,7 +45,7 @@ def _case(tmp_path, seed: int = 0):
     # share of the delta away far more, so a sample that missed or over-weighted them would show it.
     w = torch.randn(OUT, IN, generator=g) * 0.02
     w[::97] *= 100
-    base = write_base(tmp_path / "base", {NAME: w.to(torch.bfloat16)}, shards=1)
+    base = write_model(tmp_path / "base", {NAME: w.to(torch.bfloat16)}, shards=1)
     pair = {k: v * 0.05 for k, v in lora_pair(MODULE, OUT, IN, r=8, seed=seed + 1).items()}
     adapter = write_adapter(tmp_path / "adapter", pair, r=8, lora_alpha=16, target_modules=["up_proj"])
     delta = (
