@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,12 +196,29 @@ def _stores_in_out(config: dict, tensor: str, fan_in_fan_out: bool) -> bool:
 
 @functools.cache
 def _known_model_type(model_type: str) -> bool:
-    """Whether transformers (when importable) builds this model_type itself; without it, the config is trusted."""
-    try:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    except ImportError:
-        return True
-    return model_type in CONFIG_MAPPING_NAMES
+    """Whether transformers (when installed) builds this model_type itself; without it, the config is trusted."""
+    known = _transformers_model_types()
+    return known is None or model_type in known
+
+
+@functools.cache
+def _transformers_model_types() -> frozenset[str] | None:
+    """The model types transformers has a config class for (None: it is not installed). transformers 5 keeps
+    them in a data-only module, read here by path: importing the package would add ~35 MiB to a process that
+    max_memory bounds, and seconds to its start."""
+    if "transformers" not in sys.modules:
+        spec = importlib.util.find_spec("transformers")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(spec.submodule_search_locations[0], "models", "auto", "auto_mappings.py")
+        if path.is_file():
+            loader = importlib.util.spec_from_file_location("_shardmerge_auto_mappings", path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+            return frozenset(module.CONFIG_MAPPING_NAMES)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # older releases: no data module
+
+    return frozenset(CONFIG_MAPPING_NAMES)
 
 
 def _lora_term(

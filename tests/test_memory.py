@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import torch
-from helpers.adapters import lora_pair, write_adapter
+from helpers.adapters import lora_pair, q_proj_case, write_adapter
 from helpers.models import write_model
 from helpers.plans import run_cli, write_plan
 from safetensors.torch import load_file
@@ -73,3 +73,19 @@ def test_output_bytes_do_not_depend_on_the_budget(tmp_path):
         )
     for shard in (tmp_path / "13MiB").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "512MiB" / shard.name).read_bytes()
+
+
+def test_merging_a_text_model_never_imports_transformers(tmp_path):
+    # Importing transformers costs a merging process ~35 MiB that max_memory does not budget for.
+    base, adapter = q_proj_case(tmp_path)  # square q_proj of a known model type: its layout is looked up
+    code = (
+        "import sys, shardmerge; "
+        "shardmerge.merge({'base': sys.argv[1], 'adapters': [{'path': sys.argv[2]}], 'output': sys.argv[3]}); "
+        "print('transformers' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(base), str(adapter), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
