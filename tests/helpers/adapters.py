@@ -16,10 +16,8 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], legacy: boo
     """adapter_model.safetensors holding `tensors` and an adapter_config.json: a LoRA with r=4, lora_alpha=8
     on q_proj, unless `config` says otherwise (its keys are the config's). `legacy`: the tensors pickled into
     adapter_model.bin instead (torch.save), as PEFT saved adapters before safetensors."""
-    directory, config = (
-        Path(directory),
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config},
-    )
+    directory = Path(directory)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config}
     if not legacy:
         return demo.write_adapter(directory, tensors, config)
     directory.mkdir(parents=True, exist_ok=True)
