@@ -23,7 +23,6 @@ from helpers.plans import run_cli, write_plan
 from safetensors.torch import load_file
 
 import shardmerge
-from shardmerge.cli import main
 from shardmerge.demo import write_demo
 from shardmerge.sources import _HUB_ADAPTER_PATTERNS, _HUB_BASE_PATTERNS
 
@@ -262,7 +261,7 @@ def test_repo_id_at_revision(offline, tmp_path):
     assert tree_bytes(old_base)["config.json"] != tree_bytes(main_rev)["config.json"]
 
 
-def test_uncached_repo_is_one_line_error_naming_it(offline, tmp_path, capsys):
+def test_uncached_repo_is_one_line_error_naming_it(offline, tmp_path):
     for base, adapter, needle in (
         ("org/not-cached", "org/adapter", "org/not-cached"),
         ("org/name", "org/no-adapter@v9", "org/no-adapter@v9"),
@@ -271,13 +270,14 @@ def test_uncached_repo_is_one_line_error_naming_it(offline, tmp_path, capsys):
         plan = write_plan(
             tmp_path / "plan.yaml", base=base, adapters=[{"path": adapter}], output=tmp_path / "o", device="cpu"
         )
-        assert main([str(plan), "-q"]) != 0
-        err = capsys.readouterr().err.strip().splitlines()
+        result = run_cli(plan, "-q")
+        assert result.returncode != 0
+        err = result.stderr.strip().splitlines()
         assert len(err) == 1 and needle in err[0] and "HF_HUB_OFFLINE" in err[0], err
         assert not (tmp_path / "o").exists()
 
 
-def test_incomplete_cached_snapshot_is_one_line_error(offline, tmp_path, capsys):
+def test_incomplete_cached_snapshot_is_one_line_error(offline, tmp_path):
     plan = write_plan(
         tmp_path / "plan.yaml",
         base="org/partial",
@@ -285,8 +285,9 @@ def test_incomplete_cached_snapshot_is_one_line_error(offline, tmp_path, capsys)
         output=tmp_path / "o",
         device="cpu",
     )
-    assert main([str(plan), "-q"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
+    result = run_cli(plan, "-q")
+    assert result.returncode != 0
+    err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "org/partial" in err[0], err
     assert not (tmp_path / "o").exists()
 

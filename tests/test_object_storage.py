@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers.adapters import write_adapter
 from helpers.models import write_model
-from helpers.plans import killed_run, write_plan
+from helpers.plans import killed_run, run_cli, write_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +27,6 @@ moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
 import shardmerge
-from shardmerge.cli import main as cli_main
 from shardmerge.stores import s3 as s3_store
 from shardmerge.verify import verify
 
@@ -237,7 +236,7 @@ def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_
     }
     assert finished, "the kill came before any part was uploaded"
     calls.clear()
-    assert cli_main([str(plan), "-q"]) == 0
+    assert run_cli(plan, "-q").returncode == 0
     again = {(kw["Key"], kw["PartNumber"]) for op, kw in calls if op in ("upload_part", "upload_part_copy")}
     assert not finished & again, f"finished parts uploaded again: {sorted(finished & again)}"
     assert_same_as_local(objects(client, output), inputs["reference"])
@@ -263,10 +262,10 @@ def test_overwriting_an_s3_output_of_another_plan_aborts_its_abandoned_uploads(i
     assert not open_uploads(client)
 
 
-def one_error_line(capsys, argv: list[str]) -> str:
-    rc = cli_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0 and err and "\n" not in err and "Traceback" not in err, err
+def one_error_line(argv: list[str]) -> str:
+    result = run_cli(*argv)
+    err = result.stderr.strip()
+    assert result.returncode != 0 and err and "\n" not in err and "Traceback" not in err, err
     return err
 
 
@@ -276,25 +275,25 @@ def _plan(tmp_path: Path, base: str, output: str, **options) -> str:
     return str(write_plan(tmp_path / "plan.yaml", base=base, adapters=adapters, output=output, device="cpu", **options))
 
 
-def test_missing_bucket_is_one_line_naming_it(inputs, tmp_path, capsys):
-    err = one_error_line(capsys, [_plan(tmp_path, "s3://no-such-bucket/base", str(tmp_path / "out")), "-q"])
+def test_missing_bucket_is_one_line_naming_it(inputs, tmp_path):
+    err = one_error_line([_plan(tmp_path, "s3://no-such-bucket/base", str(tmp_path / "out")), "-q"])
     assert "s3://no-such-bucket" in err and "no such bucket" in err
-    err = one_error_line(capsys, [_plan(tmp_path, f"s3://{BUCKET}/base", "s3://no-such-bucket/out"), "-q"])
+    err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/base", "s3://no-such-bucket/out"), "-q"])
     assert "s3://no-such-bucket" in err and "no such bucket" in err
 
 
-def test_missing_base_prefix_is_one_line_naming_it(inputs, tmp_path, capsys):
-    err = one_error_line(capsys, [_plan(tmp_path, f"s3://{BUCKET}/nothing-here", str(tmp_path / "out")), "-q"])
+def test_missing_base_prefix_is_one_line_naming_it(inputs, tmp_path):
+    err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/nothing-here", str(tmp_path / "out")), "-q"])
     assert f"s3://{BUCKET}/nothing-here" in err and "not found" in err
 
 
-def test_unreachable_endpoint_is_one_line_naming_it(inputs, tmp_path, capsys, monkeypatch):
+def test_unreachable_endpoint_is_one_line_naming_it(inputs, tmp_path, monkeypatch):
     endpoint = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3_store._forget_store()
     try:
-        err = one_error_line(capsys, [_plan(tmp_path, f"s3://{BUCKET}/base", str(tmp_path / "out")), "-q"])
+        err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/base", str(tmp_path / "out")), "-q"])
     finally:
         s3_store._forget_store()
     assert endpoint in err and f"s3://{BUCKET}" in err and "cannot reach" in err
@@ -337,16 +336,16 @@ def authenticated(server, monkeypatch):
         reset_auth("inf")
 
 
-def test_denied_access_is_one_line_naming_the_key(inputs, authenticated, tmp_path, capsys, monkeypatch):
+def test_denied_access_is_one_line_naming_the_key(inputs, authenticated, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", authenticated["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", authenticated["SecretAccessKey"])
-    err = one_error_line(capsys, [_plan(tmp_path, f"s3://{BUCKET}/base", str(tmp_path / "out")), "-q"])
+    err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/base", str(tmp_path / "out")), "-q"])
     assert f"s3://{BUCKET}/base/" in err and "access denied" in err
 
 
-def test_wrong_credentials_are_one_line_naming_the_endpoint(inputs, authenticated, tmp_path, capsys, monkeypatch):
+def test_wrong_credentials_are_one_line_naming_the_endpoint(inputs, authenticated, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
-    err = one_error_line(capsys, [_plan(tmp_path, f"s3://{BUCKET}/base", str(tmp_path / "out")), "-q"])
+    err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/base", str(tmp_path / "out")), "-q"])
     assert f"s3://{BUCKET}/base" in err and "refused the credentials" in err
 
 
@@ -384,8 +383,8 @@ class _Raw:
         yield self.data
 
 
-def test_other_schemes_are_refused_naming_the_s3_compatible_route(tmp_path, capsys):
-    err = one_error_line(capsys, [_plan(tmp_path, "gs://bucket/base", str(tmp_path / "out")), "-q"])
+def test_other_schemes_are_refused_naming_the_s3_compatible_route(tmp_path):
+    err = one_error_line([_plan(tmp_path, "gs://bucket/base", str(tmp_path / "out")), "-q"])
     assert "gs://bucket/base" in err and "AWS_ENDPOINT_URL" in err
 
 
@@ -445,7 +444,7 @@ def test_planning_reads_only_the_base_shards_headers(inputs, tmp_path, calls):
         "output": f"s3://{BUCKET}/dry",
         "device": "cpu",
     }
-    assert cli_main([str(write_plan(tmp_path / "plan.yaml", **plan)), "--dry-run"]) == 0
+    assert run_cli(write_plan(tmp_path / "plan.yaml", **plan), "--dry-run").returncode == 0
     gets = [(kw["Key"], _range_end(kw["Range"])) for op, kw in calls if op == "get_object" and kw["Key"] in header_ends]
     assert {key for key, _ in gets} == set(header_ends)
     assert all(end < header_ends[key] for key, end in gets), gets
@@ -455,6 +454,6 @@ def _range_end(spec: str) -> int:
     return int(spec.removeprefix("bytes=").split("-")[1])
 
 
-def test_an_s3_output_inside_an_s3_input_is_refused(inputs, tmp_path, capsys):
-    err = one_error_line(capsys, [_plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/base/merged"), "-q"])
+def test_an_s3_output_inside_an_s3_input_is_refused(inputs, tmp_path):
+    err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/base/merged"), "-q"])
     assert f"s3://{BUCKET}/base/merged" in err and "overlaps the input" in err

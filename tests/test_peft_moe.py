@@ -18,7 +18,7 @@ import torch
 from helpers.adapters import write_adapter
 from helpers.models import INDEX_NAME, load_tensors, quiet, shard_files, tensor_bytes
 from helpers.moe import build_moe_base, make_moe_adapter
-from helpers.plans import write_plan
+from helpers.plans import run_cli, write_plan
 from helpers.reference import input_ids, peft_model
 
 import shardmerge
@@ -261,13 +261,12 @@ def _gpt_oss_without_version(tmp_path) -> tuple[Path, Path]:
     return base, adapter
 
 
-def test_square_experts_without_peft_version_are_refused_as_ambiguous(tmp_path, capsys):
+def test_square_experts_without_peft_version_are_refused_as_ambiguous(tmp_path):
     base, adapter = _gpt_oss_without_version(tmp_path)
     plan = write_plan(tmp_path / "plan.yaml", base=base, adapters=[adapter], output=tmp_path / "out", device="cpu")
-    from shardmerge.cli import main
-
-    assert main([str(plan)]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
+    result = run_cli(plan)
+    assert result.returncode != 0
+    err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "layout is ambiguous" in err[0] and "down_proj" in err[0] and "peft_version" in err[0]
     assert not (tmp_path / "out" / INDEX_NAME).exists()
 
@@ -344,7 +343,6 @@ def test_unsloth_grouped_by_expert_lora_b_gives_the_same_merge(tmp_path):
 
 @per_case([CASES_BY_ID["gpt-oss"], CASES_BY_ID["qwen3-moe-experts-split-over-shards"]])
 def test_verify_recomputes_expert_tensors_from_the_inputs(built: Built, tmp_path):
-    from shardmerge.cli import main
 
     plan = write_plan(
         tmp_path / "plan.yaml",
@@ -354,7 +352,7 @@ def test_verify_recomputes_expert_tensors_from_the_inputs(built: Built, tmp_path
         max_memory=built.case.max_memory,
         adapters=[{"path": a, "weight": w} for a, w in zip(built.adapters, built.case.weights)],
     )
-    assert main(["verify", str(built.output), "--plan", str(plan), "--samples", "1000"]) == 0
+    assert run_cli("verify", built.output, "--plan", plan, "--samples", "1000").returncode == 0
 
 
 @per_case([c for c in CASES if c.split_experts])

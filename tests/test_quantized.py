@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers.adapters import make_adapter, write_adapter
 from helpers.models import quiet, random_model, write_model
-from helpers.plans import write_plan
+from helpers.plans import run_cli, write_plan
 from helpers.quant import (
     Format,
     formats,
@@ -28,7 +28,6 @@ from helpers.reference import peft_merged, rounding_tolerance
 from safetensors.torch import load_file
 
 from shardmerge import ShardmergeError, merge
-from shardmerge.cli import main
 
 FORMATS = formats()
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]  # gate_proj: ragged rows; down_proj: ragged columns
@@ -226,8 +225,9 @@ def test_rounded_away_deltas_warn_once_from_the_cli_and_never_from_the_library(t
     assert capsys.readouterr().err == ""
     assert len(report.warnings) == 1 and "dtype: bfloat16" in report.warnings[0]
     plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "cli")
-    assert main([str(plan), "--quiet", "--report-json", str(tmp_path / "report.json")]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
+    result = run_cli(plan, "--quiet", "--report-json", tmp_path / "report.json")
+    assert result.returncode == 0
+    err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("shardmerge: warning:") and f"{len(TARGETS)} of {len(TARGETS)}" in err[0]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["delta_survival"] == pytest.approx(report.delta_survival)
@@ -264,7 +264,7 @@ def test_verify_with_the_plan_accepts_quantized_outputs_and_catches_a_changed_co
     plan = write_plan(
         tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o", dtype=dtype
     )
-    assert main([str(plan), "--quiet"]) == 0
+    assert run_cli(plan, "--quiet").returncode == 0
     assert verify(str(tmp_path / "o"), plan=str(plan)) == []
     shard = tmp_path / "o" / "model.safetensors"
     out = load_file(str(shard))
@@ -311,14 +311,15 @@ _INT4_GROUP = {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "g
         ({"quant_method": "someday", "bits": 4}, "unknown quant_method 'someday'"),
     ],
 )
-def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, capsys, quantization_config, named):
+def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, quantization_config, named):
     c = build_case(tmp_path, "fp8:f32")
     config = json.loads((c.base / "config.json").read_text())
     config["quantization_config"] = quantization_config
     (c.base / "config.json").write_text(json.dumps(config))
     plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o")
-    assert main([str(plan), "--quiet"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
+    result = run_cli(plan, "--quiet")
+    assert result.returncode != 0
+    err = result.stderr.strip().splitlines()
     assert len(err) == 1 and named in err[0] and "Traceback" not in err[0], err
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
 
