@@ -154,6 +154,13 @@ def peft_creates(config: dict, module: str) -> bool:
     return any(module.endswith("." + t) for t in targets) and _in_layers_to_transform(config, module)
 
 
+def _names_module(config: dict, module: str) -> bool:
+    """Whether target_modules itself names `module`: then its LoRA is a layer's, not a ParamWrapper's, even when
+    a bare parameter name in target_parameters (`down_proj`, as PEFT's all-linear adds for MoE) could match it;
+    PEFT refuses to wrap a parameter of a module target_modules already adapted."""
+    return bool(config.get("target_modules")) and peft_creates(config, module)
+
+
 def _in_layers_to_transform(config: dict, module: str) -> bool:
     """PEFT's layers_to_transform rule: the first numbered segment (after layers_pattern, if given) is the
     layer index, and a module without one is not in any listed layer."""
@@ -313,7 +320,7 @@ def _settle_modules(files: AdapterFiles, adapter: Adapter, modules: dict[str, Lo
     targets = list(files.config.get("target_parameters") or [])
     ignored = []
     for module in modules.values():
-        if targets and is_param_module(module.module, targets):
+        if targets and is_param_module(module.module, targets) and not _names_module(files.config, module.module):
             _check_param_module(files, module)
             owner, depth = strip_base_layers(module.module)
             adapter.param_loras.append(ParamLora(owner, depth, module.a, module.b))

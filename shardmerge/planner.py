@@ -295,6 +295,10 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames, quantized
         return None if found is None else base.tensors[found]
 
     for owner, loras in owners.items():
+        plain = _plain_param_term(adapter, base, names, owner, loras, targets)
+        if plain is not None:
+            yield plain
+            continue
         for param, lora in experts.assign_params(owner, loras, model.targeted(owner, targets, len(loras))).items():
             origin = f"{adapter.path}: {owner}.{param}"
             shape, parts = experts.checkpoint_slices(owner, param, None, rules, find)
@@ -321,6 +325,22 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames, quantized
                     )
                 a, b = experts.narrowed_reads(lora.a, lora.b, count, swap, part)
                 yield name, ExpertTerm(a, b, count, swap, layout, part, scaling, adapter.weight, origin, stored)
+
+
+def _plain_param_term(adapter: Adapter, base: BaseModel, names: BaseNames, owner: str, loras: list, targets: list):
+    """(base tensor name, LoraTerm) for a ParamWrapper on a 2-D parameter (an MoE router's `gate.weight`, which
+    PEFT's all-linear targets on Mixtral-style models), else None. PEFT merges it as a Linear: W + s * B @ A."""
+    leaves = sorted({t.rpartition(".")[2] for t in targets})
+    stored = [(p, names.find(f"{owner}.{p}")) for p in experts.targeted_params(owner, leaves, targets)]
+    stored = [(p, name) for p, name in stored if name is not None and len(base.tensors[name].shape) == 2]
+    if len(stored) != 1 or len(loras) != 1:
+        return None
+    (param, name), lora = stored[0], loras[0]
+    rank, scaling = module_scaling(adapter.config, f"{owner}.{param}")  # PEFT's pattern key: <module>.<param>
+    if lora.a.shape[:1] != (rank,):
+        raise ShardmergeError(f"{adapter.weights}: {lora.a.name!r} {list(lora.a.shape)} does not have r={rank} rows")
+    module = LoraModule(owner, lora.a, lora.b, scaling=scaling, rank=rank)
+    return name, _lora_term(module, adapter, base.tensors[name], base.config)
 
 
 def _stored_as(parts: list, shape: tuple) -> str:
