@@ -460,12 +460,13 @@ def _require_head(base: BaseModel, adapter: Adapter, target_name: str, tensor: T
     )
 
 
-def _with_added(tensors: dict[str, TensorInfo], added: dict[str, str]):
-    """A shard's tensors in order, each followed by the new output tensor (an untied head) that copies it."""
+def _with_added(tensors: dict[str, TensorInfo], added: dict[str, list[str]]):
+    """A shard's tensors in order, each followed by the new output tensors (an untied head, the embeddings tied
+    to it) that copy it."""
     for name, tensor in tensors.items():
         yield name, tensor
-        if name in added:
-            yield added[name], tensor
+        for new in added.get(name, ()):
+            yield new, tensor
 
 
 def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | None = None) -> MergePlan:
@@ -496,7 +497,9 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
             out_dtype = _OUT_DTYPES[plan.dtype]
         return TensorTask(name, edits.replaced.get(name, tensor), out_dtype, terms=edits.terms.get(name, []))
 
-    added = {after: name for name, after in edits.added}  # a head that was tied: beside its embedding
+    added: dict[str, list[str]] = {}  # a head that was tied (and its aliases): beside its embedding
+    for name, after in edits.added:
+        added.setdefault(after, []).append(name)
     layout = [
         (shard.path.name, _shard_tasks(_with_added(shard.tensors, added), quantized, edits, plan.dtype, task))
         for shard in base.shards

@@ -23,7 +23,12 @@ from .stores import store_for
 
 # Output embeddings that transformers ties to the input embedding, and the input embedding names.
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
-_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+# Encoder-decoder models (T5, BART, Marian, ...) tie the head and both stacks' embed_tokens to `shared`: the
+# matrix the others alias, whichever of those aliases the checkpoint stores as well. transformers ties the
+# stacks' embeddings only while tie_word_embeddings holds, so an untied output must store them.
+_SHARED = "shared"
+_STACKS = ("encoder", "decoder")
 # The head's name when the checkpoint does not store it: transformers 5's causal and conditional-generation
 # models declare their tied head as lm_head.weight (_tied_weights_keys), GPT-NeoX's former embed_out included.
 _HEAD = "lm_head.weight"
@@ -57,6 +62,7 @@ class Tie:
     input: str  # the input embedding's weight as the checkpoint stores it
     output: str  # the head's weight: as stored, or the name transformers saves it under once untied
     stored: bool  # the checkpoint stores the head as well (with equal values: one matrix for transformers)
+    aliases: tuple[str, ...] = ()  # other names tied to the input that the checkpoint does not store
 
     def names_output(self, name: str) -> bool:
         """Whether an adapter's name for a tensor the base does not store stands for the tied head."""
@@ -69,6 +75,7 @@ def find_tie(base: BaseModel) -> Tie | None:
     With both stored, sharing also needs equal values, which `settle` checks only if an adapter touches one."""
     ties = config_ties(base.config)
     inputs = [n for n in base.tensors if n.endswith(".weight") and n.split(".")[-2] in _INPUT_EMBEDDINGS]
+    inputs = [n for n in inputs if n.split(".")[-2] == _SHARED] or inputs
     if len(inputs) != 1 or ties is False:
         return None
     heads = [
@@ -80,10 +87,14 @@ def find_tie(base: BaseModel) -> Tie | None:
     ]
     if len(heads) > 1:
         return None
+    aliases = ()
+    if inputs[0].split(".")[-2] == _SHARED and base.config.get("is_encoder_decoder"):
+        prefix = inputs[0].removesuffix(f"{_SHARED}.weight")
+        aliases = tuple(n for n in (f"{prefix}{s}.embed_tokens.weight" for s in _STACKS) if n not in base.tensors)
     if heads:  # with no tie_word_embeddings in the config we cannot know the class default: treat as untied
-        return Tie(inputs[0], heads[0], True) if ties else None
+        return Tie(inputs[0], heads[0], True, aliases) if ties else None
     # Only the embedding is stored: the model loads only if the head is tied to it, whatever the config says.
-    return Tie(inputs[0], _HEAD, False)
+    return Tie(inputs[0], _HEAD, False, aliases)
 
 
 @dataclass
@@ -115,12 +126,12 @@ def settle(tie: Tie | None, edits: Edits, base: BaseModel) -> None:
         return
     shared = not tie.stored or tensors_equal(base.tensors[tie.input], base.tensors[tie.output])
     if not shared:  # two matrices for transformers and PEFT: each keeps its own edits; PEFT notes the untie
-        edits.config = untied_config(base.config)
+        _untie(tie, edits, base)
         return
     if not edits.own & {tie.input, tie.output}:
         _share(tie, edits)
         return
-    edits.config = untied_config(base.config)
+    _untie(tie, edits, base)
     if not tie.stored:
         architecture = str((base.config.get("architectures") or ["unknown"])[0])
         if not architecture.endswith(_HEAD_CLASSES):
@@ -129,6 +140,20 @@ def settle(tie: Tie | None, edits: Edits, base: BaseModel) -> None:
                 f"a {architecture} model, whose head name is not known here; merge it with PEFT"
             )
         edits.added.append((tie.output, tie.input))
+
+
+def _untie(tie: Tie, edits: Edits, base: BaseModel) -> None:
+    """tie_word_embeddings false, and the aliases transformers then no longer ties written out. They keep the
+    original matrix, as in PEFT's merged model: the input's edits, or the head's when the input got its own
+    modules_to_save copy (the aliases never do), or the base values when both did."""
+    edits.config = untied_config(base.config)
+    keeps = next((n for n in (tie.input, tie.output) if n not in edits.own), None)
+    for alias in tie.aliases:
+        edits.added.append((alias, tie.input))
+        if keeps in edits.terms:
+            edits.terms[alias] = list(edits.terms[keeps])
+        if keeps in edits.replaced:
+            edits.replaced[alias] = edits.replaced[keeps]
 
 
 def _share(tie: Tie, edits: Edits) -> None:
