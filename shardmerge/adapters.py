@@ -216,6 +216,14 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _saved_twice(name: str, saved: dict) -> bool:
+    """A modules_to_save copy's tensor under its in-memory name (`m.modules_to_save.<adapter>.x`, which
+    bias="all"/"lora_only" saves beside the copy), when the copy itself is saved as `m.x` too: PEFT's load
+    writes `m.x` over it (ModulesToSaveWrapper.adapter_state_dict_load_map), so only `m.x` counts."""
+    plain = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name, count=1)
+    return plain != name and (plain in saved or PEFT_PREFIX + plain in saved)
+
+
 def _replacement_target(key: str) -> str:
     """The base tensor a saved full tensor stands for: drop base_layer./modules_to_save.<name>. wrappers."""
     key = key.replace(".base_layer.", ".")
@@ -294,6 +302,8 @@ def _sort_tensors(files: AdapterFiles, adapter: Adapter) -> dict[str, LoraModule
             if any(part in name.split(".") for part in _LORA_PARTS) or ".original_module." in name:
                 if ".original_module." in name:
                     continue  # PEFT's untouched copy of a modules_to_save module; the base already has it
+            if _saved_twice(name, files.header.tensors):
+                continue
                 raise ShardmergeError(f"{files.weights}: cannot interpret adapter tensor {key!r}")
             target = _replacement_target(name)
             adapter.replacements[target] = tensor
