@@ -29,3 +29,52 @@ def test_all_linear_on_mixtral_merges_the_router_and_the_experts(tmp_path):
                            dtype=torch.float32)  # fmt: skip
     _merge(tmp_path, base, adapter)
     assert_same_model(tmp_path / "out", peft_merged(base, [adapter]))
+
+
+def _bart(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, BartConfig
+
+    config = BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)  # fmt: skip
+    return build_base(tmp_path / "base", config, torch.float32, auto_class=AutoModelForSeq2SeqLM), AutoModelForSeq2SeqLM
+
+
+def test_modules_to_save_on_the_head_of_bart_unties_it_and_keeps_both_stacks_embeddings(tmp_path):
+    """BART stores only model.shared; lm_head and both stacks' embed_tokens are tied to it. PEFT's own copy of
+    lm_head unties the pair (tie_word_embeddings false), after which transformers no longer ties the stacks'
+    embeddings either: the output stores the head and both embeddings, which keep the (LoRA-merged) shared."""
+    from peft import LoraConfig
+
+    base, auto = _bart(tmp_path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["shared", "q_proj"], modules_to_save=["lm_head"])
+    adapter = make_adapter(base, tmp_path / "adapter", config, dtype=torch.float32, auto_class=auto)
+    _merge(tmp_path, base, adapter)
+    assert_same_model(tmp_path / "out", peft_merged(base, [adapter], auto), auto)
+
+
+def test_modules_to_save_on_the_shared_embedding_of_bart_leaves_the_stacks_on_the_original(tmp_path):
+    """PEFT's copy replaces the `shared` module only; the head and the stacks' embed_tokens keep the original
+    matrix, which the output now stores under their own names."""
+    from peft import LoraConfig
+
+    base, auto = _bart(tmp_path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["shared"])
+    adapter = make_adapter(base, tmp_path / "adapter", config, dtype=torch.float32, auto_class=auto)
+    _merge(tmp_path, base, adapter)
+    assert_same_model(tmp_path / "out", peft_merged(base, [adapter], auto), auto)
+
+
+def test_bias_all_with_a_nested_classification_head_merges_the_heads_copy(tmp_path):
+    """bias="all" saves a modules_to_save copy's biases twice: as the copy (`classifier.dense.bias`) and under
+    its in-memory name (`classifier.modules_to_save.default.dense.bias`); PEFT loads the first over the second."""
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
+
+    config = RobertaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, max_position_embeddings=70, num_labels=3, pad_token_id=1)  # fmt: skip
+    auto = AutoModelForSequenceClassification
+    base = build_base(tmp_path / "base", config, torch.float32, auto_class=auto)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all", task_type="SEQ_CLS")
+    adapter = make_adapter(base, tmp_path / "adapter", lora, dtype=torch.float32, auto_class=auto)
+    _merge(tmp_path, base, adapter)
+    assert_same_model(tmp_path / "out", peft_merged(base, [adapter], auto), auto)
