@@ -34,8 +34,9 @@ def test_all_linear_on_mixtral_merges_the_router_and_the_experts(tmp_path):
 def _bart(tmp_path):
     from transformers import AutoModelForSeq2SeqLM, BartConfig
 
-    config = BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)  # fmt: skip
+    sizes = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4)
+    config = BartConfig(vocab_size=128, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        **sizes)  # fmt: skip
     return build_base(tmp_path / "base", config, torch.float32, auto_class=AutoModelForSeq2SeqLM), AutoModelForSeq2SeqLM
 
 
