@@ -295,7 +295,7 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames, quantized
         return None if found is None else base.tensors[found]
 
     for owner, loras in owners.items():
-        plain = _plain_param_term(adapter, base, names, owner, loras, targets)
+        plain = _plain_param_term(adapter, base, names, owner, loras, targets, quantized)
         if plain is not None:
             yield plain
             continue
@@ -327,7 +327,9 @@ def _expert_terms(adapter: Adapter, base: BaseModel, names: BaseNames, quantized
                 yield name, ExpertTerm(a, b, count, swap, layout, part, scaling, adapter.weight, origin, stored)
 
 
-def _plain_param_term(adapter: Adapter, base: BaseModel, names: BaseNames, owner: str, loras: list, targets: list):
+def _plain_param_term(
+    adapter: Adapter, base: BaseModel, names: BaseNames, owner: str, loras: list, targets: list, quantized: set[str]
+):
     """(base tensor name, LoraTerm) for a ParamWrapper on a 2-D parameter (an MoE router's `gate.weight`, which
     PEFT's all-linear targets on Mixtral-style models), else None. PEFT merges it as a Linear: W + s * B @ A."""
     leaves = sorted({t.rpartition(".")[2] for t in targets})
@@ -340,7 +342,7 @@ def _plain_param_term(adapter: Adapter, base: BaseModel, names: BaseNames, owner
     if lora.a.shape[:1] != (rank,):
         raise ShardmergeError(f"{adapter.weights}: {lora.a.name!r} {list(lora.a.shape)} does not have r={rank} rows")
     module = LoraModule(owner, lora.a, lora.b, scaling=scaling, rank=rank)
-    return name, _lora_term(module, adapter, base.tensors[name], base.config)
+    return name, _lora_term(module, adapter, base.tensors[name], base.config, name in quantized)
 
 
 def _stored_as(parts: list, shape: tuple) -> str:
