@@ -96,7 +96,8 @@ class _Tile:
     slab: torch.Tensor | None = None
     out_bytes: int = 0
     ready: object = None  # a CUDA event the writer waits on
-    companions: list = field(default_factory=list)  # (output offset, host tensor): fresh scales, on the last tile
+    companions: list = field(default_factory=list)  # (output offset, host tensor): fresh scales the writer writes
+    scales: list = field(default_factory=list)  # per quant scale: the tile's rows of a tiled one (in its slab), or None
 
 
 @dataclass
@@ -105,9 +106,9 @@ class _TaskState:
 
     task: TensorTask
     host: dict  # the terms' tensors as the reader read them
-    side: list  # a quantized source's scale tensors, as stored (on the merge device once prepared)
+    side: list  # a quantized source's whole scales as stored (on the merge device once prepared); None: tiled
     factors: list = field(default_factory=list)
-    fresh: list = field(default_factory=list)  # the scales requantized, filled tile by tile
+    fresh: list = field(default_factory=list)  # the whole scales requantized, filled tile by tile
     amax: torch.Tensor | None = None  # max |merged| over the tensor, from the pre-pass
     kept_sq: torch.Tensor | float = 0.0  # delta survival: ||round(W + D) - W||^2 so far
     delta_sq: torch.Tensor | float = 0.0  # ||D||^2 so far
@@ -175,7 +176,8 @@ class Executor:
         # Only host reads here: the merger makes the factors, so on CUDA they are uploaded on its stream.
         read = self._reader_for(task)
         host = {info: read(info) for t in task.terms for info in t.reads()}
-        side = [self._read(s) for s in task.quant.scales] if task.quant is not None else []
+        scales = zip(task.quant.scales, task.tiled) if task.quant is not None else ()
+        side = [None if tiled else self._read(s) for s, tiled in scales]
         self.pipeline.put(self.tiles, _TaskState(task, host, side))
         blocks = _row_blocks(task)
         src = task.source
@@ -186,9 +188,22 @@ class Executor:
                 start = time.perf_counter()
                 nbytes = (r1 - r0) * task.row_bytes
                 self._input(src.path).read_into(tile.slab[:nbytes].numpy(), src.offset + r0 * task.row_bytes)
+                nbytes += self._read_scales(tile)
                 self.result.stages.read += time.perf_counter() - start
                 self._count(bytes_read=nbytes)
                 self.pipeline.put(self.tiles, tile)
+
+    def _read_scales(self, tile: _Tile) -> int:
+        """The tile's rows of its task's tiled scales, read into its slab behind the data (TensorTask.tile_layout)."""
+        task = tile.task
+        tile.scales = [None] * len(task.tiled)
+        nbytes = 0
+        for i, rows, offset in task.tile_layout(tile.r0, tile.r1):
+            view = tile.slab[offset : offset + rows.nbytes]
+            self._input(rows.path).read_into(view.numpy(), rows.offset)
+            tile.scales[i] = view.view(mergemath.TORCH_DTYPES[rows.dtype]).reshape(rows.shape)
+            nbytes += rows.nbytes
+        return nbytes
 
     def _reader_for(self, task: TensorTask):
         """`_read` for the task's terms, serving the tensors other tasks read too from a small LRU cache (an
@@ -231,8 +246,8 @@ class Executor:
         """Factors, and a quantized source's scales, on the merge device (on CUDA, on the compute stream)."""
         state.factors = self._factors(state.task, state.host)
         with self.streams.computing() if self.streams is not None else contextlib.nullcontext():
-            state.side = [s.to(self.device) for s in state.side]
-        state.fresh = [s.clone() for s in state.side] if state.task.requant else []
+            state.side = [None if s is None else s.to(self.device) for s in state.side]
+        state.fresh = [None if s is None else s.clone() for s in state.side] if state.task.requant else []
 
     def merger(self) -> None:
         state = None
@@ -260,7 +275,7 @@ class Executor:
         task = state.task
         if self.streams is not None:
             self.streams.compute.synchronize()  # the fresh scales and sums are computed on that stream
-        tile.companions = [(c.out_offset, f.cpu()) for c, f in zip(task.companions, state.fresh)]
+        tile.companions += [(c.out_offset, f.cpu()) for c, f in zip(task.companions, state.fresh) if f is not None]
         if task.terms:
             self._count(tensors_merged=1)
             with self._counts:
@@ -275,10 +290,35 @@ class Executor:
         out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
         if self.streams is not None:  # the whole tile at once, on the device
             tile.ready = self.streams.merge(
-                raw, out, lambda on_device: self._merge_rows(tile, state, on_device, work_buffer, 0, rows)
+                raw, out, lambda on_device: self._merge_on_device(tile, state, on_device, work_buffer)
             )
         else:
             self._merge_chunks(tile, state, raw, out, work_buffer)
+        if task.requant and not tile.prepass:  # its rows of the tiled scales, requantized in its slab
+            b0 = task.scale_rows(tile.r0, tile.r1)[0]
+            tile.companions = [
+                (c.out_offset + b0 * c.source.row_bytes, fresh)
+                for c, fresh in zip(task.companions, tile.scales)
+                if fresh is not None
+            ]
+
+    def _scales(self, tile: _Tile, state: _TaskState, rows: list) -> tuple[list, list]:
+        """The scales a tile decodes with and requantizes into: `rows`, its rows of the tiled ones, requantized in
+        place (a chunk reads its rows before it rewrites them, and no other chunk shares them); the task's whole
+        ones."""
+        side = [r if r is not None else w for r, w in zip(rows, state.side)]
+        fresh = [r if r is not None else f for r, f in zip(rows, state.fresh)] if tile.task.requant else []
+        return side, fresh
+
+    def _merge_on_device(self, tile: _Tile, state: _TaskState, raw: torch.Tensor, work_buffer: torch.Tensor):
+        """The CUDA path (on the compute stream): the whole tile, its tiled scale rows copied over and back."""
+        rows = [None if r is None else r.to(self.device) for r in tile.scales]
+        rounded = self._merge_rows(tile, state, self._scales(tile, state, rows), raw, work_buffer, 0, tile.r1 - tile.r0)
+        if rounded is not None and tile.task.requant:
+            for host, on_device in zip(tile.scales, rows):
+                if host is not None:
+                    host.copy_(on_device, non_blocking=True)  # before Streams.merge records the tile's event
+        return rounded
 
     def _merge_chunks(
         self, tile: _Tile, state: _TaskState, raw: torch.Tensor, out: torch.Tensor, work_buffer: torch.Tensor
@@ -292,14 +332,16 @@ class Executor:
         starts = list(range(0, rows, step))
         if task.out_row_bytes > task.row_bytes:
             starts.reverse()
+        scales = self._scales(tile, state, tile.scales)
         for c0 in starts:
             c1 = min(c0 + step, rows)
-            self._merge_rows(tile, state, raw, work_buffer, c0, c1, out[c0:c1])
+            self._merge_rows(tile, state, scales, raw, work_buffer, c0, c1, out[c0:c1])
 
     def _merge_rows(
         self,
         tile: _Tile,
         state: _TaskState,
+        scales: tuple[list, list],
         raw: torch.Tensor,
         work_buffer: torch.Tensor,
         c0: int,
@@ -308,11 +350,13 @@ class Executor:
     ) -> torch.Tensor | None:
         """Rows c0:c1 of a tile merged in float32 and rounded to the output (requantized for a kept quantized
         format) into `dest`, or into a new tensor when there is none; None in a pre-pass (DoRA column norms, a
-        per-tensor scale's maximum)."""
+        per-tensor scale's maximum). `scales`: the tile's (side, fresh) from `_scales`, whose tiled rows start at
+        the tile's, so the codec counts rows from c0."""
         task, q = tile.task, tile.task.quant
+        side, fresh = scales
         r0, r1 = tile.r0 + c0, tile.r0 + c1
         work = work_buffer[: (r1 - r0) * _row_elems(task)].view(r1 - r0, -1)
-        work.copy_(raw[c0:c1] if q is None else q.codec.decode(q, raw[c0:c1], state.side, r0, task.quant_group))
+        work.copy_(raw[c0:c1] if q is None else q.codec.decode(q, raw[c0:c1], side, c0, task.quant_group))
         if tile.prepass:
             if task.column_norms:
                 terms.column_pass(task.terms, state.factors, work, r0, r1, task.rows)
@@ -327,7 +371,7 @@ class Executor:
         if task.requant:
             self._check_finite(task, merged)  # a requantized format saturates: only the merge itself can fail
             amax = None if state.amax is None else float(state.amax)
-            rounded = q.codec.encode(q, merged, state.fresh, r0, amax, task.quant_group)
+            rounded = q.codec.encode(q, merged, fresh, c0, amax, task.quant_group)
             if dest is not None:
                 rounded = dest.copy_(rounded)
         elif dest is not None:
@@ -337,7 +381,7 @@ class Executor:
         if not task.requant:
             self._check_finite(task, rounded)
         if sample:
-            kept = q.codec.decode(q, rounded, state.fresh, r0, task.quant_group) if task.requant else rounded
+            kept = q.codec.decode(q, rounded, fresh, c0, task.quant_group) if task.requant else rounded
             for (a, b), base in zip(sample, bases):
                 # torch.dist widens a bf16/fp16 operand to float32 exactly before subtracting
                 state.kept_sq += torch.dist(kept[a - r0 : b - r0], base).square()

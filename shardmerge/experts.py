@@ -376,21 +376,8 @@ def narrowed_reads(a: TensorInfo, b: TensorInfo, experts: int, swap: bool, part:
     (rows e*r .. of A), and when swapped only its rows of B (B's rows are d1 then). B's expert columns are
     strided, so B keeps every expert's columns."""
     rank = a.shape[0] // experts
-    a = _rows(a, part.first * rank, (part.first + part.count) * rank)
-    return a, (_rows(b, part.start, part.stop) if swap else b)
-
-
-def _rows(info: TensorInfo, r0: int, r1: int) -> TensorInfo:
-    if (r0, r1) == (0, info.shape[0]):
-        return info
-    return TensorInfo(
-        info.name,
-        info.dtype,
-        (r1 - r0, *info.shape[1:]),
-        info.path,
-        info.offset + r0 * info.row_bytes,
-        (r1 - r0) * info.row_bytes,
-    )
+    a = a.rows(part.first * rank, (part.first + part.count) * rank)
+    return a, (b.rows(part.start, part.stop) if swap else b)
 
 
 def expert_factors(a, b, experts: int, layout: str, swap: bool, part: ExpertSlice):

@@ -70,6 +70,7 @@ class TensorTask:
     quant: Quantized | None = None  # the source is quantized: tiles are dequantized as they are read
     requant: bool = False  # written back in the source's format, with `companions` (its fresh scales)
     companions: list[Companion] = field(default_factory=list)
+    tiled: tuple[bool, ...] = ()  # per quant scale: its rows follow the row blocks, so it is read and written per tile
 
     @property
     def out_nbytes(self) -> int:
@@ -140,6 +141,35 @@ class TensorTask:
         """Tiles and chunks start on multiples of this many rows: whole scale blocks (for MXFP4, whose scales
         run along the stored transpose, whole experts)."""
         return self.quant.codec.row_block(self.quant) * self.quant_group if self.quant is not None else 1
+
+    def scale_rows(self, r0: int, r1: int) -> tuple[int, int]:
+        """The rows of every tiled scale that tile rows r0:r1 (r0 on a row unit) decode with: one per row unit."""
+        return r0 // self.row_unit, -(-r1 // self.row_unit)
+
+    @property
+    def tiled_scale_row_bytes(self) -> int:
+        """Bytes of one row of every tiled scale together (a row per row unit of the task)."""
+        return sum(s.row_bytes for s, tiled in zip(self.quant.scales, self.tiled) if tiled) if self.quant else 0
+
+    def tile_layout(self, r0: int, r1: int) -> list[tuple[int, TensorInfo, int]]:
+        """Where a tile's rows of the tiled scales sit in its slab, after its data (as read or as written, the
+        longer), each aligned for its dtype: (index in quant.scales, those rows, slab offset). The merge
+        requantizes them in place, and the writer writes them back from there."""
+        b0, b1 = self.scale_rows(r0, r1)
+        offset = _aligned((r1 - r0) * max(self.row_bytes, self.out_row_bytes))
+        layout = []
+        for i, (scale, tiled) in enumerate(zip(self.quant.scales if self.quant else (), self.tiled)):
+            if tiled:
+                layout.append((i, scale.rows(b0, b1), offset))
+                offset = _aligned(offset + (b1 - b0) * scale.row_bytes)
+        return layout
+
+    def tile_bytes(self, rows: int) -> int:
+        """Slab bytes a tile of `rows` rows (from a row unit) takes: its data and its tiled scales' rows."""
+        layout = self.tile_layout(0, rows)
+        if not layout:
+            return rows * max(self.row_bytes, self.out_row_bytes)
+        return layout[-1][2] + layout[-1][1].nbytes
 
 
 @dataclass
@@ -578,6 +608,7 @@ def _shard_tasks(tensors, quantized: dict[str, Quantized], edits, dtype: str, pl
 def _quant_task(q: Quantized, terms: list, replacement: TensorInfo | None, dtype: str) -> TensorTask:
     if replacement is not None:  # a float output (checked when planning), so no format is kept
         return TensorTask(q.name, replacement, _OUT_DTYPES[dtype], terms=terms)
+    tiled = q.codec.tiled_scales(q)
     if dtype == "keep":
         return TensorTask(
             q.codes.name,
@@ -587,8 +618,9 @@ def _quant_task(q: Quantized, terms: list, replacement: TensorInfo | None, dtype
             quant=q,
             requant=True,
             companions=[Companion(s) for s in q.scales],
+            tiled=tiled,
         )
-    return TensorTask(q.name, q.logical, _OUT_DTYPES[dtype], terms=terms, quant=q)
+    return TensorTask(q.name, q.logical, _OUT_DTYPES[dtype], terms=terms, quant=q, tiled=tiled)
 
 
 def _reshard(tasks: list[TensorTask], max_bytes: int) -> list[tuple[str, list[TensorTask]]]:
@@ -612,13 +644,24 @@ def scratch_bytes(budget: int) -> int:
 
 
 def fixed_cost(task: TensorTask) -> int:
-    """Bytes held for a whole task: every term's factors, and a quantized source's scales as stored, twice
-    when requantized (the fresh ones), plus float32 for decoding them."""
+    """Bytes held for a whole task: every term's factors, and a quantized source's whole (untiled) scales as
+    stored, twice when requantized (the fresh ones), plus float32 for decoding them. Tiled scales travel with
+    their tiles (_row_cost)."""
     total = sum(t.fixed_bytes for t in task.terms)
     if task.quant is not None:
-        scales = task.quant.scales
+        scales = [s for s, tiled in zip(task.quant.scales, task.tiled) if not tiled]
         total += (2 if task.requant else 1) * sum(s.nbytes for s in scales) + 4 * sum(s.numel for s in scales)
     return total
+
+
+def _row_cost(task: TensorTask, itemsize: int) -> int:
+    """Slab elements one row of a tile takes: its own, and in the same units its share of the tiled scales'
+    rows its slab carries (TensorTask.tile_layout)."""
+    return _row_elems(task) + math.ceil(task.tiled_scale_row_bytes / (task.row_unit * itemsize))
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _SLAB_ALIGN) * _SLAB_ALIGN
 
 
 @dataclass(frozen=True)
@@ -656,6 +699,7 @@ class Buffers:
 
 
 SLABS = 4  # one being read, one merging, one being written, one spare for jitter
+_SLAB_ALIGN = 16  # a tile's scale rows start on this within its slab, so they view as their dtype
 # The CPU merge walks a tile in chunks of about 1 MiB of float32, so that widening, the low-rank update
 # and rounding all happen while the chunk is in cache: memory traffic drops from ~20 to ~4 bytes per weight.
 CHUNK_ELEMS = 256 * 1024
@@ -707,10 +751,14 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
     # On the CPU the float32 scratch is one chunk; on CUDA it lives on the device, outside max_memory.
     work_elems = 0 if on_cuda else max(t.chunk_rows * _row_elems(t) for t in tasks)
     fixed = factors + 2 * scratch + FLOAT32_BYTES * work_elems * work_factor
+    # A slab's tiled scale rows round up to whole rows and aligned starts: at most one row and one alignment each.
+    fixed += SLABS * max(
+        (t.tiled_scale_row_bytes + _SLAB_ALIGN * (len(t.tiled) + 1) for t in tasks if any(t.tiled)), default=0
+    )
     per_elem = SLABS * itemsize
     elems = (budget - fixed) // per_elem
     for t in tasks:
-        rows, unit, row = t.rows, t.row_unit, _row_elems(t)
+        rows, unit, row = t.rows, t.row_unit, _row_cost(t, itemsize)
         block = min(rows, unit) * row
         if block > elems:
             need = overhead + fixed + block * per_elem
@@ -734,9 +782,7 @@ def _tile(merge_plan: MergePlan, budget: int) -> Buffers:
                 "needs two pre-passes, which shardmerge does not do; use dtype: bfloat16"
             )
     tile_elems = max(t.rows_per_tile * _row_elems(t) for t in tasks)
-    slab = max(
-        t.rows_per_tile * _row_elems(t) * max(DTYPE_SIZES[t.source.dtype], DTYPE_SIZES[t.out_dtype]) for t in tasks
-    )
+    slab = max(t.tile_bytes(t.rows_per_tile) for t in tasks)
     return Buffers(
         SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors - shared, scratch, overhead, shared
     )

@@ -55,6 +55,15 @@ class TensorInfo:
             return self.nbytes
         return self.nbytes // self.shape[0]
 
+    def rows(self, r0: int, r1: int) -> TensorInfo:
+        """Rows r0:r1 along dim 0, as a tensor of their own (its bytes are contiguous)."""
+        if (r0, r1) == (0, self.shape[0] if self.shape else 1):
+            return self
+        shape = (r1 - r0, *self.shape[1:])
+        return TensorInfo(
+            self.name, self.dtype, shape, self.path, self.offset + r0 * self.row_bytes, (r1 - r0) * self.row_bytes
+        )
+
 
 @dataclass
 class ShardHeader:

@@ -137,6 +137,7 @@ def _block_rows(task, budget: int) -> int:
     row_elems = task.source.numel // rows if rows else 1
     copies = max(t.work_copies for t in task.terms) + 3 + (4 if task.quant is not None else 0)
     per_row = row_elems * (8 * copies + DTYPE_SIZES[task.source.dtype] + DTYPE_SIZES[task.out_dtype])
+    per_row += 3 * -(-task.tiled_scale_row_bytes // task.row_unit)  # a block's scales: the base's, fresh, written
     room = budget - RUNTIME_BYTES - 2 * fixed_cost(task)
     if room < per_row * task.row_unit:
         need = budget - room + per_row * task.row_unit
@@ -159,7 +160,7 @@ def _expected_blocks(task, block: int):
     factors = terms.load_factors(
         task.terms, lambda info: _rows64(info, 0, info.shape[0] if info.shape else 1).reshape(info.shape)
     )
-    side = [_whole(s) for s in task.quant.scales] if task.quant is not None else []
+    side = _whole_scales(task, task.quant.scales) if task.quant is not None else []
     blocks = [(r0, min(r0 + block, rows)) for r0 in range(0, rows, block)]
     if any(t.column_norms for t in task.terms):  # column norms need every row before any row merges
         for r0, r1 in blocks:
@@ -181,15 +182,17 @@ def _check_requantized(path: Path, task, header, block: int) -> list[str]:
     """A requantized tensor may be no further (in norm) from the float64 merge than requantizing that merge is
     (1.5x: float32 arithmetic can move a value across a rounding boundary)."""
     q = task.quant
-    fresh = [_whole(s) for s in q.scales]
-    written = [_whole(header.tensors[c.source.name]) for c in task.companions]
+    out_scales = [header.tensors[c.source.name] for c in task.companions]
+    fresh, written = _whole_scales(task, q.scales), _whole_scales(task, out_scales)
     amax = max(float(e.abs().max()) for _, _, e in _expected_blocks(task, block)) if task.needs_amax else None
     group = task.quant_group
     error = ideal = 0.0
     for r0, r1, expected in _expected_blocks(task, block):
-        requantized = q.codec.encode(q, expected.float(), fresh, r0, amax, group)
-        ideal += (q.codec.decode(q, requantized, fresh, r0, group).double() - expected).square().sum().item()
-        actual = q.codec.decode(q, _rows(header.tensors[task.name], r0, r1, task.rows), written, r0, group).double()
+        scratch = _block_scales(task, q.scales, fresh, r0, r1)
+        requantized = q.codec.encode(q, expected.float(), scratch, 0, amax, group)
+        ideal += (q.codec.decode(q, requantized, scratch, 0, group).double() - expected).square().sum().item()
+        stored = _block_scales(task, out_scales, written, r0, r1)
+        actual = q.codec.decode(q, _rows(header.tensors[task.name], r0, r1, task.rows), stored, 0, group).double()
         error += (actual - expected).square().sum().item()
     if error**0.5 > 1.5 * ideal**0.5 + 1e-9:
         line = (
@@ -207,7 +210,20 @@ def _base_rows(task, side: list, r0: int, r1: int):
     q = task.quant
     if q is None:
         return _rows64(task.source, r0, r1, task.rows)
-    return q.codec.decode(q, _rows(q.codes, r0, r1, task.rows), side, r0, task.quant_group).to(torch.float64)
+    side = _block_scales(task, q.scales, side, r0, r1)
+    return q.codec.decode(q, _rows(q.codes, r0, r1, task.rows), side, 0, task.quant_group).to(torch.float64)
+
+
+def _whole_scales(task, infos) -> list:
+    """The scales held whole (one value per tensor), read; None for a tiled one (read block by block)."""
+    return [None if tiled else _whole(info) for info, tiled in zip(infos, task.tiled)]
+
+
+def _block_scales(task, infos, whole: list, r0: int, r1: int) -> list:
+    """The scales rows r0:r1 decode with, from `infos` (the base's or the output's): the rows of a tiled one
+    that cover them (so the codec counts rows from r0), a whole one as `whole` holds it."""
+    b0, b1 = task.scale_rows(r0, r1)
+    return [_whole(info.rows(b0, b1)) if tiled else w for info, tiled, w in zip(infos, task.tiled, whole)]
 
 
 def _whole(info):

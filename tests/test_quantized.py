@@ -473,3 +473,43 @@ def test_expert_lora_into_integer_experts_without_a_quantized_format_is_refused_
     with pytest.raises(ShardmergeError, match=f"'{name}' is I8, neither a float tensor nor a weight of a quantized"):
         run_merge(base, tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+_WHOLE_SCALES = {
+    "ct:tensor:f32": {"weight_scale"},
+    "nvfp4-modelopt": {"weight_scale_2"},
+    "nvfp4-ct": {"weight_global_scale"},
+}
+
+
+@pytest.mark.parametrize("fmt_key", list(FORMATS))
+def test_scales_on_the_row_blocks_travel_with_their_tiles_and_one_per_tensor_scales_are_held_whole(fmt_key):
+    """Which scales a tile reads and rewrites with its own rows (so a tensor's scales are never held whole) and
+    which the task holds whole (one value for the tensor)."""
+    from shardmerge.formats import detect
+    from shardmerge.safetensors_io import DTYPE_SIZES, TensorInfo
+
+    fmt = FORMATS[fmt_key]
+    stored = fmt.quantize("m", torch.randn(320, 256, dtype=torch.float64))
+    dtypes = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16", torch.uint8: "U8"}
+    infos = {}
+    for name, t in stored.items():
+        dtype = dtypes[t.dtype]
+        infos[name] = TensorInfo(name, dtype, tuple(t.shape), Path("mem"), 0, t.numel() * DTYPE_SIZES[dtype])
+    codec = detect({"quantization_config": fmt.config}, Path("/nonexistent"))
+    (q,) = codec.weights(infos).values()
+    tiled = {s.name.rpartition(".")[2]: t for s, t in zip(q.scales, codec.tiled_scales(q))}
+    whole = _WHOLE_SCALES.get(fmt_key, set())
+    assert tiled == {name: name not in whole for name in tiled}, tiled
+
+
+def test_mxfp4_scales_travel_with_their_experts():
+    from shardmerge.formats.fp4 import MXFP4
+    from shardmerge.safetensors_io import TensorInfo
+
+    codec = MXFP4({"quant_method": "mxfp4"})
+    tensors = {
+        "e.down_proj_blocks": TensorInfo("e.down_proj_blocks", "U8", (3, 64, 3, 16), Path("mem"), 0, 9216),
+        "e.down_proj_scales": TensorInfo("e.down_proj_scales", "U8", (3, 64, 3), Path("mem"), 0, 576),
+    }
+    assert codec.tiled_scales(codec.weights(tensors)["e.down_proj_blocks"]) == (True,)

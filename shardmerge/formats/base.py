@@ -62,16 +62,23 @@ class Codec:
         """A per-tensor scale: fresh scales need the merged tensor's absolute maximum, from a pre-pass."""
         return False
 
+    def tiled_scales(self, q: Quantized) -> tuple[bool, ...]:
+        """Which of q.scales follow the row blocks (scale row i covers rows i*row_block..): those are read and
+        rewritten tile by tile, with the tile; the others (one value for the tensor) are held whole."""
+        blocks = math.ceil(q.shape[0] / self.row_block(q)) if q.shape else 1
+        return tuple(len(s.shape) >= 1 and s.shape[0] == blocks and s.numel > 1 for s in q.scales)
+
     def dequantize(self, q: Quantized, codes: torch.Tensor, side: list[torch.Tensor], r0: int) -> torch.Tensor:
         """Float32 rows r0:r0+len(codes) of the logical tensor, flattened to (rows, -1). `side` holds the
-        scale tensors as stored."""
+        scale tensors as stored: a tiled one (tiled_scales) from the row block r0 is counted from, so r0 is
+        relative to the first row its rows cover; a whole one as it is."""
         raise NotImplementedError
 
     def requantize(
         self, q: Quantized, x: torch.Tensor, side: list[torch.Tensor], r0: int, amax: float | None
     ) -> torch.Tensor:
         """Codes (stored dtype, (rows, -1)) for float32 rows r0:.. of the logical tensor; fresh scales for
-        those rows' blocks go into `side` in place, in their stored dtype."""
+        those rows' blocks go into `side` (as in `dequantize`) in place, in their stored dtype."""
         raise NotImplementedError
 
     def decode(self, q: Quantized, codes: torch.Tensor, side: list[torch.Tensor], r0: int, group: int = 1):

@@ -123,19 +123,13 @@ class _GridFP8(Codec):
 
     def dequantize(self, q, codes, side, r0):
         round_to = side[0].dtype if self.round_to_scale_dtype and side[0].dtype not in _POWER_OF_TWO else None
-        return grid_dequantize(
-            codes, side[0].reshape(self._grid_shape(q)), self.grid(q.shape, q.scales[0]), r0, round_to
-        )
+        grid = self.grid(q.shape, q.scales[0])
+        return grid_dequantize(codes, side[0].reshape(-1, math.ceil(q.shape[1] / grid[1])), grid, r0, round_to)
 
     def requantize(self, q, x, side, r0, amax):
-        scale = side[0].view(self._grid_shape(q))
-        return grid_requantize(
-            x, scale, self.grid(q.shape, q.scales[0]), r0, self.power_of_two, amax if self.needs_amax(q) else None
-        )
-
-    def _grid_shape(self, q: Quantized) -> tuple[int, int]:
-        bh, bw = self.grid(q.shape, q.scales[0])
-        return math.ceil(q.shape[0] / bh), math.ceil(q.shape[1] / bw)
+        grid = self.grid(q.shape, q.scales[0])
+        scale = side[0].view(-1, math.ceil(q.shape[1] / grid[1]))  # the side's block rows (all, or a tile's)
+        return grid_requantize(x, scale, grid, r0, self.power_of_two, amax if self.needs_amax(q) else None)
 
 
 class BlockFP8(_GridFP8):
