@@ -14,6 +14,7 @@ from helpers.adapters import make_adapter, write_adapter
 from helpers.models import quiet, random_model, write_model
 from helpers.plans import run_cli, write_plan
 from helpers.quant import (
+    MXFP4_CONFIG,
     Format,
     formats,
     gpt_oss_config,
@@ -444,8 +445,7 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers_does(tmp_path):
 
     quiet()
     experts = ("experts.gate_up_proj", "experts.down_proj")
-    keep_float = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
-    base = write_mxfp4_experts(tmp_path / "base", _tiny_gpt_oss(), experts, keep_float)
+    base = write_mxfp4_experts(tmp_path / "base", _tiny_gpt_oss(), experts, MXFP4_CONFIG["modules_to_not_convert"])
     reference = AutoModelForCausalLM.from_pretrained(
         str(base), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
     ).state_dict()

@@ -20,7 +20,15 @@ import torch
 from helpers.adapters import make_adapter, write_adapter
 from helpers.models import random_model, tensor_bytes, write_model
 from helpers.plans import write_plan
-from helpers.quant import Format, formats, gpt_oss_config, mxfp4_dequantize, mxfp4_quantize, qwen3_moe_config
+from helpers.quant import (
+    MXFP4_CONFIG,
+    Format,
+    formats,
+    gpt_oss_config,
+    mxfp4_dequantize,
+    mxfp4_quantize,
+    qwen3_moe_config,
+)
 from helpers.reference import input_ids, peft_merged
 from safetensors.torch import load_file
 
@@ -31,17 +39,6 @@ TARGET_MODULES = ["q_proj", "v_proj"]
 TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 _FP8_LINEAR = re.compile(r".*\.(self_attn\.[qkvo]_proj|mlp\.experts\.\d+\.(gate|up|down)_proj)\.weight$")
 _MXFP4_EXPERTS = re.compile(r".*\.mlp\.experts\.(gate_up_proj|down_proj)$")
-
-
-MXFP4_CONFIG = {
-    "quant_method": "mxfp4",
-    "modules_to_not_convert": [
-        "model.layers.*.self_attn",
-        "model.layers.*.mlp.router",
-        "model.embed_tokens",
-        "lm_head",
-    ],
-}
 
 
 @dataclass(frozen=True)
@@ -335,6 +332,20 @@ def test_experts_merged_in_many_tiles_hold_whole_blocks_and_give_the_same_bytes(
     assert (tmp_path / "o" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
+def write_gate_up_adapter(directory: Path, a: torch.Tensor, b: torch.Tensor, r: int) -> Path:
+    """A PEFT 0.21.2 adapter on layer 0's experts.gate_up_proj alone (one ParamWrapper), scaling 2, as saved."""
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    return write_adapter(
+        directory,
+        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=[],
+        target_parameters=["mlp.experts.gate_up_proj"],
+        peft_version="0.21.2",
+    )
+
+
 @pytest.mark.slow
 def test_a_quantized_expert_tensor_larger_than_max_memory_merges_within_it(tmp_path):
     """Per-expert block-FP8 tensors of 16 MB (ragged columns) merge within 14 MiB, against the float64 merge
@@ -353,16 +364,7 @@ def test_a_quantized_expert_tensor_larger_than_max_memory_merges_within_it(tmp_p
     )
     a = torch.randn(r * experts, hidden, generator=g) * 0.05
     b = torch.randn(2 * inter, r * experts, generator=g) * 0.05
-    prefix = "base_model.model.model.layers.0.mlp.experts"
-    adapter = write_adapter(
-        tmp_path / "adapter",
-        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=[],
-        target_parameters=["mlp.experts.gate_up_proj"],
-        peft_version="0.21.2",
-    )
+    adapter = write_gate_up_adapter(tmp_path / "adapter", a, b, r)
     budget = 14 * 2**20  # 8 MiB of fixed runtime overhead, 6 MiB for buffers
     report = merge(
         {"base": str(base), "adapters": [{"path": str(adapter)}], "output": str(tmp_path / "o"), "max_memory": budget}
@@ -396,16 +398,7 @@ def test_a_fused_mxfp4_expert_stack_larger_than_max_memory_merges_within_it(tmp_
     base = write_model(tmp_path / "base", tensors, 1, config)
     a = torch.randn(r * experts, hidden, generator=g) * 0.1
     b = torch.randn(2 * inter, r * experts, generator=g) * 0.1
-    prefix = "base_model.model.model.layers.0.mlp.experts"
-    adapter = write_adapter(
-        tmp_path / "adapter",
-        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=[],
-        target_parameters=["mlp.experts.gate_up_proj"],
-        peft_version="0.21.2",
-    )
+    adapter = write_gate_up_adapter(tmp_path / "adapter", a, b, r)
     budget = 18 * 2**20
     report = merge(
         {"base": str(base), "adapters": [{"path": str(adapter)}], "output": str(tmp_path / "o"), "max_memory": budget}

@@ -313,6 +313,18 @@ def gpt_oss_config():
     )
 
 
+# gpt-oss's quantization_config as the Hub checkpoints carry it: experts in MXFP4, the rest bf16
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
 def quantized_linears(model) -> list[str]:
     """Every Linear in the decoder layers (lm_head stays float, as real checkpoints keep it)."""
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
