@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,15 @@ from .sources import AdapterFiles
 from .ties import OUTPUT_EMBEDDINGS
 
 PEFT_PREFIX = "base_model.model."
-_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_E")
+# The PEFT types merged here: LoRA, and AdaLoRA (an SVD-shaped LoRA: B @ (A * E), its own scaling).
+_MERGED_TYPES = ("LORA", "ADALORA")
+# Where each saved part goes on a LoraModule, by (part, parameter): LoRA's are nn.Linear/Embedding parameters;
+# AdaLoRA saves bare nn.Parameters (`m.lora_A`, `m.lora_B`, `m.lora_E`).
+_SLOTS = {("lora_A", "weight"): "a", ("lora_B", "weight"): "b", ("lora_B", "bias"): "b_bias",
+          ("lora_embedding_A", ""): "a", ("lora_embedding_B", ""): "b",
+          ("lora_magnitude_vector", ""): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude"}  # fmt: skip
+_ADALORA_SLOTS = {("lora_A", ""): "a", ("lora_B", ""): "b", ("lora_E", ""): "singular"}
 # Config keys naming LoRA variants whose merge is not W + s*B@A (or DoRA), or layers PEFT builds differently
 # (megatron_config: Megatron's parallel linears); merging them as plain LoRA would silently produce a wrong
 # model, so they are refused by name. VeLoRA, MonteCLoRA and MiCA merge as plain LoRA (their variants'
@@ -45,6 +54,7 @@ class LoraModule:
     b: TensorInfo | None = None
     b_bias: TensorInfo | None = None  # lora_bias=True
     magnitude: TensorInfo | None = None  # DoRA
+    singular: TensorInfo | None = None  # AdaLoRA's lora_E
     embedding: bool = False  # lora_embedding_A/B: the delta is (B @ A)^T
     scaling: float = 0.0
     rank: int = 0
@@ -79,6 +89,27 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def is_adalora(config: dict) -> bool:
+    return str(config.get("peft_type", "LORA")).upper() == "ADALORA"
+
+
+def adalora_scaling(config: dict, rank: int, where: Path) -> float:
+    """AdaLoRA's (SVDLinear): lora_alpha (or the rank when it is not positive) / (ranknum + 1e-5), where ranknum
+    is init_r whatever rank the budget kept (resize_modules_by_rank_pattern keeps it); no rsLoRA, no patterns."""
+    alpha, init_r = config.get("lora_alpha", 8), config.get("init_r", 12)
+    if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r <= 0:
+        raise ShardmergeError(f"{where}: init_r={init_r!r} is not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ShardmergeError(f"{where}: lora_alpha={alpha!r} is not a number")
+    ranknum = float(_float32(init_r) + _float32(1e-5))  # PEFT adds in the float32 ranknum parameter
+    return (alpha if alpha > 0 else float(rank)) / ranknum
+
+
+def _float32(x: float) -> float:
+    """x rounded to float32, as PEFT's float32 parameters hold it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def module_scaling(config: dict, module: str) -> tuple[int, float]:
     """(rank, scaling) for one module: alpha/r, or alpha/sqrt(r) with rsLoRA, after rank/alpha patterns."""
     r = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
@@ -93,8 +124,8 @@ def module_scaling(config: dict, module: str) -> tuple[int, float]:
 def check_config(files: AdapterFiles) -> None:
     config, where = files.config, files.directory / "adapter_config.json"
     peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise ShardmergeError(f"{where}: peft_type is {peft_type!r}; shardmerge merges LoRA adapters only")
+    if str(peft_type).upper() not in _MERGED_TYPES:
+        raise ShardmergeError(f"{where}: peft_type is {peft_type!r}; shardmerge merges LoRA and AdaLoRA adapters only")
     for key in _UNSUPPORTED_VARIANTS:
         if config.get(key) not in (None, False, {}, []):
             raise ShardmergeError(
@@ -312,10 +343,7 @@ def _sort_tensors(files: AdapterFiles, adapter: Adapter) -> dict[str, LoraModule
             continue
         module_name, part, param = split
         module = modules.setdefault(module_name, LoraModule(module=module_name))
-        slot = {("lora_A", "weight"): "a", ("lora_B", "weight"): "b", ("lora_B", "bias"): "b_bias",
-                ("lora_embedding_A", ""): "a", ("lora_embedding_B", ""): "b",
-                ("lora_magnitude_vector", ""): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude"}.get(
-            (part, param))  # fmt: skip
+        slot = (_ADALORA_SLOTS if is_adalora(files.config) else _SLOTS).get((part, param))
         if slot is None:
             raise ShardmergeError(f"{files.weights}: cannot interpret adapter tensor {key!r}")
         if getattr(module, slot) is not None:
@@ -347,8 +375,13 @@ def _settle_modules(files: AdapterFiles, adapter: Adapter, modules: dict[str, Lo
         if module.a is None or module.b is None:
             missing = "A" if module.a is None else "B"
             raise ShardmergeError(f"{files.weights}: module {module.module!r} has no lora_{missing} tensor")
-        rank, module.scaling = module_scaling(files.config, module.module)
         module.rank = module.a.shape[0] if module.a.shape else 0
+        if is_adalora(files.config):
+            _check_singular(files, module)
+            where = files.directory / "adapter_config.json"
+            rank, module.scaling = module.rank, adalora_scaling(files.config, module.rank, where)
+        else:
+            rank, module.scaling = module_scaling(files.config, module.module)
         if module.rank != rank or module.b.shape[1:2] != (rank,):
             raise ShardmergeError(
                 f"{files.weights}: module {module.module!r} has rank {module.rank} (lora_A {list(module.a.shape)}, "
@@ -356,6 +389,16 @@ def _settle_modules(files: AdapterFiles, adapter: Adapter, modules: dict[str, Lo
             )
         adapter.modules.append(module)
     return ignored
+
+
+def _check_singular(files: AdapterFiles, module: LoraModule) -> None:
+    """AdaLoRA keeps its singular values in lora_E (r, 1), one per kept rank."""
+    if module.singular is None or module.singular.shape != (module.rank, 1):
+        got = "none" if module.singular is None else list(module.singular.shape)
+        raise ShardmergeError(
+            f"{files.weights}: AdaLoRA module {module.module!r} needs lora_E [{module.rank}, 1] beside "
+            f"lora_A {list(module.a.shape)}, got {got}"
+        )
 
 
 def _check_param_module(files: AdapterFiles, module: LoraModule) -> None:

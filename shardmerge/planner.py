@@ -290,7 +290,9 @@ def _lora_term(
                 f"{origin}: lora_magnitude_vector {list(module.magnitude.shape)} does not fit "
                 f"base tensor {target.name!r} {list(w)}"
             )
-    return LoraTerm(module.a, module.b, module.scaling, adapter.weight, transposed, module.magnitude, origin)
+    return LoraTerm(
+        module.a, module.b, module.scaling, adapter.weight, transposed, module.magnitude, origin, module.singular
+    )
 
 
 def _read_adapters(plan: Plan, scratch: Path) -> list[Adapter]:

@@ -96,6 +96,7 @@ class LoraTerm(Term):
     transposed: bool  # delta = (B @ A)^T: embeddings and Conv1D (fan_in_fan_out)
     magnitude: TensorInfo | None  # DoRA
     origin: str
+    singular: TensorInfo | None = None  # AdaLoRA's lora_E (r, 1): the delta is B @ (A * E)
 
     @property
     def scale(self) -> float:
@@ -115,17 +116,22 @@ class LoraTerm(Term):
         return 5 if self.magnitude is not None else 1
 
     def reads(self) -> tuple[TensorInfo, ...]:
-        return (self.a, self.b) + ((self.magnitude,) if self.magnitude is not None else ())
+        extras = tuple(t for t in (self.magnitude, self.singular) if t is not None)
+        return (self.a, self.b) + extras
 
     @property
     def fixed_bytes(self) -> int:
         # The magnitude twice: DoRA on a transposed kind also keeps one column norm per magnitude entry.
-        return FLOAT32_BYTES * (self.a.numel + self.b.numel + 2 * (self.magnitude.numel if self.magnitude else 0))
+        extras = 2 * (self.magnitude.numel if self.magnitude else 0) + (self.singular.numel if self.singular else 0)
+        return FLOAT32_BYTES * (self.a.numel + self.b.numel + extras)
 
     def factors(self, load: Load) -> mergemath.LoraFactors:
         magnitude = None if self.magnitude is None else load(self.magnitude).flatten()
+        a = load(self.a)
+        if self.singular is not None:
+            a = a * load(self.singular).reshape(-1, *([1] * (a.dim() - 1)))
         return mergemath.lora_factors(
-            load(self.a),
+            a,
             load(self.b),
             scaling=self.scaling,
             weight=self.weight,
@@ -143,7 +149,8 @@ class LoraTerm(Term):
         mergemath.accumulate_column_norm(base, factors, r0, r1, rows)
 
     def describe(self, task) -> str:
-        kind = ("DoRA " if self.magnitude is not None else "") + ("(B@A)^T" if self.transposed else "B@A")
+        a = "(A*E)" if self.singular is not None else "A"
+        kind = ("DoRA " if self.magnitude is not None else "") + (f"(B@{a})^T" if self.transposed else f"B@{a}")
         src = task.source
         return (
             f"  merge {task.name} {list(src.shape)} {src.dtype}->{task.out_dtype}: {self.origin} "

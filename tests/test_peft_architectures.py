@@ -79,3 +79,28 @@ def test_bias_all_with_a_nested_classification_head_merges_the_heads_copy(tmp_pa
     adapter = make_adapter(base, tmp_path / "adapter", lora, dtype=torch.float32, auto_class=auto)
     _merge(tmp_path, base, adapter)
     assert_same_model(tmp_path / "out", peft_merged(base, [adapter], auto), auto)
+
+
+def _adalora_case(tmp_path, **config):
+    from peft import AdaLoraConfig
+
+    base = build_base(tmp_path / "base", "llama", torch.float32)
+    lora = AdaLoraConfig(init_r=6, target_r=3, lora_alpha=16, target_modules=["q_proj", "v_proj"], total_step=10,
+                         **config)  # fmt: skip
+    return base, make_adapter(base, tmp_path / "adapter", lora, dtype=torch.float32)
+
+
+def test_adalora_merges_b_at_a_times_its_singular_values(tmp_path):
+    """AdaLoRA's SVDLinear: W + B @ (A * E) * lora_alpha / (ranknum + 1e-5), ranknum = init_r."""
+    base, adapter = _adalora_case(tmp_path)
+    _merge(tmp_path, base, adapter)
+    assert_same_model(tmp_path / "out", peft_merged(base, [adapter]))
+
+
+def test_adalora_with_ranks_pruned_by_its_budget_still_divides_by_init_r(tmp_path):
+    """The budget's rank_pattern saves only the kept ranks; PEFT's resize keeps ranknum at init_r."""
+    keep = {f"model.layers.{i}.self_attn.{m}.lora_E": [True, False, True, True, False, i == 0]
+            for i in range(2) for m in ("q_proj", "v_proj")}  # fmt: skip
+    base, adapter = _adalora_case(tmp_path, rank_pattern=keep)
+    _merge(tmp_path, base, adapter)
+    assert_same_model(tmp_path / "out", peft_merged(base, [adapter]))
