@@ -33,6 +33,14 @@ _STACKS = ("encoder", "decoder")
 # models declare their tied head as lm_head.weight (_tied_weights_keys), GPT-NeoX's former embed_out included.
 _HEAD = "lm_head.weight"
 _HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Classes with no output embedding at all (get_output_embeddings() is None): nothing is tied to the embedding.
+_HEADLESS = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "Model",
+)
 _CHUNK = 8 * 2**20
 
 
@@ -93,7 +101,11 @@ def find_tie(base: BaseModel) -> Tie | None:
         aliases = tuple(n for n in (f"{prefix}{s}.embed_tokens.weight" for s in _STACKS) if n not in base.tensors)
     if heads:  # with no tie_word_embeddings in the config we cannot know the class default: treat as untied
         return Tie(inputs[0], heads[0], True, aliases) if ties else None
-    # Only the embedding is stored: the model loads only if the head is tied to it, whatever the config says.
+    # Only the embedding is stored: the model loads only if the head is tied to it, whatever the config says;
+    # unless its class has no head (a classifier, a bare encoder), where nothing shares the embedding.
+    architecture = str((base.config.get("architectures") or [""])[0])
+    if architecture.endswith(_HEADLESS) and not architecture.endswith(_HEAD_CLASSES) and not aliases:
+        return None
     return Tie(inputs[0], _HEAD, False, aliases)
 
 

@@ -104,3 +104,20 @@ def test_adalora_with_ranks_pruned_by_its_budget_still_divides_by_init_r(tmp_pat
     base, adapter = _adalora_case(tmp_path, rank_pattern=keep)
     _merge(tmp_path, base, adapter)
     assert_same_model(tmp_path / "out", peft_merged(base, [adapter]))
+
+
+def test_modules_to_save_on_the_embedding_of_a_classifier_replaces_it_with_nothing_to_untie(tmp_path):
+    """BertForSequenceClassification has no output embedding, so tie_word_embeddings ties nothing to the
+    embedding PEFT gives its own copy: the copy simply replaces it."""
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    config = BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    auto = AutoModelForSequenceClassification
+    base = build_base(tmp_path / "base", config, torch.float32, auto_class=auto)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["word_embeddings"],
+                      task_type="SEQ_CLS")  # fmt: skip
+    adapter = make_adapter(base, tmp_path / "adapter", lora, dtype=torch.float32, auto_class=auto)
+    _merge(tmp_path, base, adapter)
+    assert_same_model(tmp_path / "out", peft_merged(base, [adapter], auto), auto)
