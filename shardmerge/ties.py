@@ -23,7 +23,7 @@ from .stores import store_for
 
 # Output embeddings that transformers ties to the input embedding, and the input embedding names.
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
-_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared", "embeddings")
 # Encoder-decoder models (T5, BART, Marian, ...) tie the head and both stacks' embed_tokens to `shared`: the
 # matrix the others alias, whichever of those aliases the checkpoint stores as well. transformers ties the
 # stacks' embeddings only while tie_word_embeddings holds, so an untied output must store them.

@@ -121,3 +121,17 @@ def test_modules_to_save_on_the_embedding_of_a_classifier_replaces_it_with_nothi
     adapter = make_adapter(base, tmp_path / "adapter", lora, dtype=torch.float32, auto_class=auto)
     _merge(tmp_path, base, adapter)
     assert_same_model(tmp_path / "out", peft_merged(base, [adapter], auto), auto)
+
+
+def test_modules_to_save_on_mambas_embeddings_unties_its_head(tmp_path):
+    """Mamba names its input embedding `backbone.embeddings`; its head is tied to it and not stored. PEFT's
+    copy of the embedding leaves the head on the original matrix, so the output must store lm_head.weight."""
+    from peft import LoraConfig
+    from transformers import MambaConfig
+
+    config = MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4, intermediate_size=64)
+    base = build_base(tmp_path / "base", config, torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["x_proj"], modules_to_save=["embeddings"])
+    adapter = make_adapter(base, tmp_path / "adapter", lora, dtype=torch.float32)
+    _merge(tmp_path, base, adapter)
+    assert_same_model(tmp_path / "out", peft_merged(base, [adapter]))
