@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import socket
+import threading
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -19,11 +22,12 @@ import pytest
 import torch
 from helpers.adapters import write_adapter
 from helpers.models import write_model
-from helpers.plans import killed_run, run_cli, write_plan
+from helpers.plans import fork_cli, killed_run, run_cli, write_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 moto_server = pytest.importorskip("moto.server")
+moto_s3 = pytest.importorskip("moto.s3.models")
 boto3 = pytest.importorskip("boto3")
 
 import shardmerge
@@ -42,14 +46,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Connections:
+    """The moto server's client connections, open or being accepted. A SIGKILLed client's requests are still
+    served after it died (a CompleteMultipartUpload it sent lands later, and its upload leaves the open ones
+    only then), so a test waits for them before it looks at what the killed run left."""
+
+    def __init__(self, server):  # moto's werkzeug server, which socketserver's accept loop drives
+        self.server, self.lock, self.accepting, self.open = server, threading.Lock(), 0, set()
+        accept, close = server.get_request, server.shutdown_request
+
+        def get_request():
+            with self.lock:
+                self.accepting += 1  # before accept(): a connection is always either still queued or counted
+            try:
+                request, address = accept()
+                with self.lock:
+                    self.open.add(request)
+                return request, address
+            finally:
+                with self.lock:
+                    self.accepting -= 1
+
+        def shutdown_request(request):  # called once the connection's last request has been answered
+            with self.lock:
+                self.open.discard(request)
+            close(request)
+
+        server.get_request, server.shutdown_request = get_request, shutdown_request
+
+    def known(self) -> set:
+        with self.lock:
+            return set(self.open)
+
+    def settle(self, known: set, timeout: float = 60) -> None:
+        """Wait until every connection opened since `known` was taken has been served and closed: call it once
+        the client that opened them is dead."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            queued = select.select([self.server.socket], [], [], 0)[0]  # first: a queued one is counted next
+            with self.lock:
+                if not queued and not self.accepting and self.open <= known:
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"the S3 server still serves a killed client's requests after {timeout} s")
+
+
 @pytest.fixture(scope="module")
-def server():
+def moto():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
-    moto = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def connections(moto):
+    return Connections(moto._server)
+
+
+@pytest.fixture(scope="module")
+def server(moto):
     env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT_URL": "http://{}:{}".format(*moto.get_host_and_port()),
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
@@ -63,7 +122,6 @@ def server():
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield env
         s3_store._forget_store()
-    moto.stop()
 
 
 @pytest.fixture(scope="module")
@@ -216,38 +274,97 @@ def test_rerun_over_a_finished_s3_output_does_nothing(inputs, client, calls):
     assert not [op for op, _ in calls if op in ("upload_part", "upload_part_copy", "put_object")]
 
 
-def _killed_while_uploading(plan: str, at: int) -> int:
-    """A forked CLI run of `plan` that SIGKILLs itself once the `at`-th part upload it started is done."""
-    return killed_run(plan, s3_store.S3Upload, "_upload", at, after=True)
+def _killed_while_uploading(plan: str, at: int, connections: Connections) -> int:
+    """A forked CLI run of `plan` that SIGKILLs itself once the `at`-th part upload it started is done; returns
+    once the server has served every request the run sent."""
+    known = connections.known()
+    status = killed_run(plan, s3_store.S3Upload, "_upload", at, after=True)
+    connections.settle(known)
+    return status
 
 
-def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_part_and_leaves_no_upload(
-    inputs, client, calls, tmp_path
-):
-    output = "killed"
-    plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}")
-    status = _killed_while_uploading(plan, at=2)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    assert MANIFEST not in objects(client, output)
-    finished = {
+def _open_parts(client) -> set[tuple[str, int]]:
+    """(key, part number) of every part that S3 holds for an upload still open."""
+    return {
         (u["Key"], p["PartNumber"])
         for u in open_uploads(client)
         for p in client.list_parts(Bucket=BUCKET, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])
     }
+
+
+def _uploaded(calls) -> set[tuple[str, int]]:
+    return {(kw["Key"], kw["PartNumber"]) for op, kw in calls if op in ("upload_part", "upload_part_copy")}
+
+
+def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_part_and_leaves_no_upload(
+    inputs, client, calls, connections, tmp_path
+):
+    output = "killed"
+    plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}")
+    status = _killed_while_uploading(plan, at=2, connections=connections)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert MANIFEST not in objects(client, output)
+    finished = _open_parts(client)
     assert finished, "the kill came before any part was uploaded"
     calls.clear()
     assert run_cli(plan, "-q").returncode == 0
-    again = {(kw["Key"], kw["PartNumber"]) for op, kw in calls if op in ("upload_part", "upload_part_copy")}
+    again = _uploaded(calls)
     assert not finished & again, f"finished parts uploaded again: {sorted(finished & again)}"
     assert_same_as_local(objects(client, output), inputs["reference"])
     assert not open_uploads(client)
     assert {**etags(client, "base"), **etags(client, "adapter")} == inputs["etags"]
 
 
-def test_overwriting_an_s3_output_of_another_plan_aborts_its_abandoned_uploads(inputs, client, tmp_path):
+def test_sigkill_while_completing_a_shard_then_resume_redoes_that_shard_identically_and_no_part_of_an_open_upload(
+    inputs, client, calls, connections, tmp_path, monkeypatch
+):
+    """The run dies while the server completes its first shard's upload, which lands a second later (as on a
+    loaded machine), after the resume's ListParts would otherwise have come. That shard was never journaled and
+    its upload is gone: the resume redoes it; parts of the uploads still open are not uploaded again."""
+    output = "completing"
+    plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}")
+    child, forked, landed, resuming = [], threading.Event(), threading.Event(), threading.Event()
+    complete, list_parts = moto_s3.S3Backend.complete_multipart_upload, moto_s3.S3Backend.list_parts
+
+    def late_complete(backend, *args, **kwargs):
+        if landed.is_set():
+            return complete(backend, *args, **kwargs)
+        forked.wait()
+        os.kill(child[0], signal.SIGKILL)  # the request has arrived whole; its client is gone
+        time.sleep(1)
+        try:
+            return complete(backend, *args, **kwargs)
+        finally:
+            landed.set()
+
+    def list_parts_once_landed(backend, *args, **kwargs):
+        if resuming.is_set():
+            landed.wait(30)
+        return list_parts(backend, *args, **kwargs)
+
+    monkeypatch.setattr(moto_s3.S3Backend, "complete_multipart_upload", late_complete)
+    monkeypatch.setattr(moto_s3.S3Backend, "list_parts", list_parts_once_landed)
+    known = connections.known()
+    child.append(fork_cli(plan, "-q"))
+    forked.set()
+    status = os.waitpid(child[0], 0)[1]
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    connections.settle(known)
+    assert [name for name in objects(client, output) if name.endswith(".safetensors")], "no complete landed"
+    finished = _open_parts(client)
+    calls.clear()
+    resuming.set()
+    assert run_cli(plan, "-q").returncode == 0
+    again = _uploaded(calls)
+    assert not finished & again, f"finished parts uploaded again: {sorted(finished & again)}"
+    assert_same_as_local(objects(client, output), inputs["reference"])
+    assert not open_uploads(client)
+
+
+def test_overwriting_an_s3_output_of_another_plan_aborts_its_abandoned_uploads(inputs, client, connections, tmp_path):
     output = "replaced"
     plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}", dtype="float16")
-    _killed_while_uploading(plan, at=2)
+    _killed_while_uploading(plan, at=2, connections=connections)
     assert open_uploads(client)
     shardmerge.merge(
         {
