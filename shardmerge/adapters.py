@@ -333,9 +333,9 @@ def _sort_tensors(files: AdapterFiles, adapter: Adapter) -> dict[str, LoraModule
             if any(part in name.split(".") for part in _LORA_PARTS) or ".original_module." in name:
                 if ".original_module." in name:
                     continue  # PEFT's untouched copy of a modules_to_save module; the base already has it
+                raise ShardmergeError(f"{files.weights}: cannot interpret adapter tensor {key!r}")
             if _saved_twice(name, files.header.tensors):
                 continue
-                raise ShardmergeError(f"{files.weights}: cannot interpret adapter tensor {key!r}")
             target = _replacement_target(name)
             adapter.replacements[target] = tensor
             if _own_copy(files.config, name, target):

@@ -130,6 +130,13 @@ def test_use_dora_true_without_magnitude_vectors_is_refused_naming_both(tmp_path
     _assert_refused(tmp_path, base, [adapter], "lora_magnitude_vector", "use_dora: true", "adapter_model.safetensors")
 
 
+def test_a_lora_tensor_under_a_name_peft_does_not_save_is_refused_naming_it(tmp_path, base):
+    adapter = _adapter(tmp_path, base)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight.extra"
+    _edit_tensors(adapter, lambda tensors: tensors.update({key: torch.zeros(4, 32)}))
+    _assert_refused(tmp_path, base, [adapter], "cannot interpret adapter tensor", key)
+
+
 def test_lora_b_bias_with_lora_bias_false_is_ignored_as_peft(tmp_path, base):
     adapter = _adapter(tmp_path, base, target_modules=["q_proj"], lora_bias=True)
     _edit_config(adapter, lora_bias=False)
