@@ -374,12 +374,9 @@ class Executor:
             rounded = q.codec.encode(q, merged, fresh, c0, amax, task.quant_group)
             if dest is not None:
                 rounded = dest.copy_(rounded)
-        elif dest is not None:
-            rounded = dest.copy_(merged)
         else:
-            rounded = merged.to(mergemath.TORCH_DTYPES[task.out_dtype])
-        if not task.requant:
-            self._check_finite(task, rounded)
+            rounded = merged.to(mergemath.TORCH_DTYPES[task.out_dtype]) if dest is None else dest.copy_(merged)
+            self._check_finite(task, rounded)  # rounding to the output dtype may overflow to Inf
         if sample:
             kept = q.codec.decode(q, rounded, fresh, c0, task.quant_group) if task.requant else rounded
             for (a, b), base in zip(sample, bases):

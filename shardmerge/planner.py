@@ -224,7 +224,6 @@ def _stores_in_out(config: dict, tensor: str, fan_in_fan_out: bool) -> bool:
     return False
 
 
-@functools.cache
 def _known_model_type(model_type: str) -> bool:
     """Whether transformers (when installed) builds this model_type itself; without it, the config is trusted."""
     known = _transformers_model_types()
