@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ShardmergeError
-from .sources import BaseModel
+from .sources import BaseModel, architecture
 
 
 @dataclass(frozen=True)
@@ -148,18 +148,9 @@ _LEGACY = (
 )
 
 
-def _architecture(config: dict) -> str:
-    architectures = config.get("architectures")
-    return (
-        architectures[0]
-        if isinstance(architectures, list) and architectures and isinstance(architectures[0], str)
-        else ""
-    )
-
-
 def _table_family(config: dict) -> str | None:
     """The config's family in the built-in table: by architecture, else by model_type."""
-    return next((n for n in (_architecture(config), config.get("model_type")) if n in _FAMILIES), None)
+    return next((n for n in (architecture(config), config.get("model_type")) if n in _FAMILIES), None)
 
 
 def _table_renames(config: dict) -> Renames | None:
@@ -253,13 +244,13 @@ def _transformers_rules(config: dict):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:  # no transformers, or one older than 5 (no conversion tables): the built-in table
         return _NOT_KNOWN
-    architecture, model_type = _architecture(config), config.get("model_type")
-    model_class = getattr(transformers, architecture, None) if architecture.isidentifier() else None
+    architecture_name, model_type = architecture(config), config.get("model_type")
+    model_class = getattr(transformers, architecture_name, None) if architecture_name.isidentifier() else None
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         return _NOT_KNOWN
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return _NOT_KNOWN
-    if all(get_checkpoint_conversion_mapping(n) is None for n in (architecture, model_type)):
+    if all(get_checkpoint_conversion_mapping(n) is None for n in (architecture_name, model_type)):
         return {"rules": None}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
@@ -276,7 +267,7 @@ def _transformers_rules(config: dict):
         return _NOT_KNOWN  # a stateful or index-shifting renaming that a Rule cannot carry
     rules = [{"pattern": c.compiled_sources.pattern, "replacement": c.target_patterns[0], "scope": c.scope_prefix,
               "base_prefix": c.base_model_prefix or ""} for c in renames]  # fmt: skip
-    return {"family": architecture, "version": transformers.__version__, "rules": rules}
+    return {"family": architecture_name, "version": transformers.__version__, "rules": rules}
 
 
 def checkpoint_renames(config: dict, max_layers: int | None = None) -> Renames | None:

@@ -21,7 +21,15 @@ from .errors import ShardmergeError
 from .formats import Quantized, detect
 from .names import BaseNames
 from .safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, encode_header, read_header
-from .sources import INDEX_NAME, BaseModel, convert_legacy_adapter, find_adapter, input_identity, read_base
+from .sources import (
+    INDEX_NAME,
+    BaseModel,
+    architecture,
+    convert_legacy_adapter,
+    find_adapter,
+    input_identity,
+    read_base,
+)
 from .stores import location, store_for
 from .terms import BiasTerm, ExpertTerm, LoraTerm, RowsTerm, Term
 from .ties import Edits, Tie, find_tie, settle
@@ -482,13 +490,13 @@ def _require_head(base: BaseModel, adapter: Adapter, target_name: str, tensor: T
     module = target_name.rpartition(".")[0]
     if module.split(".")[-1] not in _CLASSIFIER_HEADS:
         return
-    architecture = str((base.config.get("architectures") or ["the model"])[0])
+    model_class = architecture(base.config) or "the model"
     head_class = _HEAD_CLASSES.get(adapter.config.get("task_type"), "ForSequenceClassification")
-    wanted = architecture.split("For")[0] + head_class
+    wanted = model_class.split("For")[0] + head_class
     labels = f"num_labels={tensor.shape[0]}" if tensor.shape else "num_labels"
     raise ShardmergeError(
         f"{adapter.weights}: the adapter trains the classification head {module!r}, which the base "
-        f"{base.directory} ({architecture}) does not have; merge into the base saved as {wanted} "
+        f"{base.directory} ({model_class}) does not have; merge into the base saved as {wanted} "
         f"(from_pretrained(base, {labels}).save_pretrained(...))"
     )
 

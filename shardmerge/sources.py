@@ -42,6 +42,16 @@ class BaseModel:
     config: dict = field(default_factory=dict)
 
 
+def architecture(config: dict) -> str:
+    """The model class a config names first in `architectures` ("" when it names none)."""
+    architectures = config.get("architectures")
+    return (
+        architectures[0]
+        if isinstance(architectures, list) and architectures and isinstance(architectures[0], str)
+        else ""
+    )
+
+
 @dataclass
 class AdapterFiles:
     directory: Path

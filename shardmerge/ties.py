@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import ShardmergeError
 from .safetensors_io import TensorInfo
-from .sources import BaseModel
+from .sources import BaseModel, architecture
 from .stores import store_for
 
 # Output embeddings that transformers ties to the input embedding, and the input embedding names.
@@ -103,8 +103,8 @@ def find_tie(base: BaseModel) -> Tie | None:
         return Tie(inputs[0], heads[0], True, aliases) if ties else None
     # Only the embedding is stored: the model loads only if the head is tied to it, whatever the config says;
     # unless its class has no head (a classifier, a bare encoder), where nothing shares the embedding.
-    architecture = str((base.config.get("architectures") or [""])[0])
-    if architecture.endswith(_HEADLESS) and not architecture.endswith(_HEAD_CLASSES) and not aliases:
+    model_class = architecture(base.config)
+    if model_class.endswith(_HEADLESS) and not model_class.endswith(_HEAD_CLASSES) and not aliases:
         return None
     return Tie(inputs[0], _HEAD, False, aliases)
 
@@ -145,11 +145,11 @@ def settle(tie: Tie | None, edits: Edits, base: BaseModel) -> None:
         return
     _untie(tie, edits, base)
     if not tie.stored:
-        architecture = str((base.config.get("architectures") or ["unknown"])[0])
-        if not architecture.endswith(_HEAD_CLASSES):
+        model_class = architecture(base.config) or "unknown"
+        if not model_class.endswith(_HEAD_CLASSES):
             raise ShardmergeError(
                 f"{base.directory}: the adapter unties the embedding {tie.input!r} from the head of "
-                f"a {architecture} model, whose head name is not known here; merge it with PEFT"
+                f"a {model_class} model, whose head name is not known here; merge it with PEFT"
             )
         edits.added.append((tie.output, tie.input))
 
