@@ -8,9 +8,9 @@ checksums overlap:
     reader --tiles--> merger --tiles--> writer --+
        \\--copy runs--> copier -----------------+--> finisher (fsync, checksum, rename, journal)
 
-Every host buffer is fixed by the plan (planner.Buffers) before anything runs: a few tile slabs that
-circulate reader -> merger -> writer (each tile's output is rounded back into its own slab), one
-float32 scratch for the merger, and two small fixed buffers. The reader blocks when no slab is free,
+Every host buffer is fixed by the plan (mergeplan.Buffers, sized by budget.tile) before anything runs: a
+few tile slabs that circulate reader -> merger -> writer (each tile's output is rounded back into its own
+slab), one float32 scratch for the merger, and two small fixed buffers. The reader blocks when no slab is free,
 so memory does not grow with model size, and reusing slabs means the steady state faults in no pages.
 """
 
@@ -31,8 +31,8 @@ from . import mergemath, terms
 from .cuda import Streams
 from .errors import ShardmergeError, os_reason
 from .journal import OutputState, commit_shard
+from .mergeplan import MergePlan, OutputShard, TensorTask
 from .pipeline import Pipeline, SlabPool
-from .planner import MergePlan, OutputShard, TensorTask
 from .progress import Progress
 from .stores import Reader, store_for
 from .units import FLOAT32_BYTES

@@ -118,6 +118,26 @@ def add_experts(
             dst.addmm_(left[e][lo:hi], right[e], alpha=scale)
 
 
+# Delta survival is a diagnostic, and its exact sums cost as much as the merge itself (a float32 copy of the
+# base, the rounded result widened back, two differences, two norms). A tensor larger than SURVIVAL_EXACT_ELEMS
+# has them taken on a fixed sample of its rows instead: runs of about SURVIVAL_RUN_ELEMS elements, one run in
+# every SURVIVAL_STRIDE, placed by row number so that the sample (and the number reported) does not depend on
+# the tiling, the budget or the device. Contiguous runs keep the sums to a few large operations per chunk
+# rather than many small strided ones. A term that changes only some rows (trainable tokens) is summed whole.
+SURVIVAL_EXACT_ELEMS = 1024 * 1024
+SURVIVAL_RUN_ELEMS = 64 * 1024
+SURVIVAL_STRIDE = 16
+
+
+def survival_sample(numel: int, row_elems: int, every_row: bool) -> tuple[int, int]:
+    """(run, period): delta survival is summed over the rows r with r % period < run (all of a small tensor,
+    or of one whose terms do not all change every row)."""
+    if numel <= SURVIVAL_EXACT_ELEMS or not every_row:
+        return 1, 1
+    run = max(1, SURVIVAL_RUN_ELEMS // row_elems)
+    return run, run * SURVIVAL_STRIDE
+
+
 def sampled_ranges(r0: int, r1: int, run: int, period: int) -> list[tuple[int, int]]:
     """The row ranges within r0:r1 of the rows r with r % period < run."""
     ranges = []

@@ -34,7 +34,8 @@ from .journal import (
     reopen_finished,
     verify_finished,
 )
-from .planner import MergePlan, build_plan, describe
+from .mergeplan import MergePlan
+from .planner import build_plan, describe
 from .progress import Progress
 from .sources import INDEX_NAME
 from .stores import location, retries, store_for

@@ -18,7 +18,7 @@ A term knows
 The arithmetic itself is in mergemath (pure functions on float32 tensors); a term only picks which.
 
 Adding a kind (an expert slice of a fused MoE parameter, say) is one new subclass of Term here that
-implements the methods above, plus the planner code that matches its adapter tensors to a base tensor
+implements the methods above, plus the code in matching.py that matches its adapter tensors to a base tensor
 and appends it to that TensorTask's `terms`; nothing in the executor or verify changes. A term may
 point its TensorInfo at part of a file (an expert's slice is a row range of a fused tensor: offset and
 shape narrowed), since `load` reads exactly `nbytes` at `offset`.

@@ -130,7 +130,7 @@ def _block_rows(task, budget: int) -> int:
     """Rows recomputed at once: float64 factors (twice their float32 size) and, per element, the float64 tile,
     its base copy and the terms' temporaries (a quantized base's codec's too), the written values in float64,
     and both raw inputs."""
-    from .planner import RUNTIME_BYTES, fixed_cost
+    from .budget import RUNTIME_BYTES, fixed_cost
     from .safetensors_io import DTYPE_SIZES
 
     rows = task.rows

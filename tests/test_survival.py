@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from shardmerge import merge
-from shardmerge.mergemath import sampled_ranges
-from shardmerge.planner import SURVIVAL_EXACT_ELEMS, SURVIVAL_RUN_ELEMS, SURVIVAL_STRIDE
+from shardmerge.mergemath import SURVIVAL_EXACT_ELEMS, SURVIVAL_RUN_ELEMS, SURVIVAL_STRIDE, sampled_ranges
 
 OUT, IN = 1280, 1024  # above SURVIVAL_EXACT_ELEMS: sampled
 NAME = "model.layers.0.mlp.up_proj.weight"
