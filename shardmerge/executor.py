@@ -66,9 +66,9 @@ class ExecutionResult:
 class _ShardFile:
     """One output shard being written (unpublished), finished once all its pieces are in."""
 
-    def __init__(self, shard: OutputShard, state: OutputState, pieces: int, runs: list):
+    def __init__(self, shard: OutputShard, state: OutputState, pieces: int, runs: list, inputs: dict):
         self.shard, self.pieces = shard, pieces
-        self.file = state.create(shard.name, shard.size, [run[:4] for run in runs])
+        self.file = state.create(shard.name, shard.size, [run[:4] for run in runs], inputs)
         self._lock = threading.Lock()
 
     def piece_done(self) -> bool:
@@ -157,7 +157,7 @@ class Executor:
             work = [t for t in shard.tasks if not t.is_copy and t.out_nbytes > 0]
             pieces = len(runs) + sum(len(_row_blocks(t)) for t in work)
             try:
-                out = _ShardFile(shard, self.state, pieces + 1, runs)
+                out = _ShardFile(shard, self.state, pieces + 1, runs, self.plan.inputs[shard.name])
                 self._open.append(out)
                 out.file.write(shard.header, 0)
             except OSError as e:

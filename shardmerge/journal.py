@@ -6,12 +6,15 @@ Layout while a merge runs:
     OUTPUT/.shardmerge/tmp/             shards being written; never a final name
     OUTPUT/.shardmerge/lock             flock'd by the running merge
 A shard is committed by commit_shard: published by its store (fsynced, checksummed, renamed to its final
-name, the directory fsynced), then journaled. The index and then `shardmerge-manifest.json` (a Manifest)
-are written last; the manifest is what marks the output complete.
+name, the directory fsynced), then journaled. A shard published but not journaled (killed in between) is
+adopted by the next run only where its store proves it is this plan's shard (adopt_published), else redone.
+The index and then `shardmerge-manifest.json` (a Manifest) are written last; the manifest is what marks the
+output complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,9 +99,11 @@ class OutputState:
     def tmp_dir(self) -> Path:
         return self.state_dir / "tmp"
 
-    def create(self, name: str, size: int, copies=()) -> PendingFile:
-        """An output shard to write at planned offsets; it appears under its name only when published."""
-        return self.store.create(self.directory / name, size, self.tmp_dir / f"{name}.partial", copies)
+    def create(self, name: str, size: int, copies=(), inputs: dict | None = None) -> PendingFile:
+        """An output shard to write at planned offsets; it appears under its name only when published, tagged
+        with what it is (shard_tag) so that a resume can adopt it if the kill came before its journal line."""
+        tag = shard_tag(self.fingerprint, name, inputs)
+        return self.store.create(self.directory / name, size, self.tmp_dir / f"{name}.partial", copies, tag)
 
     def journal(self, rank: int, name: str, record: ShardRecord) -> None:
         """Record one finished shard durably (the shard itself is already published)."""
@@ -110,6 +115,26 @@ class OutputState:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def shard_tag(fingerprint: str, name: str, inputs: dict | None) -> str:
+    """What a published shard is, in one string its store keeps with it: this plan's shard `name` made from
+    these versions of its input files. Equal tags mean the same bytes (the output is deterministic)."""
+    return hashlib.sha256(json.dumps([fingerprint, name, inputs], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def adopt_published(state: OutputState, sizes: dict[str, int], inputs: dict[str, dict], scratch_size: int) -> None:
+    """Shards published under their final names whose journal line a kill prevented: each one whose store
+    proves it is this plan's shard from these inputs (its tag, its size and, where the store can, a checksum
+    kept with it) is journaled now instead of being written again."""
+    present = {path.name for path in state.store.list(state.directory)}  # one listing, not a stat per shard
+    for name, size in sizes.items():
+        if name in state.finished or name not in present:
+            continue
+        tag = shard_tag(state.fingerprint, name, inputs.get(name))
+        checksum = state.store.adopt(state.directory / name, size, tag, scratch_size)
+        if checksum is not None:
+            state.journal(0, name, ShardRecord(size, checksum, inputs.get(name)))
 
 
 def commit_shard(
@@ -124,8 +149,9 @@ def commit_shard(
     """The commit protocol for one written shard: publish it (the store fsyncs it, checksums it through a
     buffer of `scratch_size`, renames it to its final name and fsyncs the directory), then journal it. A
     kill at any point leaves no shard under its final name or a complete one, perhaps not yet journaled (the
-    next run then redoes it). If publishing fails the pending file is aborted. `inputs` are the identities
-    of the input files the shard was made from, so a resume can tell that an input changed."""
+    next run then adopts it if its store can prove what it is, else redoes it). If publishing fails the pending
+    file is aborted. `inputs` are the identities of the input files the shard was made from, so a resume can
+    tell that an input changed."""
     try:
         checksum = pending.publish(scratch_size)
     except BaseException:

@@ -26,6 +26,7 @@ from .journal import (
     Manifest,
     OutputState,
     ShardRecord,
+    adopt_published,
     check_not_inputs,
     clean_tmp,
     drop_changed_inputs,
@@ -176,6 +177,7 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
                 reopen_finished(state)
             else:
                 verify_finished(state, sizes)
+                adopt_published(state, sizes, merge_plan.inputs, merge_plan.buffers.scratch)
             clean_tmp(state)
             return sorted(state.finished)
         return None

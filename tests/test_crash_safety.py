@@ -447,6 +447,69 @@ def test_journaled_shard_damaged_before_resume_is_redone(model, tmp_path, damage
     assert_resumes_to_reference(plan, out, model["reference"], f"journaled shard {damage}")
 
 
+# -- a shard published (renamed to its final name) but not journaled when the run was killed -------------------
+def _published_not_journaled(plan: Path, out: Path) -> Path:
+    """Kill `plan`'s run between its first shard's rename and that shard's journal line; returns the shard."""
+    assert_killed(killed_at(plan, "journal", 1))
+    published = list(out.glob("*.safetensors"))
+    assert len(published) == 1, published
+    return published[0]
+
+
+def test_shard_published_but_not_journaled_is_adopted_by_the_resume_not_written_again(model, tmp_path):
+    plan, out = make_plan(model, tmp_path), tmp_path / "out"
+    shard = _published_not_journaled(plan, out)
+    inode = shard.stat().st_ino
+    report = shardmerge.merge(plan)
+    shards = len([name for name in model["reference"] if name.endswith(".safetensors")])
+    assert (report.shards_resumed, report.shards_written) == (1, shards - 1)
+    assert shard.stat().st_ino == inode, "the adopted shard was written again"
+    models.assert_same_tree(out, model["reference"], "after adopting an unjournaled shard")
+
+
+@pytest.mark.parametrize("doubt", ["untagged", "another-tag", "changed-since"])
+def test_unjournaled_shard_whose_identity_is_not_proven_is_written_again(model, tmp_path, doubt):
+    plan, out = make_plan(model, tmp_path), tmp_path / "out"
+    shard = _published_not_journaled(plan, out)
+    kept = json.loads(os.getxattr(shard, "user.shardmerge"))
+    if doubt == "untagged":
+        os.removexattr(shard, "user.shardmerge")
+    elif doubt == "another-tag":  # another plan's shard, or this one's made from other versions of the inputs
+        os.setxattr(shard, "user.shardmerge", json.dumps({**kept, "tag": "0" * 32}).encode())
+    else:
+        with open(shard, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+    inode = shard.stat().st_ino
+    assert_resumes_to_reference(plan, out, model["reference"], f"unjournaled shard {doubt}")
+    assert shard.stat().st_ino != inode, "a shard of unproven identity was adopted"
+
+
+def test_unjournaled_shard_made_from_an_input_that_changed_since_is_written_again(model, tmp_path):
+    """The tag names the versions of the inputs a shard was made from: a base re-saved with other values under
+    the same header makes the published shard another plan's, redone from the new base."""
+    base = shutil.copytree(model["base"], tmp_path / "base")
+    plan = write_plan(
+        tmp_path / "plan.yaml", base=base, adapters=[model["adapter"]], output=tmp_path / "out", **models.TINY_OPTIONS
+    )
+    shard = _published_not_journaled(plan, tmp_path / "out")
+    models.write_tiny_base(base, seed=5)
+    fresh = write_plan(
+        tmp_path / "fresh.yaml",
+        base=base,
+        adapters=[model["adapter"]],
+        output=tmp_path / "fresh",
+        **models.TINY_OPTIONS,
+    )
+    assert run_cli(fresh, "-q").returncode == 0
+    inode = shard.stat().st_ino
+    assert run_cli(plan, "-q").returncode == 0
+    assert shard.stat().st_ino != inode, "a shard made from the old base was adopted"
+    models.assert_same_tree(tmp_path / "out", models.tree_bytes(tmp_path / "fresh"), "after the base changed")
+
+
 # -- inputs are never touched, even by failed runs --------------------------------------------------------------
 def test_failed_run_with_a_bad_adapter_touches_no_input_and_writes_no_output(model, tmp_path):
     from safetensors.torch import load_file

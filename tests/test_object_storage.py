@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import threading
@@ -25,12 +26,14 @@ from helpers.models import write_model
 from helpers.plans import fork_cli, killed_run, run_cli, write_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 moto_server = pytest.importorskip("moto.server")
 moto_s3 = pytest.importorskip("moto.s3.models")
 boto3 = pytest.importorskip("boto3")
 
 import shardmerge
+import shardmerge.journal as journal_mod
 from shardmerge.stores import s3 as s3_store
 from shardmerge.verify import verify
 
@@ -315,12 +318,13 @@ def test_sigkill_while_uploading_then_resume_is_identical_reuploads_no_finished_
     assert {**etags(client, "base"), **etags(client, "adapter")} == inputs["etags"]
 
 
-def test_sigkill_while_completing_a_shard_then_resume_redoes_that_shard_identically_and_no_part_of_an_open_upload(
+def test_sigkill_while_completing_a_shard_then_resume_adopts_that_shard_and_reuploads_no_part_of_an_open_upload(
     inputs, client, calls, connections, tmp_path, monkeypatch
 ):
     """The run dies while the server completes its first shard's upload, which lands a second later (as on a
-    loaded machine), after the resume's ListParts would otherwise have come. That shard was never journaled and
-    its upload is gone: the resume redoes it; parts of the uploads still open are not uploaded again."""
+    loaded machine), after the resume's ListParts would otherwise have come. That shard was never journaled, but
+    the object carries this plan's tag: the resume adopts it, uploading nothing of it again; parts of the uploads
+    still open are not uploaded again either."""
     output = "completing"
     plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}")
     child, forked, landed, resuming = [], threading.Event(), threading.Event(), threading.Event()
@@ -350,14 +354,75 @@ def test_sigkill_while_completing_a_shard_then_resume_redoes_that_shard_identica
     status = os.waitpid(child[0], 0)[1]
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     connections.settle(known)
-    assert [name for name in objects(client, output) if name.endswith(".safetensors")], "no complete landed"
+    completed = [name for name in objects(client, output) if name.endswith(".safetensors")]
+    assert completed, "no complete landed"
     finished = _open_parts(client)
     calls.clear()
     resuming.set()
     assert run_cli(plan, "-q").returncode == 0
     again = _uploaded(calls)
     assert not finished & again, f"finished parts uploaded again: {sorted(finished & again)}"
+    assert not _written(calls, f"{output}/{completed[0]}"), "the completed shard was uploaded again"
     assert_same_as_local(objects(client, output), inputs["reference"])
+    assert not open_uploads(client)
+
+
+def _written(calls, key: str) -> list[str]:
+    """The operations that (re)write the object `key`."""
+    writes = ("create_multipart_upload", "upload_part", "upload_part_copy", "put_object", "copy_object")
+    return [op for op, kw in calls if op in writes and kw.get("Key") == key]
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["ours", "replaced-by-another-writer"])
+def test_shard_completed_but_not_journaled_is_adopted_only_while_it_is_the_object_this_plan_uploaded(
+    inputs, client, calls, connections, tmp_path, replaced
+):
+    output = f"unjournaled-{replaced}"
+    plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/{output}")
+    known = connections.known()
+    status = killed_run(plan, journal_mod.OutputState, "journal", 1)  # after CompleteMultipartUpload
+    connections.settle(known)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    (completed,) = [name for name in objects(client, output) if name.endswith(".safetensors")]
+    key = f"{output}/{completed}"
+    if replaced:  # the same bytes, put by someone else: nothing proves they are what this plan wrote
+        body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        client.put_object(Bucket=BUCKET, Key=key, Body=body)
+    calls.clear()
+    assert run_cli(plan, "-q").returncode == 0
+    assert bool(_written(calls, key)) == replaced
+    assert_same_as_local(objects(client, output), inputs["reference"])
+    assert not open_uploads(client)
+
+
+def test_input_changed_while_a_shard_was_half_uploaded_restarts_its_upload_from_the_new_input(
+    inputs, client, connections, tmp_path
+):
+    """Parts a killed run uploaded were made from the inputs as they were then: after an input changes (the same
+    header, other values), the resume uploads those shards afresh rather than mixing the two versions."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(inputs["adapter"], adapter)
+    for path in adapter.iterdir():
+        client.upload_file(str(path), BUCKET, f"changing-adapter/{path.name}")
+    output = "input-changed"
+    plan = str(
+        write_plan(
+            tmp_path / "plan.yaml",
+            base=f"s3://{BUCKET}/base",
+            adapters=[f"s3://{BUCKET}/changing-adapter"],
+            output=f"s3://{BUCKET}/{output}",
+            device="cpu",
+        )
+    )
+    _killed_while_uploading(plan, at=3, connections=connections)
+    assert _open_parts(client), "the kill came before any part was uploaded"
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: -v if "lora_B" in k else v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    client.upload_file(str(weights), BUCKET, "changing-adapter/adapter_model.safetensors")
+    assert run_cli(plan, "-q").returncode == 0
+    merge(str(inputs["base"]), str(adapter), str(tmp_path / "local"))
+    assert_same_as_local(objects(client, output), files(tmp_path / "local"))
     assert not open_uploads(client)
 
 

@@ -92,11 +92,18 @@ class Store(ABC):
         """Whether `path`, links followed, stays inside the directory `root`."""
 
     @abstractmethod
-    def create(self, path, size: int, staging, copies=()) -> PendingFile:
+    def create(self, path, size: int, staging, copies=(), tag: str = "") -> PendingFile:
         """A new file of `size` bytes to be published as `path`; a store that needs a scratch file for it
         (a local disk: written there, renamed into place) or a record of it (an object store: its upload id)
         puts it at `staging`. `copies` are the (source path, source offset, offset, length) ranges that will
-        be `copy`'d in, so that a store can plan server-side copies for them."""
+        be `copy`'d in, so that a store can plan server-side copies for them. A store that can keep `tag`
+        with the published file (what the file is: see `adopt`) does."""
+
+    def adopt(self, path, size: int, tag: str, scratch_size: int) -> dict | None:
+        """The checksum record of the published file at `path` if the store can prove it is the file that
+        `create(..., tag=tag)` published: `tag` kept with it, `size` bytes, and unchanged since (where the
+        store kept a checksum with it). None where it cannot: such a file is written again."""
+        return None
 
     @abstractmethod
     def put(self, path, data: bytes) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..units import IO_BUFFER, SHARE_BLOCK, MiB
 from .base import PendingFile, Reader, Stat, Store
 
 _COPY_BUFFER = MiB  # config and tokenizer files, copied whole; used only when the kernel cannot copy
+_TAG_XATTR = "user.shardmerge"  # a published file's tag and checksum, for a resume to prove what it is
 
 
 def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
@@ -148,8 +150,8 @@ class LocalReader(Reader):
 class LocalPending(PendingFile):
     """Written under `staging`, then fsynced, checksummed and renamed to its final name."""
 
-    def __init__(self, path: Path, size: int, staging: Path):
-        self.path, self.staging = path, staging
+    def __init__(self, path: Path, size: int, staging: Path, tag: str = ""):
+        self.path, self.staging, self.tag = path, staging, tag
         self.fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(self.fd, size)
@@ -173,6 +175,8 @@ class LocalPending(PendingFile):
     def publish(self, scratch_size: int) -> dict:
         os.fsync(self.fd)
         digest = file_checksum(self.staging, scratch_size, mapped=True)
+        if self.tag:
+            _keep_tag(self.fd, self.tag, digest)
         # Written, synced and checksummed: its pages need not crowd out the next shard's (on a node merging
         # 140 GB, reclaiming our own clean pages is cheaper than the kernel scanning for them).
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -187,6 +191,16 @@ class LocalPending(PendingFile):
             os.close(self.fd)
             self.fd = -1
         self.staging.unlink(missing_ok=True)
+
+
+def _keep_tag(fd: int, tag: str, digest: str) -> None:
+    """Keep the tag and the checksum of the synced contents with the file, before it takes its final name.
+    Whatever of it a crash loses only makes the file unprovable, so redone; a filesystem without user
+    xattrs (some network filesystems) keeps nothing, and its shards are redone the same way."""
+    try:
+        os.setxattr(fd, _TAG_XATTR, json.dumps({"tag": tag, "xxh3_128": digest}).encode())
+    except OSError:
+        pass
 
 
 class _Lock:
@@ -235,8 +249,20 @@ class LocalStore(Store):
     def contains(self, root: Path, path: Path) -> bool:
         return path.resolve().is_relative_to(root)
 
-    def create(self, path: Path, size: int, staging: Path, copies=()) -> PendingFile:
-        return LocalPending(path, size, staging)
+    def create(self, path: Path, size: int, staging: Path, copies=(), tag: str = "") -> PendingFile:
+        return LocalPending(path, size, staging, tag)
+
+    def adopt(self, path: Path, size: int, tag: str, scratch_size: int) -> dict | None:
+        try:
+            kept = json.loads(os.getxattr(path, _TAG_XATTR, follow_symlinks=False))
+            if not path.is_file() or path.lstat().st_size != size:
+                return None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(kept, dict) or kept.get("tag") != tag:
+            return None
+        digest = file_checksum(path, scratch_size)  # unchanged since it was published
+        return {"xxh3_128": digest} if digest == kept.get("xxh3_128") else None
 
     def put(self, path: Path, data: bytes) -> None:
         atomic_write(path, data)

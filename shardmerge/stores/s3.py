@@ -42,6 +42,7 @@ WINDOW, AHEAD, FILES = 8 * 2**20, 3, 3
 READERS = 8
 UPLOADS = 8  # part uploads in flight per process; the writer waits for a free slot
 _BODY_CHUNK = 2**20
+_TAG_KEY = "shardmerge-tag"  # object metadata: what a published shard is (Store.adopt)
 _BODY_ATTEMPTS = 4  # a response body cut off mid-read is fetched again (botocore retries only the request)
 
 
@@ -315,9 +316,17 @@ class S3Store(Store):
         return path.is_relative_to(root)
 
     # -- writing ----------------------------------------------------------------------------------------------
-    def create(self, path: S3Path, size: int, staging: S3Path, copies=()) -> PendingFile:
+    def create(self, path: S3Path, size: int, staging: S3Path, copies=(), tag: str = "") -> PendingFile:
         copyable = [(dst, n, src_path, src) for src_path, src, dst, n in copies if isinstance(src_path, S3Path)]
-        return S3Upload(self, path, staging, plan_parts(size, copyable))
+        return S3Upload(self, path, staging, plan_parts(size, copyable), tag)
+
+    def adopt(self, path: S3Path, size: int, tag: str, scratch_size: int) -> dict | None:
+        # Only CompleteMultipartUpload of an upload created with this tag makes an object carrying it (a
+        # replaced object carries its own metadata), and objects do not change in place.
+        head = self._missing("head_object", path, Bucket=path.bucket, Key=path.key)
+        if head is None or head.get("Metadata", {}).get(_TAG_KEY) != tag or head["ContentLength"] != size:
+            return None
+        return {"etag": head["ETag"]}
 
     def put(self, path: S3Path, data: bytes | bytearray) -> None:
         self.call("put_object", path, Bucket=path.bucket, Key=path.key, Body=data)
@@ -508,8 +517,8 @@ class S3Upload(PendingFile):
     writer holds about one part buffer at a time. Parts that an earlier, killed run already uploaded
     (ListParts of the recorded upload) are skipped."""
 
-    def __init__(self, store: S3Store, path: S3Path, staging: S3Path, parts: list[Part]):
-        self.store, self.path, self.staging, self.parts = store, path, staging, parts
+    def __init__(self, store: S3Store, path: S3Path, staging: S3Path, parts: list[Part], tag: str = ""):
+        self.store, self.path, self.staging, self.parts, self.tag = store, path, staging, parts, tag
         self._starts = [p.start for p in parts]
         self._lock = threading.Lock()
         self._filled = [0] * len(parts)
@@ -517,8 +526,9 @@ class S3Upload(PendingFile):
         self._sources: dict[int, list] = {}
         self._futures: list = []
         self.etags = {}
+        # The tag names the inputs' versions: parts uploaded from another version of an input are not reused.
         self.layout = hashlib.sha256(
-            json.dumps([(p.start, p.end, p.source is not None) for p in parts]).encode()
+            json.dumps([tag, [(p.start, p.end, p.source is not None) for p in parts]]).encode()
         ).hexdigest()
         self.upload_id = self._resume() or self._start()
 
@@ -551,7 +561,10 @@ class S3Upload(PendingFile):
             marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
 
     def _start(self) -> str:
-        upload = self.store.call("create_multipart_upload", self.path, Bucket=self.path.bucket, Key=self.path.key)
+        tagged = {"Metadata": {_TAG_KEY: self.tag}} if self.tag else {}
+        upload = self.store.call(
+            "create_multipart_upload", self.path, Bucket=self.path.bucket, Key=self.path.key, **tagged
+        )
         self.store.put(self.staging, json.dumps({"upload_id": upload["UploadId"], "layout": self.layout}).encode())
         return upload["UploadId"]
 
