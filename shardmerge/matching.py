@@ -15,11 +15,11 @@ from .orientation import stores_in_out
 from .safetensors_io import FLOAT_DTYPES, TensorInfo
 from .sources import BaseModel, architecture
 from .terms import BiasTerm, ExpertTerm, LoraTerm, RowsTerm
-from .ties import Edits, Tie
+from .ties import Edits, Tie, find_alias
 
 
 def collect(
-    base: BaseModel, adapters: list[Adapter], names: BaseNames, tie: Tie | None, quantized: set[str] = frozenset()
+    base: BaseModel, adapters: list[Adapter], names: BaseNames, ties: list[Tie], quantized: set[str] = frozenset()
 ) -> Edits:
     """Every adapter tensor matched to the base tensor it changes (or to a tied head the base does not store);
     `quantized` names the logical tensors of a quantized base's weights. One loop per kind of adapter content
@@ -29,8 +29,9 @@ def collect(
     token_rows: dict[str, list[tuple[str, set[int]]]] = {}
 
     def target(name: str, adapter_file: Path, key: str) -> tuple[str, TensorInfo]:
-        if tie is not None and not tie.stored and tie.names_output(name) and not names.candidates(name)[0]:
-            return tie.output, base.tensors[tie.input]
+        alias = find_alias(ties, name)
+        if alias is not None and not names.candidates(name)[0]:
+            return alias[0], base.tensors[alias[1].matrix]
         found = names.require(name, adapter_file, key)
         return found, base.tensors[found]
 

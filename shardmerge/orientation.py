@@ -5,9 +5,8 @@ Conv1D. Both fit a LoRA pair's shapes, so the model's architecture decides, read
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
+
+from .modelsource import auto_mappings, package_root
 
 # Architectures whose linear layers are transformers' Conv1D, stored (in, out).
 _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
@@ -40,19 +39,14 @@ def _known_model_type(model_type: str) -> bool:
 
 @functools.cache
 def _transformers_model_types() -> frozenset[str] | None:
-    """The model types transformers has a config class for (None: it is not installed). transformers 5 keeps
-    them in a data-only module, read here by path: importing the package would add ~35 MiB to a process that
-    max_memory bounds, and seconds to its start."""
-    if "transformers" not in sys.modules:
-        spec = importlib.util.find_spec("transformers")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        path = Path(spec.submodule_search_locations[0], "models", "auto", "auto_mappings.py")
-        if path.is_file():
-            loader = importlib.util.spec_from_file_location("_shardmerge_auto_mappings", path)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-            return frozenset(module.CONFIG_MAPPING_NAMES)
+    """The model types transformers has a config class for (None: it is not installed), from its data-only
+    auto mappings (modelsource: importing the package would add ~35 MiB to a process that max_memory bounds,
+    and seconds to its start)."""
+    mappings = auto_mappings()
+    if mappings is not None:
+        return frozenset(mappings.CONFIG_MAPPING_NAMES)
+    if package_root() is None:
+        return None
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # older releases: no data module
 
     return frozenset(CONFIG_MAPPING_NAMES)

@@ -25,7 +25,7 @@ from .names import BaseNames
 from .safetensors_io import read_header
 from .sources import INDEX_NAME, BaseModel, convert_legacy_adapter, find_adapter, read_base
 from .stores import store_for
-from .ties import Edits, find_tie, settle
+from .ties import Edits, find_ties, settle
 from .units import format_size
 
 FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
@@ -39,10 +39,11 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
     quantized = codec.weights(base.tensors) if codec else {}
     view = _logical_view(base, quantized)
     adapters = _read_adapters(plan, scratch)
-    tie = find_tie(view)
+    names = BaseNames(view)
+    ties = find_ties(view, names)
     logical = {q.name for q in quantized.values()}
-    edits = collect(view, adapters, BaseNames(view), tie, logical)
-    settle(tie, edits, view)
+    edits = collect(view, adapters, names, ties, logical)
+    settle(ties, edits, view)
     if plan.dtype == "keep":
         _refuse_quantized_replacement(edits, logical, codec)
     shards = lay_out(base, quantized, edits, plan.dtype, plan.max_shard_size)

@@ -267,8 +267,11 @@ def peft_merged(base, adapter_dirs, auto_class=None, dtype=torch.float32, **load
     return peft_model(base, adapter_dirs, auto_class, dtype, **load_kwargs).merge_and_unload().eval()
 
 
-def assert_same_model(out_dir, reference, auto_class=None, dtype=torch.float32, rtol=1e-5, atol=1e-6, **load_kwargs):
-    """Load `out_dir` with the Auto class and compare every parameter (tied aliases included) and the logits."""
+def assert_same_model(
+    out_dir, reference, auto_class=None, dtype=torch.float32, rtol=1e-5, atol=1e-6, inputs=None, **load_kwargs
+):
+    """Load `out_dir` with the Auto class and compare every parameter (tied aliases included) and the logits on
+    `inputs` (forward keyword arguments; default the input_ids() batch)."""
     quiet()
     from transformers import AutoModelForCausalLM
 
@@ -279,8 +282,7 @@ def assert_same_model(out_dir, reference, auto_class=None, dtype=torch.float32, 
     assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
     for name, param in want.items():
         torch.testing.assert_close(got[name], param, rtol=rtol, atol=atol, msg=name)
+    inputs = inputs or {"input_ids": input_ids()}
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids()).logits, reference(input_ids()).logits, rtol=10 * rtol, atol=10 * atol
-        )
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=10 * rtol, atol=10 * atol)
     return model
