@@ -264,14 +264,21 @@ def _replacement_target(key: str) -> str:
     return key
 
 
+# peft.utils.constants.EMBEDDING_LAYER_NAMES: ensure_weight_tying ties modules_to_save copies only when an entry
+# ends with one of these (BaseTuner._check_tied_modules); otherwise PEFT warns and copies as usual.
+_PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
 def _own_copy(config: dict, key: str, target: str) -> bool:
     """Whether a saved tensor is a modules_to_save module's copy, which PEFT keeps apart from any module the
     base ties to it (unless ensure_weight_tying ties the copies too). PEFT wraps every module whose name ends
     with an entry (utils.other._set_trainable); a saved base layer (`.base_layer.`) is not a copy."""
-    if config.get("ensure_weight_tying") or ".base_layer." in key:
+    saved = [m for m in config.get("modules_to_save") or [] if isinstance(m, str)]
+    ties_copies = config.get("ensure_weight_tying") and any(m.split(".")[-1] in _PEFT_EMBEDDING_NAMES for m in saved)
+    if ties_copies or ".base_layer." in key:
         return False
     module = target.rpartition(".")[0]
-    return any(isinstance(m, str) and module.endswith(m) for m in config.get("modules_to_save") or [])
+    return any(module.endswith(m) for m in saved)
 
 
 _TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"

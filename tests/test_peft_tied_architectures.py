@@ -121,6 +121,7 @@ def _assert_same_as_peft(out: Path, base: Path, adapter: Path, model: str, auto_
         ("electra", dict(target_modules=["query", "generator_lm_head", "word_embeddings"])),
         ("xlm", dict(target_modules=["q_lin"], modules_to_save=["transformer.embeddings"])),
         ("xlm", dict(target_modules=["q_lin", "pred_layer.proj"])),
+        ("bert", dict(target_modules=["query"], modules_to_save=["word_embeddings"], ensure_weight_tying=True)),
     ],
     ids=[
         "marian-save-head",
@@ -131,6 +132,7 @@ def _assert_same_as_peft(out: Path, base: Path, adapter: Path, model: str, auto_
         "electra-lora-generator-head-and-embedding",
         "xlm-save-embedding",
         "xlm-lora-pred-layer",
+        "bert-ensure-weight-tying-on-a-module-peft-does-not-tie",  # PEFT ties only embed_tokens/lm_head copies
     ],
 )
 def test_tied_weights_of_the_model_class_merge_as_peft(tmp_path, model, lora):
