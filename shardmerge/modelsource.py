@@ -279,36 +279,39 @@ def _run_config_code(body: list[ast.stmt], view: _ConfigView) -> None:
             raise Unknown("tie_word_embeddings set by code")
 
 
-def _evaluate(node: ast.expr, view: _ConfigView):
+def _evaluate(node: ast.expr, view: _ConfigView, local: dict | None = None):
     """A condition or value over the config: literals, `config.x` / `self.x` / `self.config.x` (sub-config
-    attributes too), getattr with a default, not/and/or, and comparisons."""
+    attributes too), a local holding a literal (an __init__ argument left at its default), getattr with a
+    default, not/and/or, and comparisons."""
     if isinstance(node, ast.Constant):
         return node.value
+    if isinstance(node, ast.Name) and isinstance((local or {}).get(node.id), ast.Constant):
+        return local[node.id].value
     if isinstance(node, ast.Name) and node.id in ("config", "self"):
         return view
     if isinstance(node, ast.Attribute):
-        owner = _evaluate(node.value, view)
+        owner = _evaluate(node.value, view, local)
         if not isinstance(owner, _ConfigView):
             raise Unknown(ast.unparse(node))
         return owner if node.attr == "config" and owner is view else owner.get(node.attr)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        return not _evaluate(node.operand, view)
+        return not _evaluate(node.operand, view, local)
     if isinstance(node, ast.BoolOp):
-        values = (_evaluate(v, view) for v in node.values)
+        values = (_evaluate(v, view, local) for v in node.values)
         return all(values) if isinstance(node.op, ast.And) else any(values)
     if isinstance(node, ast.Compare) and len(node.ops) == 1:
-        left, right, op = _evaluate(node.left, view), _evaluate(node.comparators[0], view), node.ops[0]
+        left, right, op = _evaluate(node.left, view, local), _evaluate(node.comparators[0], view, local), node.ops[0]
         compare = {ast.Is: lambda a, b: a is b, ast.IsNot: lambda a, b: a is not b, ast.Eq: lambda a, b: a == b,
                    ast.NotEq: lambda a, b: a != b}.get(type(op))  # fmt: skip
         if compare is not None:
             return compare(left, right)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
         if len(node.args) == 3 and isinstance(node.args[1], ast.Constant):
-            owner = _evaluate(node.args[0], view)
+            owner = _evaluate(node.args[0], view, local)
             try:
                 return owner.get(node.args[1].value)
             except Unknown:
-                return _evaluate(node.args[2], view)
+                return _evaluate(node.args[2], view, local)
     raise Unknown(ast.unparse(node))
 
 
@@ -345,7 +348,7 @@ def _model_ties(found: tuple[Path, ast.ClassDef], view: _ConfigView, depth: int 
     own = _mapping(_class_value(chain, "_tied_weights_keys"))
     children: dict[str, tuple] = {}
     for path, method in _methods(chain, "__init__"):
-        own = _run_init(method.body, path, view, own, children, {})
+        own = _run_init(method.body, path, view, own, children, _defaults(method))
     keys = {}
     if own and view.ties():
         if not all(_PLAIN_KEYS.fullmatch(k) for k in own.keys() | set(own.values())):
@@ -355,6 +358,17 @@ def _model_ties(found: tuple[Path, ast.ClassDef], view: _ConfigView, depth: int 
         sub = _model_ties(child, child_view, depth + 1)
         keys.update({f"{attr}.{k}": f"{attr}.{v}" for k, v in sub.items()})
     return keys
+
+
+def _defaults(method: ast.FunctionDef) -> dict[str, ast.expr]:
+    """An __init__'s arguments other than the config, at their literal defaults: from_pretrained and from_config
+    build a model from its config alone (EncoderDecoderModel's `encoder=None` then builds its own)."""
+    args = method.args
+    pairs = [
+        *zip(args.args[len(args.args) - len(args.defaults) :], args.defaults),
+        *zip(args.kwonlyargs, args.kw_defaults),
+    ]
+    return {arg.arg: value for arg, value in pairs if isinstance(value, ast.Constant) and arg.arg != "config"}
 
 
 def _mapping(node) -> dict | None:
@@ -389,7 +403,7 @@ def _run_init(body, path: Path, view: _ConfigView, own, children: dict, local: d
                     children[target.attr] = child
                     continue
         if isinstance(stmt, ast.If) and (_mentions(stmt, "_tied_weights_keys") or _builds_model(stmt, path)):
-            branch = stmt.body if _evaluate(stmt.test, view) else stmt.orelse
+            branch = stmt.body if _evaluate(stmt.test, view, local) else stmt.orelse
             own = _run_init(branch, path, view, own, children, local)
         elif _mentions(stmt, "_tied_weights_keys"):
             raise Unknown("_tied_weights_keys changed by code")
