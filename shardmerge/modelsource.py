@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.metadata
 import importlib.util
+import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -58,36 +57,28 @@ def auto_mappings() -> ModuleType | None:
     return module
 
 
-@dataclass(frozen=True)
-class TiedWeights:
-    """What transformers ties in one model built from a config: `keys` maps each tied parameter to the one it
-    shares, in module names of the whole model, as `model.all_tied_weights_keys` holds them."""
+def tied_weights(config: dict, architecture: str) -> dict[str, str] | None:
+    """transformers' tied parameters (target -> source, module names of the whole model) for `architecture`
+    built from `config`, as post_init's all_tied_weights_keys holds them: each PreTrainedModel's
+    `_tied_weights_keys` where its own config ties, its sub-models' under their attribute names. None when
+    that cannot be read from the source exactly."""
+    return _tied_weights(json.dumps(config, sort_keys=True), architecture)
 
-    keys: dict[str, str]
-    source: str
 
-
-def tied_weights(config: dict, architecture: str) -> TiedWeights | None:
-    """transformers' tied parameters for `architecture` built from `config` (post_init's all_tied_weights_keys:
-    each PreTrainedModel's `_tied_weights_keys`, where its own config ties, its sub-models' under their
-    attribute names); None when that cannot be read from the source exactly."""
+@functools.lru_cache(maxsize=16)
+def _tied_weights(config_json: str, architecture: str) -> dict[str, str] | None:
+    """tied_weights, once per config (a run plans more than once). The mapping is shared: do not change it."""
+    config = json.loads(config_json)
     model_type = config.get("model_type")
     if package_root() is None or auto_mappings() is None or not isinstance(model_type, str):
         return None
     try:
         found = _find_class(_modeling_file(model_type), architecture)
-        if found is None:
-            return None
-        keys = _model_ties(found, _ConfigView(config))
+        return None if found is None else _model_ties(found, _ConfigView(config))
     except (Unknown, OSError, SyntaxError, RecursionError):
         return None
     finally:
         _source.cache_clear()
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        version = "?"
-    return TiedWeights(keys, f"transformers {version} ({found[0].name}: {architecture})")
 
 
 # ---- files and classes

@@ -108,7 +108,7 @@ def find_ties(base: BaseModel, names: BaseNames) -> list[Tie]:
         tie = _named_tie(base)
         return [tie] if tie is not None else []
     groups: dict[str, list[str]] = {}
-    for target, source in rule.keys.items():
+    for target, source in rule.items():
         groups.setdefault(source, [source]).append(target)
     ties = []
     for members in groups.values():

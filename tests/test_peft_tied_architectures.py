@@ -214,7 +214,7 @@ def test_tied_weights_read_from_the_source_are_those_of_the_built_model(model_cl
     saved = getattr(transformers, model_class).config_class(**config).to_dict()
     found = modelsource.tied_weights({**saved, "architectures": [model_class]}, model_class)
     assert found is not None
-    assert found.keys == _built_ties(model_class, **config)
+    assert found == _built_ties(model_class, **config)
 
 
 def test_tied_weights_of_sub_models_built_from_sub_configs_are_read_under_their_names():
@@ -231,8 +231,8 @@ def test_tied_weights_of_sub_models_built_from_sub_configs_are_read_under_their_
     )
     with torch.device("meta"):
         model = transformers.EncoderDecoderModel(config)
-    assert found is not None and found.keys == dict(model.all_tied_weights_keys)
-    assert found.keys["decoder.cls.predictions.decoder.weight"] == "decoder.bert.embeddings.word_embeddings.weight"
+    assert found is not None and found == dict(model.all_tied_weights_keys)
+    assert found["decoder.cls.predictions.decoder.weight"] == "decoder.bert.embeddings.word_embeddings.weight"
 
 
 def test_tied_weights_set_by_code_the_reader_cannot_follow_are_not_guessed():
@@ -246,7 +246,7 @@ def test_reading_tied_weights_never_imports_transformers():
     code = (
         "import sys; from shardmerge import modelsource; "
         "found = modelsource.tied_weights({'model_type': 'marian'}, 'MarianMTModel'); "
-        "print(sorted(found.keys), 'transformers' in sys.modules)"
+        "print(sorted(found), 'transformers' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
