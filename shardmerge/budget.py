@@ -37,17 +37,7 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
     """Choose rows per tile (and per cache-sized chunk) for every tensor that is not a plain copy, and
     the buffers that implies. The budget arithmetic is one piece: each reservation below feeds the next, and
     tests/test_budget.py checks the whole against max_memory."""
-    tensors = sum(len(s.tasks) for s in merge_plan.shards)
-    reserved = store_for(location(merge_plan.plan.output)).write_memory()  # the output store's part buffers
-    overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS) + reserved
-    if merge_plan.plan.max_memory <= overhead:
-        parts = f", {format_size(reserved)} of upload part buffers" if reserved else ""
-        raise ShardmergeError(
-            f"max_memory {format_size(merge_plan.plan.max_memory)} is too small: a run of this "
-            f"model holds {format_size(overhead)} before any buffer (threads, the plan of {tensors} "
-            "tensors, allocator"
-            f"{parts}); set max_memory to at least {format_size(overhead + MiB)}"
-        )
+    overhead = _overhead(merge_plan)
     budget = min(budget, merge_plan.plan.max_memory - overhead)  # what the buffers below may use on the host
     scratch = scratch_bytes(budget)
     tasks = [t for s in merge_plan.shards for t in s.tasks if not t.is_copy and t.out_nbytes > 0]
@@ -104,6 +94,22 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
     return Buffers(
         SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors - shared, scratch, overhead, shared
     )
+
+
+def _overhead(merge_plan: MergePlan) -> int:
+    """What a run of this plan holds before any buffer: RUNTIME_BYTES, the plan's objects beyond PLAN_TENSORS
+    tensors, and the output store's part buffers. A max_memory that leaves nothing beyond it is refused."""
+    tensors = sum(len(s.tasks) for s in merge_plan.shards)
+    reserved = store_for(location(merge_plan.plan.output)).write_memory()
+    overhead = RUNTIME_BYTES + PER_TENSOR_BYTES * max(0, tensors - PLAN_TENSORS) + reserved
+    if merge_plan.plan.max_memory <= overhead:
+        parts = f", {format_size(reserved)} of upload part buffers" if reserved else ""
+        raise ShardmergeError(
+            f"max_memory {format_size(merge_plan.plan.max_memory)} is too small: a run of this "
+            f"model holds {format_size(overhead)} before any buffer (threads, the plan of {tensors} "
+            f"tensors, allocator{parts}); set max_memory to at least {format_size(overhead + MiB)}"
+        )
+    return overhead
 
 
 def _shared_bytes(tasks: list[TensorTask], room: int) -> int:

@@ -355,7 +355,7 @@ class Executor:
         task, q = tile.task, tile.task.quant
         side, fresh = scales
         r0, r1 = tile.r0 + c0, tile.r0 + c1
-        work = work_buffer[: (r1 - r0) * _row_elems(task)].view(r1 - r0, -1)
+        work = work_buffer[: (r1 - r0) * task.row_elems].view(r1 - r0, -1)
         work.copy_(raw[c0:c1] if q is None else q.codec.decode(q, raw[c0:c1], side, c0, task.quant_group))
         if tile.prepass:
             if task.column_norms:
@@ -507,8 +507,3 @@ def _copy_runs(tasks: list[TensorTask]) -> list[tuple[Path, int, int, int, int]]
         else:
             runs.append([src.path, src.offset, t.out_offset, src.nbytes, 1])
     return [tuple(r) for r in runs]
-
-
-def _row_elems(task: TensorTask) -> int:
-    """Elements of the logical tensor in one row (a slice along dim 0, or along (expert, d1))."""
-    return task.source.numel // task.rows if task.rows else max(task.source.numel, 1)

@@ -53,35 +53,43 @@ def collect(
             edits.terms.setdefault(name, []).append(term)
             if module.b_bias is not None:
                 bias_name, base_bias = target(module.module + ".bias", weights_file, module.b_bias.name)
-                if base_bias.shape != module.b_bias.shape:
-                    raise ShardmergeError(
-                        f"{module.b_bias.path}: {module.b_bias.name!r} does not fit base bias "
-                        f"{bias_name!r} {list(base_bias.shape)}"
-                    )
-                edits.terms.setdefault(bias_name, []).append(
-                    BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}")
-                )
+                edits.terms.setdefault(bias_name, []).append(_bias_term(adapter, module, bias_name, base_bias))
         for name, term in _expert_terms(adapter, base, names, quantized):
             edits.terms.setdefault(name, []).append(term)
         for module_name, (indices, values) in adapter.token_rows.items():
             name, target_tensor = target(module_name + ".weight", weights_file, values.name)
-            shape = target_tensor.shape
-            if len(shape) != 2 or values.shape[1] != shape[1] or max(indices, default=0) >= shape[0]:
-                raise ShardmergeError(
-                    f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
-                    f"{max(indices, default=0)} does not fit base tensor {name!r} {list(shape)}"
-                )
-            for origin, rows in token_rows.get(name, []):  # PEFT activates one trainable-tokens adapter per layer
-                if rows & set(indices):
-                    raise ShardmergeError(
-                        f"{values.path}: trainable token ids {sorted(rows & set(indices))[:8]} of "
-                        f"{name!r} are also trained by {origin}; PEFT cannot combine them: merge one"
-                    )
-            token_rows.setdefault(name, []).append((adapter.path, set(indices)))
-            edits.terms.setdefault(name, []).append(
-                RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}")
-            )
+            term = _rows_term(adapter, module_name, indices, values, name, target_tensor.shape, token_rows)
+            edits.terms.setdefault(name, []).append(term)
     return edits
+
+
+def _bias_term(adapter: Adapter, module: LoraModule, name: str, base_bias: TensorInfo) -> BiasTerm:
+    """A trained lora_B bias, added to base bias `name` with the module's scaling."""
+    if base_bias.shape != module.b_bias.shape:
+        raise ShardmergeError(
+            f"{module.b_bias.path}: {module.b_bias.name!r} does not fit base bias {name!r} {list(base_bias.shape)}"
+        )
+    return BiasTerm(module.b_bias, adapter.weight * module.scaling, f"{adapter.path}: {module.module}")
+
+
+def _rows_term(
+    adapter: Adapter, module_name: str, indices, values: TensorInfo, name: str, shape: tuple, trained: dict
+) -> RowsTerm:
+    """Trainable-token rows replacing rows of base tensor `name`. `trained` holds, per tensor, the rows earlier
+    adapters replace: PEFT activates one trainable-tokens adapter per layer, so overlapping rows are refused."""
+    if len(shape) != 2 or values.shape[1] != shape[1] or max(indices, default=0) >= shape[0]:
+        raise ShardmergeError(
+            f"{values.path}: {values.name!r} {list(values.shape)} with token ids up to "
+            f"{max(indices, default=0)} does not fit base tensor {name!r} {list(shape)}"
+        )
+    for origin, rows in trained.get(name, []):
+        if rows & set(indices):
+            raise ShardmergeError(
+                f"{values.path}: trainable token ids {sorted(rows & set(indices))[:8]} of "
+                f"{name!r} are also trained by {origin}; PEFT cannot combine them: merge one"
+            )
+    trained.setdefault(name, []).append((adapter.path, set(indices)))
+    return RowsTerm(indices, values, adapter.weight, f"{adapter.path}: {module_name}")
 
 
 # Heads PEFT adds to modules_to_save for classification task types (utils.constants), and the class to load
