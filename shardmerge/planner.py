@@ -101,14 +101,26 @@ def _refuse_quantized_replacement(edits: Edits, logical: set[str], codec: Codec 
 
 
 def _output_config(base: BaseModel, edits: Edits, codec: Codec | None, dtype: str) -> dict | None:
-    """config.json to write instead of the base's, if it changes: untied embeddings (edits.config), and a
-    dequantized base is a plain float checkpoint now, so nothing may say otherwise."""
+    """config.json to write instead of the base's, if it changes: untied embeddings (edits.config), the dtype
+    the tensors were cast to, and a dequantized base is a plain float checkpoint now, so nothing may say
+    otherwise."""
     config = edits.config
     if codec is not None and dtype != "keep":
         config = {k: v for k, v in (config or base.config).items() if k != "quantization_config"}
-        config["dtype"] = dtype
-        if "torch_dtype" in config:
-            config["torch_dtype"] = dtype
+    if dtype != "keep":
+        config = _with_dtype(base.config if config is None else config, dtype)
+    return config
+
+
+def _with_dtype(config: dict, dtype: str) -> dict:
+    """config.json for tensors cast to `dtype`: save_pretrained writes the dtype the weights are stored in, and
+    from_pretrained(dtype="auto") and vLLM load in it; sub-configs (a VLM's text_config) that say one say it too."""
+    config = dict(config, dtype=dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    for key, sub in config.items():
+        if isinstance(sub, dict) and {"dtype", "torch_dtype"} & set(sub):
+            config[key] = {k: dtype if k in ("dtype", "torch_dtype") else v for k, v in sub.items()}
     return config
 
 
