@@ -226,3 +226,36 @@ def test_verify_plan_recomputes_a_tensor_four_times_its_budget_within_the_budget
     )
     assert rc == 0
     assert rss - idle <= budget, f"verify peaked {(rss - idle) / 2**20:.1f} MiB above idle, budget 16 MiB"
+
+
+# -- float32 outputs ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def float32_merge(tmp_path_factory):
+    """A float32 base (values ~0.2) with a LoRA (r=4, scale 2, factors ~0.1) on every q_proj: the float32
+    merge errs by an epsilon of W where W + delta cancels to a small value."""
+    import torch
+
+    root = tmp_path_factory.mktemp("float32")
+    g = torch.Generator().manual_seed(3)
+    tensors, lora = {}, {}
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = 0.2 * torch.randn(64, 64, generator=g)
+        lora.update({k: 0.1 * v for k, v in lora_pair(f"model.layers.{i}.self_attn.q_proj", 64, 64, seed=i).items()})
+    models.write_model(root / "base", tensors, shards=2)
+    write_adapter(root / "adapter", lora)
+    plan = write_plan(root / "plan.yaml", base="base", adapters=["adapter"], output="out", device="cpu")
+    assert run_cli(plan, "-q").returncode == 0
+    return root, plan
+
+
+def test_verify_plan_accepts_a_float32_merge_where_base_and_delta_cancel(float32_merge):
+    root, plan = float32_merge
+    assert verify(str(root / "out"), plan=str(plan), samples=100) == []
+
+
+def test_verify_plan_catches_a_float32_merge_with_the_weight_off_by_a_thousandth(float32_merge, tmp_path):
+    root, _ = float32_merge
+    adapters = [{"path": root / "adapter", "weight": 0.999}]
+    plan = write_plan(tmp_path / "plan.yaml", base=root / "base", adapters=adapters, output=root / "out", device="cpu")
+    problems = verify(str(root / "out"), plan=str(plan), samples=100)
+    assert len(problems) == 2 and all("recomputation" in p for p in problems)
