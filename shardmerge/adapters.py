@@ -121,11 +121,71 @@ def module_scaling(config: dict, module: str) -> tuple[int, float]:
     return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _rank(v) -> bool:
+    """A positive rank, or the mask of kept ranks AdaLoRA's budget saves."""
+    return _whole(v) and v > 0 or isinstance(v, list) and all(isinstance(x, bool) for x in v)
+
+
+def _token_ids(v) -> bool:
+    return isinstance(v, list) and all(_whole(x) and x >= 0 for x in v)
+
+
+# The value types of the LoraConfig fields read here (PEFT's annotations): a config PEFT would not build, or would
+# read differently from what it says ("false" is true), is refused naming the field instead of guessed at.
+_FIELDS = {
+    "r": (lambda v: _whole(v) and v > 0, "a positive integer"),
+    "lora_alpha": (_number, "a number"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _names(v), "a regex or a list of module names"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _names(v), "a regex or a list of module names"),
+    "modules_to_save": (lambda v: v is None or _names(v), "a list of module names"),
+    "target_parameters": (lambda v: v is None or _names(v), "a list of parameter names"),
+    "layers_to_transform": (lambda v: v is None or _whole(v) or _token_ids(v), "a layer index or a list of them"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _names(v), "a name or a list of names"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_rank, v.values())),
+                     "a mapping of module patterns to ranks"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_number, v.values())),
+                      "a mapping of module patterns to numbers"),
+    "trainable_token_indices": (lambda v: v is None or _token_ids(v) or isinstance(v, dict)
+                                and all(_token_ids(x) for x in v.values()), "a list of token ids or a mapping of them"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an initialisation name"),
+    **{key: (lambda v: v is None or isinstance(v, bool), "true or false")
+       for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "ensure_weight_tying")},
+}  # fmt: skip
+
+
+def _check_fields(config: dict, where: Path) -> None:
+    for key, (valid, what) in _FIELDS.items():
+        if key in config and not valid(config[key]):
+            raise ShardmergeError(f"{where}: {key} must be {what}, got {config[key]!r}")
+    patterns = [config.get(k) for k in ("target_modules", "exclude_modules") if isinstance(config.get(k), str)]
+    for key in ("rank_pattern", "alpha_pattern", "trainable_token_indices"):
+        patterns += list(config.get(key) or {}) if isinstance(config.get(key), dict) else []
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ShardmergeError(f"{where}: {pattern!r} is not a valid regular expression ({e})") from None
+
+
 def check_config(files: AdapterFiles) -> None:
     config, where = files.config, files.directory / "adapter_config.json"
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() not in _MERGED_TYPES:
         raise ShardmergeError(f"{where}: peft_type is {peft_type!r}; shardmerge merges LoRA and AdaLoRA adapters only")
+    _check_fields(config, where)
     for key in _UNSUPPORTED_VARIANTS:
         if config.get(key) not in (None, False, {}, []):
             raise ShardmergeError(

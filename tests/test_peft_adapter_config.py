@@ -219,3 +219,35 @@ def test_overlapping_token_rows_of_two_adapters_are_refused(tmp_path, base):
     first = _adapter(tmp_path, base, "first", target_modules=["q_proj"], trainable_token_indices=[3, 5])
     second = _adapter(tmp_path, base, "second", target_modules=["v_proj"], trainable_token_indices=[5, 9])
     _assert_refused(tmp_path, base, [first, second], "token", "5")
+
+
+# -- field types ----------------------------------------------------------------------------------------------
+# PEFT would not build these configs, or would read them differently from what they say ("false" is true):
+# each is one line naming adapter_config.json and the field, never an internal error or a guessed merge.
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"target_modules": 3},
+        {"target_modules": ["q_proj", 1]},
+        {"modules_to_save": "lm_head"},
+        {"layers_to_transform": "0"},
+        {"layers_pattern": 5},
+        {"target_parameters": 3},
+        {"r": "four"},
+        {"lora_alpha": None},
+        {"rank_pattern": {"q_proj": "x"}},
+        {"fan_in_fan_out": "false"},
+        {"bias": "some"},
+    ],
+    ids=lambda field: next(iter(field)),
+)
+def test_a_config_field_of_the_wrong_type_is_refused_naming_the_file_and_the_field(tmp_path, base, field):
+    adapter = _adapter(tmp_path, base)
+    _edit_config(adapter, **field)
+    _assert_refused(tmp_path, base, [adapter], str(adapter / "adapter_config.json"), f"{next(iter(field))} must be")
+
+
+def test_a_pattern_that_is_not_a_regular_expression_is_refused_naming_it(tmp_path, base):
+    adapter = _adapter(tmp_path, base)
+    _edit_config(adapter, alpha_pattern={"q_proj(": 3})
+    _assert_refused(tmp_path, base, [adapter], str(adapter / "adapter_config.json"), "'q_proj(' is not a valid regular")
