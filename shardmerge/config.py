@@ -7,6 +7,7 @@ directory (or the working directory for a dict).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -169,8 +170,8 @@ def _adapters(raw: Any, root: Path, where: str) -> list[AdapterSpec]:
         if "path" not in item:
             raise PlanError(f"{key}: missing required key 'path'")
         weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight:
-            raise PlanError(f"{key}.weight: expected a number, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise PlanError(f"{key}.weight: expected a finite number, got {weight!r}")
         version = item.get("peft_version")
         if version is not None and not isinstance(version, str):
             raise PlanError(f"{key}.peft_version: expected a version string such as '0.21.2', got {version!r}")
@@ -200,9 +201,28 @@ def load_plan(plan: "str | os.PathLike | dict | Plan", **overrides: Any) -> Plan
     import yaml
 
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_unique_keys_loader(yaml))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise PlanError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     return plan_from_dict(raw, path.resolve().parent, str(path), **overrides)
+
+
+def _unique_keys_loader(yaml):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML keeps the last value
+    silently, and which of the two the user meant cannot be known."""
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader

@@ -78,6 +78,7 @@ def test_overrides_replace_plan_keys(inputs):
         ({"base": "base", "adapters": ["adapter"]}, "missing required key 'output'"),
         ({"base": "base", "adapters": ["adapter"], "output": "out", "max_memory": "lots"}, "max_memory"),
         ({"base": "base", "adapters": [{"path": "adapter", "weight": "heavy"}], "output": "out"}, "weight"),
+        ({"base": "base", "adapters": [{"path": "adapter", "weight": float("inf")}], "output": "out"}, "weight"),
         ({"base": "base", "adapters": [{"path": "adapter", "scale": 2}], "output": "out"}, "unknown key 'scale'"),
         ({"base": "nowhere", "adapters": ["adapter"], "output": "out"}, "nowhere"),
         ({"base": "base", "adapters": ["adapter"], "output": "out", "device": "tpu"}, "device"),
@@ -87,6 +88,14 @@ def test_invalid_plan_is_one_line_error(inputs, plan, needle):
     tmp, _, _ = inputs
     assert_one_line_error(run_cli(write_plan(tmp / "plan.yaml", **plan)), needle)
     assert not (tmp / "out").exists()
+
+
+def test_a_key_given_twice_in_the_plan_is_one_line_error_naming_it(inputs):
+    tmp, _, _ = inputs
+    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="out")
+    plan.write_text(plan.read_text() + "output: elsewhere\n")  # YAML would silently keep the last one
+    assert_one_line_error(run_cli(plan), "key 'output' is given twice", str(plan))
+    assert not (tmp / "out").exists() and not (tmp / "elsewhere").exists()
 
 
 def test_missing_plan_file_is_one_line_error(tmp_path):
