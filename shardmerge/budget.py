@@ -6,6 +6,7 @@ max_memory together.
 from __future__ import annotations
 
 import math
+import mmap
 
 from .errors import ShardmergeError
 from .mergeplan import SLAB_ALIGN, Buffers, MergePlan, TensorTask
@@ -63,7 +64,12 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
     fixed += SLABS * max(
         (t.tiled_scale_row_bytes + SLAB_ALIGN * (len(t.tiled) + 1) for t in tasks if any(t.tiled)), default=0
     )
-    per_elem = SLABS * itemsize
+    # On the CPU, merged tensors of a local base are read in place: a mapped window per slab (from a page
+    # boundary), unless the budget is so small that tiles are tiny and the windows' pages would crowd them out.
+    mapped = not on_cuda and store_for(merge_plan.base.directory).maps_files and budget - fixed >= SLABS * MiB
+    if mapped:
+        fixed += SLABS * mmap.ALLOCATIONGRANULARITY
+    per_elem = SLABS * (itemsize + (max(DTYPE_SIZES[t.source.dtype] for t in tasks) if mapped else 0))
     elems = (budget - fixed) // per_elem
     for t in tasks:
         rows, unit, row = t.rows, t.row_unit, _row_cost(t, itemsize)
@@ -91,8 +97,17 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
             )
     tile_elems = max(t.rows_per_tile * t.row_elems for t in tasks)
     slab = max(t.tile_bytes(t.rows_per_tile) for t in tasks)
+    window = max(t.rows_per_tile * t.row_bytes for t in tasks) + mmap.ALLOCATIONGRANULARITY if mapped else 0
     return Buffers(
-        SLABS, slab, tile_elems if on_cuda else work_elems, work_factor, factors - shared, scratch, overhead, shared
+        SLABS,
+        slab,
+        tile_elems if on_cuda else work_elems,
+        work_factor,
+        factors - shared,
+        scratch,
+        overhead,
+        shared,
+        window,
     )
 
 

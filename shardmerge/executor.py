@@ -10,7 +10,8 @@ checksums overlap:
 
 Every host buffer is fixed by the plan (mergeplan.Buffers, sized by budget.tile) before anything runs: a
 few tile slabs that circulate reader -> merger -> writer (each tile's output is rounded back into its own
-slab), one float32 scratch for the merger, and two small fixed buffers. The reader blocks when no slab is free,
+slab; on the CPU a local input is read in place, through a mapped window), one float32 scratch for the
+merger, and two small fixed buffers. The reader blocks when no slab is free,
 so memory does not grow with model size, and reusing slabs means the steady state faults in no pages.
 """
 
@@ -94,6 +95,9 @@ class _Tile:
     prepass: bool
     last: bool
     slab: torch.Tensor | None = None
+    mapped: object = (
+        None  # stores.local.Mapped: the tile's input read in place (Buffers.mapped_bytes), else in the slab
+    )
     out_bytes: int = 0
     ready: object = None  # a CUDA event the writer waits on
     companions: list = field(default_factory=list)  # (output offset, host tensor): fresh scales the writer writes
@@ -186,8 +190,11 @@ class Executor:
                 tile = _Tile(out, task, r0, r1, prepass, last=not prepass and i == len(blocks) - 1)
                 tile.slab = self.pool.take()
                 start = time.perf_counter()
-                nbytes = (r1 - r0) * task.row_bytes
-                self._input(src.path).read_into(tile.slab[:nbytes].numpy(), src.offset + r0 * task.row_bytes)
+                nbytes, offset = (r1 - r0) * task.row_bytes, src.offset + r0 * task.row_bytes
+                if self.plan.buffers.mapped_bytes and nbytes:
+                    tile.mapped = self._input(src.path).map(offset, nbytes)
+                else:
+                    self._input(src.path).read_into(tile.slab[:nbytes].numpy(), offset)
                 nbytes += self._read_scales(tile)
                 self.result.stages.read += time.perf_counter() - start
                 self._count(bytes_read=nbytes)
@@ -261,6 +268,9 @@ class Executor:
                 work = self.streams.empty(self.work_elems) if self.streams else torch.empty(self.work_elems)
             start = time.perf_counter()
             self._merge_tile(item, state, work)
+            if item.mapped is not None:
+                item.mapped.close()  # its pages leave our RSS; they stay in the page cache
+                item.mapped = None
             if item.last:
                 self._finish_task(item, state)
             self.result.stages.merge += time.perf_counter() - start
@@ -285,7 +295,8 @@ class Executor:
         """Merge one tile in float32 and write the rounded result back into the tile's own slab."""
         task, src = tile.task, tile.task.source
         rows = tile.r1 - tile.r0
-        raw = tile.slab[: rows * task.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
+        data = tile.slab if tile.mapped is None else torch.frombuffer(tile.mapped.view, dtype=torch.uint8)
+        raw = data[: rows * task.row_bytes].view(mergemath.TORCH_DTYPES[src.dtype]).reshape(rows, -1)
         tile.out_bytes = rows * task.out_row_bytes
         out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
         if self.streams is not None:  # the whole tile at once, on the device
@@ -473,7 +484,9 @@ class Executor:
             torch.set_num_threads(math_threads)
             if self.pipeline.failure is not None:
                 self._remove_partials()
-        self.result.peak_budget = self.pool.made * self.pool.size + FLOAT32_BYTES * self.work_elems
+        self.result.peak_budget = (
+            self.pool.made * (self.pool.size + self.plan.buffers.mapped_bytes) + FLOAT32_BYTES * self.work_elems
+        )
         return self.result
 
     def _remove_partials(self) -> None:

@@ -186,12 +186,12 @@ class Buffers:
     """Every host buffer the executor may hold, fixed before it starts, so that max_memory is a bound.
 
     `slabs` tile buffers of `slab_bytes` circulate reader -> merger -> writer (a tile's output is written
-    back into its own slab); the merger owns one float32 scratch of `work_elems` (one chunk on the CPU, a
-    whole tile on the GPU; times `work_factor` for the temporaries of DoRA, delta survival and codecs); two
-    tasks' factors may be alive at once; and
-    two `scratch` shares cover the fallback copy buffer (made only if the kernel copy fails) and the
-    checksum's mmap window. `total` counts all of that and the run's fixed overhead, so it bounds the
-    process's peak RSS above an idle `import torch, shardmerge`."""
+    back into its own slab, over its input unless that was read in place through a mapped window of
+    `mapped_bytes`); the merger owns one float32 scratch of `work_elems` (one chunk on the CPU, a whole tile
+    on the GPU; times `work_factor` for the temporaries of DoRA, delta survival and codecs); two tasks'
+    factors may be alive at once; and two `scratch` shares cover the fallback copy buffer (made only if the
+    kernel copy fails) and the checksum's mmap window. `total` counts all of that and the run's fixed
+    overhead, so it bounds the process's peak RSS above an idle `import torch, shardmerge`."""
 
     slabs: int
     slab_bytes: int
@@ -202,6 +202,9 @@ class Buffers:
 
     overhead: int  # the run's fixed cost outside these buffers (RUNTIME_BYTES and the plan's objects)
     shared_bytes: int = 0  # adapter tensors kept loaded across tasks (Term.shared_reads: an expert parameter's lora_B)
+    # Merged tensors are read in place through a mapped window of at most this many bytes per tile in flight
+    # (stores.local.Mapped), instead of into the tile's slab; 0: read into the slab.
+    mapped_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -212,4 +215,5 @@ class Buffers:
             + 2 * self.scratch
             + self.overhead
             + self.shared_bytes
+            + self.slabs * self.mapped_bytes
         )

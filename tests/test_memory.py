@@ -1,6 +1,7 @@
 """max_memory is a bound: a merge whose tensors are several times the budget stays within it, and is exact."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,54 @@ def test_merging_a_text_model_never_imports_transformers(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def _proj_model(tmp_path, layers: int = 2):
+    """A base of bf16 projections in two shards, and a LoRA on each: merged tensors of 2 MiB."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        f"layers.{i}.proj.weight": torch.randn(1024, 1024, generator=g).to(torch.bfloat16) for i in range(layers)
+    }
+    write_model(tmp_path / "base", tensors, shards=2)
+    adapter = {}
+    for i in range(layers):
+        adapter.update(lora_pair(f"layers.{i}.proj", 1024, 1024, r=8, seed=i))
+    write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
+
+
+def test_merged_tensors_read_in_place_give_the_bytes_of_tensors_read_into_slabs(tmp_path, monkeypatch):
+    from shardmerge.stores.local import LocalReader, LocalStore
+
+    _proj_model(tmp_path)
+    mapped = []
+    real_map = LocalReader.map
+    monkeypatch.setattr(
+        LocalReader, "map", lambda self, offset, length: mapped.append(length) or real_map(self, offset, length)
+    )
+    for out in ("in-place", "slabs"):
+        plan = write_plan(tmp_path / f"{out}.yaml", base="base", adapters=["adapter"], output=out, max_memory="64MiB")
+        result = run_cli(plan, "-q")
+        assert result.returncode == 0, result.stderr
+        monkeypatch.setattr(LocalStore, "maps_files", False)
+    assert sum(mapped) == 2 * 1024 * 1024 * 2  # both merged tensors were mapped in the first run, none in the second
+    for shard in sorted((tmp_path / "in-place").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "slabs" / shard.name).read_bytes(), shard.name
+
+
+def test_a_base_shard_truncated_during_the_merge_is_one_line_naming_it(tmp_path, monkeypatch):
+    from shardmerge.stores.local import LocalReader
+
+    _proj_model(tmp_path)
+    real_map = LocalReader.map
+
+    def truncated_first(self, offset, length):
+        os.truncate(self.path, offset + length // 2)  # as another program would, after the plan read the header
+        return real_map(self, offset, length)
+
+    monkeypatch.setattr(LocalReader, "map", truncated_first)
+    plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="64MiB")
+    result = run_cli(plan, "-q")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "base/model-0000" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out" / "shardmerge-manifest.json").exists()

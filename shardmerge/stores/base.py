@@ -24,6 +24,11 @@ class Reader(ABC):
     def read_into(self, buffer, offset: int) -> None:
         """Fill `buffer` (a writable buffer) from `offset`; a short file is an error naming the file."""
 
+    def map(self, offset: int, length: int):
+        """A read-only mapping of `length` bytes from `offset`, paged in, as a `Mapped`; only for stores whose
+        `maps_files` holds."""
+        raise NotImplementedError
+
     def close(self) -> None:  # noqa: B027 - most readers hold nothing to release
         return
 
@@ -57,6 +62,8 @@ class PendingFile(ABC):
 
 
 class Store(ABC):
+    # Whether Reader.map works: input ranges can be read in place, without a copy into a buffer of ours.
+    maps_files = False
     # Whether staged work of a killed run (an open multipart upload) can be taken up again by the next run;
     # a local partial file cannot (what reached the disk is unknown), so it is dropped.
     resumes_partials = False

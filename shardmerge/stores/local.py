@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..errors import ShardmergeError
 from ..units import IO_BUFFER, SHARE_BLOCK, MiB
 from .base import PendingFile, Reader, Stat, Store
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
 _COPY_BUFFER = MiB  # config and tokenizer files, copied whole; used only when the kernel cannot copy
 _TAG_XATTR = "user.shardmerge"  # a published file's tag and checksum, for a resume to prove what it is
 
@@ -170,8 +172,48 @@ class LocalReader(Reader):
     def read_into(self, buffer, offset: int) -> None:
         pread_into(self.fd, buffer, offset, self.path)
 
+    def map(self, offset: int, length: int) -> Mapped:
+        return Mapped(self.fd, offset, length, self.path)
+
     def close(self) -> None:
         os.close(self.fd)
+
+
+class Mapped:
+    """A window on a cached file range, paged in before it is handed on, that nothing writes.
+
+    Reading a merged tensor in place instead of pread-ing it into a slab saves the kernel's copy: on the
+    1.9 GB benchmark model, user+system CPU for reading and widening its merged tensors drops from 0.9 s to
+    0.45 s, and the widening itself is faster from the page cache than from a buffer the kernel just wrote.
+    The window is mapped pages, which count in RSS: the plan charges one per tile in flight
+    (Buffers.mapped_bytes), and closing it gives them back. `view` is the range's bytes (the mapping starts
+    on a page boundary). A file cut short before the window is mapped is an error naming it; one truncated
+    by another program in the milliseconds between mapping and merging ends the process with SIGBUS (no
+    output is published, and a rerun resumes)."""
+
+    def __init__(self, fd: int, offset: int, length: int, path: Path):
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        ended = f"{path}: file ended before byte {offset + length} while reading; truncated or changed during the merge"
+        try:
+            if os.fstat(fd).st_size < offset + length:
+                raise ShardmergeError(ended)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)  # one large read where it is cold
+            # Private (copy on write, and nothing writes) because torch views only writable buffers quietly.
+            self._map = mmap.mmap(fd, offset - start + length, access=mmap.ACCESS_COPY, offset=start)
+        except OSError as e:
+            raise ShardmergeError(f"{path}: cannot map bytes {offset}..{offset + length}: {e.strerror}") from None
+        try:
+            # Paged in here, on the reader's thread: a page missing later would stall the merge on the disk.
+            self._map.madvise(_MADV_POPULATE_READ)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; pages then fault in as they are read
+                self._map.close()
+                raise ShardmergeError(f"{ended} ({e.strerror})") from None
+        self.view = memoryview(self._map)[offset - start :]
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
 
 
 class LocalPending(PendingFile):
@@ -243,6 +285,8 @@ class _Lock:
 
 
 class LocalStore(Store):
+    maps_files = True
+
     def open(self, path: Path, readahead: bool = False) -> Reader:
         return LocalReader(path)  # the kernel's readahead (advised sequential) serves both kinds of reads
 
