@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..common import DEFAULT_ROOT, size_arg
-from ..synthetic import SHAPES, generate_model, model_dir_for
+from ..synthetic import PROJECTIONS, SHAPES, generate_model, model_dir_for
 
 NAME = "generate"
 HELP = "write a synthetic model + adapter + plan.yaml"
@@ -24,14 +24,26 @@ def add_arguments(g) -> None:
     g.add_argument("--rank", type=int, default=16)
     g.add_argument("--alpha", type=int, default=32)
     g.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument(
+        "--projections",
+        default=",".join(PROJECTIONS),
+        help="comma-separated projections the adapter targets (default: all seven; e.g. q_proj,v_proj)",
+    )
     g.add_argument("--force", action="store_true", help="regenerate even if an identical model exists")
 
 
 def run(a) -> int:
+    projections = tuple(p for p in a.projections.split(",") if p)
+    unknown = sorted(set(projections) - set(PROJECTIONS))
+    if unknown or not projections:
+        raise SystemExit(
+            f"bench: --projections: {', '.join(unknown) or 'none given'}; choose from {', '.join(PROJECTIONS)}"
+        )
     out = Path(a.out) if a.out else model_dir_for(a.size_gb, Path(a.root))
     meta = generate_model(out, a.size_gb, seed=a.seed, shape_name=a.shape, layers=a.layers,
                           shard_bytes=size_arg(a.shard_size) if a.shard_size else None, rank=a.rank, alpha=a.alpha,
-                          adapter_dtype=a.adapter_dtype, force=a.force)  # fmt: skip
+                          adapter_dtype=a.adapter_dtype, force=a.force,
+                          projections=projections)  # fmt: skip
     print(json.dumps(meta, indent=2))
     print(f"plan: {out / 'plan.yaml'}")
     return 0
