@@ -72,6 +72,8 @@ def _tied_weights(config_json: str, architecture: str) -> dict[str, str] | None:
     model_type = config.get("model_type")
     if package_root() is None or auto_mappings() is None or not isinstance(model_type, str):
         return None
+    if config.get("auto_map"):  # remote code: its classes, not transformers' of the same name
+        return None
     try:
         found = _find_class(_modeling_file(model_type), architecture)
         return None if found is None else _model_ties(found, _ConfigView(config))

@@ -242,6 +242,15 @@ def test_tied_weights_set_by_code_the_reader_cannot_follow_are_not_guessed():
     assert modelsource.tied_weights(config, "Zamba2ForCausalLM") is None
 
 
+def test_a_config_with_remote_code_is_not_read_from_transformers_classes_of_the_same_name():
+    from transformers import LlamaConfig
+
+    config = {**LlamaConfig(tie_word_embeddings=True).to_dict(), "architectures": ["LlamaForCausalLM"]}
+    assert modelsource.tied_weights(config, "LlamaForCausalLM") == {"lm_head.weight": "model.embed_tokens.weight"}
+    remote = {**config, "auto_map": {"AutoModelForCausalLM": "modeling_custom.LlamaForCausalLM"}}
+    assert modelsource.tied_weights(remote, "LlamaForCausalLM") is None
+
+
 def test_reading_tied_weights_never_imports_transformers():
     code = (
         "import sys; from shardmerge import modelsource; "
