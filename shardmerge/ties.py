@@ -80,7 +80,7 @@ class Tie:
     # (output name, module name) of the members the checkpoint does not store; the name rules' guessed head
     # has no module name: any output-embedding name stands for it
     aliases: tuple[tuple[str, str | None], ...] = ()
-    guessed: str = ""  # name rules only: why the head's name is a guess (untying it is then refused)
+    guessed: str = ""  # name rules only: the model class whose head name lm_head.weight is guessed (no untying)
 
     @property
     def members(self) -> tuple[str, ...]:
