@@ -24,17 +24,19 @@ _COPY_BUFFER = MiB  # config and tokenizer files, copied whole; used only when t
 _TAG_XATTR = "user.shardmerge"  # a published file's tag and checksum, for a resume to prove what it is
 
 
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None where there is none."""
+def _libc(name: str, *argtypes):
+    """A libc function, or None where there is none (not Linux). Called through ctypes, which lets go of the
+    GIL for the call: Python's own mmap.madvise holds it, so a page-in from a cold disk stopped every stage."""
     try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+        call = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.argtypes = list(argtypes)
     return call
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_MADVISE = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -202,13 +204,15 @@ class Mapped:
             self._map = mmap.mmap(fd, offset - start + length, access=mmap.ACCESS_COPY, offset=start)
         except OSError as e:
             raise ShardmergeError(f"{path}: cannot map bytes {offset}..{offset + length}: {e.strerror}") from None
-        try:
-            # Paged in here, on the reader's thread: a page missing later would stall the merge on the disk.
-            self._map.madvise(_MADV_POPULATE_READ)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; pages then fault in as they are read
+        # Paged in here, on the reader's thread: a page missing later would stall the merge on the disk.
+        if _MADVISE is not None:
+            window = (ctypes.c_char * len(self._map)).from_buffer(self._map)
+            failed = _MADVISE(ctypes.addressof(window), len(self._map), _MADV_POPULATE_READ)
+            del window  # a buffer export would keep the mapping from closing
+            code = ctypes.get_errno() if failed else 0
+            if code not in (0, errno.EINVAL):  # EINVAL: a kernel before 5.14; pages then fault in as they are read
                 self._map.close()
-                raise ShardmergeError(f"{ended} ({e.strerror})") from None
+                raise ShardmergeError(f"{ended} ({os.strerror(code)})")
         self.view = memoryview(self._map)[offset - start :]
 
     def close(self) -> None:
