@@ -191,7 +191,9 @@ class Executor:
                 tile.slab = self.pool.take()
                 start = time.perf_counter()
                 nbytes, offset = (r1 - r0) * task.row_bytes, src.offset + r0 * task.row_bytes
-                if self.plan.buffers.mapped_bytes and nbytes:
+                # The plan charges a window per slab; only a file on a store that maps (a local base, not
+                # an S3 adapter's modules_to_save tensor) is read in place, the rest into the slab as before.
+                if self.plan.buffers.mapped_bytes and nbytes and store_for(src.path).maps_files:
                     tile.mapped = self._input(src.path).map(offset, nbytes)
                 else:
                     self._input(src.path).read_into(tile.slab[:nbytes].numpy(), offset)

@@ -639,3 +639,19 @@ def _range_end(spec: str) -> int:
 def test_an_s3_output_inside_an_s3_input_is_refused(inputs, tmp_path):
     err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/base/merged"), "-q"])
     assert f"s3://{BUCKET}/base/merged" in err and "overlaps the input" in err
+
+
+def test_an_s3_adapter_replacing_a_tensor_of_a_local_base_in_another_dtype_merges_as_from_a_local_adapter(
+    inputs, client, tmp_path
+):
+    # A local base's merged tensors are read in place (mapped); the adapter's float32 lm_head, rounded to the
+    # base's bf16, is read from S3, which cannot be mapped.
+    lm_head = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(2))
+    adapter = write_adapter(
+        tmp_path / "adapter", {"base_model.model.lm_head.weight": lm_head}, modules_to_save=["lm_head"]
+    )
+    for path in adapter.iterdir():
+        client.upload_file(str(path), BUCKET, f"mts-adapter/{path.name}")
+    merge(str(inputs["base"]), str(adapter), str(tmp_path / "local"))
+    merge(str(inputs["base"]), f"s3://{BUCKET}/mts-adapter", str(tmp_path / "out"))
+    assert_same_as_local(files(tmp_path / "out"), files(tmp_path / "local"))
