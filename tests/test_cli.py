@@ -98,6 +98,13 @@ def test_a_key_given_twice_in_the_plan_is_one_line_error_naming_it(inputs):
     assert not (tmp / "out").exists() and not (tmp / "elsewhere").exists()
 
 
+def test_plan_key_that_is_a_list_is_one_line_error(inputs):
+    tmp, _, _ = inputs
+    plan = write_plan(tmp / "plan.yaml", base="base", adapters=["adapter"], output="out")
+    plan.write_text(plan.read_text() + "? [a, b]\n: 1\n")
+    assert_one_line_error(run_cli(plan), "unhashable key", str(plan))
+
+
 def test_missing_plan_file_is_one_line_error(tmp_path):
     assert_one_line_error(run_cli(tmp_path / "absent.yaml"), "absent.yaml")
 
