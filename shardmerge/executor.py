@@ -95,9 +95,8 @@ class _Tile:
     prepass: bool
     last: bool
     slab: torch.Tensor | None = None
-    mapped: object = (
-        None  # stores.local.Mapped: the tile's input read in place (Buffers.mapped_bytes), else in the slab
-    )
+    # stores.local.Mapped: the tile's input read in place (Buffers.mapped_bytes); None: it is in the slab
+    mapped: object = None
     out_bytes: int = 0
     ready: object = None  # a CUDA event the writer waits on
     companions: list = field(default_factory=list)  # (output offset, host tensor): fresh scales the writer writes

@@ -1,7 +1,8 @@
 """Files on a local disk: pread/pwrite at known offsets, kernel-side copies (copy_file_range), and the
 write-to-scratch, fsync, rename, fsync-the-directory sequence that makes a published file durable.
 
-No shard is ever loaded or mapped whole: reads and writes go through the caller's buffers.
+No shard is ever loaded or mapped whole: reads and writes go through the caller's buffers, or (Mapped) a
+window of one tile that the plan charges like a buffer.
 """
 
 from __future__ import annotations
