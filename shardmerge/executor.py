@@ -194,7 +194,7 @@ class Executor:
                 # an S3 adapter's modules_to_save tensor) is read in place, the rest into the slab as before.
                 if self.plan.buffers.mapped_bytes and nbytes and store_for(src.path).maps_files:
                     tile.mapped = self._input(src.path).map(offset, nbytes)
-                else:
+                if tile.mapped is None:
                     self._input(src.path).read_into(tile.slab[:nbytes].numpy(), offset)
                 nbytes += self._read_scales(tile)
                 self.result.stages.read += time.perf_counter() - start

@@ -141,3 +141,23 @@ def test_a_base_shard_truncated_during_the_merge_is_one_line_naming_it(tmp_path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "base/model-0000" in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "out" / "shardmerge-manifest.json").exists()
+
+
+def test_a_filesystem_that_cannot_map_files_is_read_into_slabs_with_the_same_bytes(tmp_path, monkeypatch):
+    import errno
+
+    import shardmerge.stores.local as local
+
+    _proj_model(tmp_path)
+    plan = write_plan(tmp_path / "mapped.yaml", base="base", adapters=["adapter"], output="mapped", max_memory="64MiB")
+    assert run_cli(plan, "-q").returncode == 0
+
+    def cannot_map(*args):
+        raise OSError(errno.ENODEV, "No such device")  # what mmap says on a filesystem without it
+
+    monkeypatch.setattr(local, "Mapped", cannot_map)
+    plan = write_plan(tmp_path / "read.yaml", base="base", adapters=["adapter"], output="read", max_memory="64MiB")
+    result = run_cli(plan, "-q")
+    assert result.returncode == 0, result.stderr
+    for shard in sorted((tmp_path / "mapped").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "read" / shard.name).read_bytes(), shard.name

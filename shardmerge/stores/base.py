@@ -25,8 +25,8 @@ class Reader(ABC):
         """Fill `buffer` (a writable buffer) from `offset`; a short file is an error naming the file."""
 
     def map(self, offset: int, length: int):
-        """A read-only mapping of `length` bytes from `offset`, paged in, as a `Mapped`; only for stores whose
-        `maps_files` holds."""
+        """A mapping of `length` bytes from `offset`, paged in, as a `Mapped` (only for stores whose `maps_files`
+        holds); None where this file cannot be mapped after all, and the caller reads the range instead."""
         raise NotImplementedError
 
     def close(self) -> None:  # noqa: B027 - most readers hold nothing to release

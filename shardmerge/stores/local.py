@@ -175,8 +175,16 @@ class LocalReader(Reader):
     def read_into(self, buffer, offset: int) -> None:
         pread_into(self.fd, buffer, offset, self.path)
 
-    def map(self, offset: int, length: int) -> Mapped:
-        return Mapped(self.fd, offset, length, self.path)
+    def map(self, offset: int, length: int) -> Mapped | None:
+        if os.fstat(self.fd).st_size < offset + length:
+            raise ShardmergeError(
+                f"{self.path}: file ended before byte {offset + length} while reading; truncated or changed "
+                "during the merge"
+            )
+        try:
+            return Mapped(self.fd, offset, length, self.path)
+        except OSError:
+            return None  # a filesystem that cannot map files (some FUSE mounts): the caller reads the range instead
 
     def close(self) -> None:
         os.close(self.fd)
@@ -196,15 +204,9 @@ class Mapped:
 
     def __init__(self, fd: int, offset: int, length: int, path: Path):
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        ended = f"{path}: file ended before byte {offset + length} while reading; truncated or changed during the merge"
-        try:
-            if os.fstat(fd).st_size < offset + length:
-                raise ShardmergeError(ended)
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)  # one large read where it is cold
-            # Private (copy on write, and nothing writes) because torch views only writable buffers quietly.
-            self._map = mmap.mmap(fd, offset - start + length, access=mmap.ACCESS_COPY, offset=start)
-        except OSError as e:
-            raise ShardmergeError(f"{path}: cannot map bytes {offset}..{offset + length}: {e.strerror}") from None
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)  # one large read where it is cold
+        # Private (copy on write, and nothing writes) because torch views only writable buffers quietly.
+        self._map = mmap.mmap(fd, offset - start + length, access=mmap.ACCESS_COPY, offset=start)
         # Paged in here, on the reader's thread: a page missing later would stall the merge on the disk.
         if _MADVISE is not None:
             window = (ctypes.c_char * len(self._map)).from_buffer(self._map)
@@ -213,7 +215,10 @@ class Mapped:
             code = ctypes.get_errno() if failed else 0
             if code not in (0, errno.EINVAL):  # EINVAL: a kernel before 5.14; pages then fault in as they are read
                 self._map.close()
-                raise ShardmergeError(f"{ended} ({os.strerror(code)})")
+                raise ShardmergeError(
+                    f"{path}: reading bytes {offset}..{offset + length} failed ({os.strerror(code)}); truncated or "
+                    "changed during the merge?"
+                )
         self.view = memoryview(self._map)[offset - start :]
 
     def close(self) -> None:
