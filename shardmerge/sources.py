@@ -246,7 +246,18 @@ def read_base(spec: str) -> BaseModel:
         shards.append(header)
     config_path = directory / "config.json"
     config = _json_file(config_path, "model config") if store.stat(config_path) is not None else {}
+    _check_model_types(config, config_path)
     return BaseModel(directory, shards, tensors, has_index, metadata, _other_files(directory, root), config)
+
+
+def _check_model_types(config: dict, path) -> None:
+    """Every model_type in config.json (sub-configs' too) is a name: the model's rules are looked up by it, and
+    transformers cannot build a model whose config says otherwise either."""
+    for key, value in config.items():
+        if key == "model_type" and value is not None and not isinstance(value, str):
+            raise ShardmergeError(f"{path}: model_type must be a string such as 'llama', got {value!r}")
+        if isinstance(value, dict):
+            _check_model_types(value, path)
 
 
 def _other_files(directory, root) -> list:

@@ -266,6 +266,15 @@ def test_malformed_config_json_is_refused_naming_it(tmp_path):
     refused(read_base, str(d), names=("config.json",))
 
 
+@pytest.mark.parametrize(
+    "config", [{"model_type": ["llama"]}, {"model_type": "llava", "text_config": {"model_type": 7}}]
+)
+def test_config_json_whose_model_type_is_not_a_name_is_refused_naming_it(tmp_path, config):
+    d = sharded_model(tmp_path / "m")
+    (d / "config.json").write_text(json.dumps(config))
+    refused(read_base, str(d), names=("config.json", "model_type"))
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 
 
