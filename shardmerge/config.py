@@ -7,9 +7,9 @@ directory (or the working directory for a dict).
 
 from __future__ import annotations
 
-import math
 import os
 import re
+import sys
 from collections.abc import Callable, Hashable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -170,7 +170,7 @@ def _adapters(raw: Any, root: Path, where: str) -> list[AdapterSpec]:
         if "path" not in item:
             raise PlanError(f"{key}: missing required key 'path'")
         weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not abs(weight) <= sys.float_info.max:
             raise PlanError(f"{key}.weight: expected a finite number, got {weight!r}")
         version = item.get("peft_version")
         if version is not None and not isinstance(version, str):

@@ -79,6 +79,7 @@ def test_overrides_replace_plan_keys(inputs):
         ({"base": "base", "adapters": ["adapter"], "output": "out", "max_memory": "lots"}, "max_memory"),
         ({"base": "base", "adapters": [{"path": "adapter", "weight": "heavy"}], "output": "out"}, "weight"),
         ({"base": "base", "adapters": [{"path": "adapter", "weight": float("inf")}], "output": "out"}, "weight"),
+        ({"base": "base", "adapters": [{"path": "adapter", "weight": 10**400}], "output": "out"}, "weight"),
         ({"base": "base", "adapters": [{"path": "adapter", "scale": 2}], "output": "out"}, "unknown key 'scale'"),
         ({"base": "nowhere", "adapters": ["adapter"], "output": "out"}, "nowhere"),
         ({"base": "base", "adapters": ["adapter"], "output": "out", "device": "tpu"}, "device"),

@@ -235,6 +235,7 @@ def test_overlapping_token_rows_of_two_adapters_are_refused(tmp_path, base):
         {"target_parameters": 3},
         {"r": "four"},
         {"lora_alpha": None},
+        {"lora_alpha": 10**400},  # JSON has no limit; more than a float holds
         {"rank_pattern": {"q_proj": "x"}},
         {"fan_in_fan_out": "false"},
         {"bias": "some"},
