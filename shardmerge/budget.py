@@ -31,6 +31,7 @@ CHUNK_ELEMS = 256 * 1024
 # Float32 chunk-sized temporaries: delta survival keeps the base and the rounded result beside the merge;
 # decoding and encoding a quantized chunk (unpacked codes, scales per element, absolute values) takes four.
 _SURVIVAL_WORK = 2
+_MAPPED_ROOM = SLABS * 32 * MiB  # the buffers' room from which tiles are read in place
 _CODEC_WORK = 4
 
 
@@ -65,8 +66,9 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
         (t.tiled_scale_row_bytes + SLAB_ALIGN * (len(t.tiled) + 1) for t in tasks if any(t.tiled)), default=0
     )
     # On the CPU, merged tensors of a local base are read in place: a mapped window per slab (from a page
-    # boundary), unless the budget is so small that tiles are tiny and the windows' pages would crowd them out.
-    mapped = not on_cuda and store_for(merge_plan.base.directory).maps_files and budget - fixed >= SLABS * MiB
+    # boundary). Not at the smallest budgets: there the windows halve the tiles, and the allocator's slack
+    # around many small tiles took the process 2% over a 128 MiB budget (5.8 GB model, 5 GB shard).
+    mapped = not on_cuda and store_for(merge_plan.base.directory).maps_files and budget - fixed >= _MAPPED_ROOM
     if mapped:
         fixed += SLABS * mmap.ALLOCATIONGRANULARITY
     per_elem = SLABS * (itemsize + (max(DTYPE_SIZES[t.source.dtype] for t in tasks) if mapped else 0))

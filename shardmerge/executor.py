@@ -268,10 +268,10 @@ class Executor:
             if work is None:
                 work = self.streams.empty(self.work_elems) if self.streams else torch.empty(self.work_elems)
             start = time.perf_counter()
-            self._merge_tile(item, state, work)
-            if item.mapped is not None:
-                item.mapped.close()  # its pages leave our RSS; they stay in the page cache
-                item.mapped = None
+            try:
+                self._merge_tile(item, state, work)
+            finally:
+                _close_window(item)  # its pages leave our RSS; they stay in the page cache
             if item.last:
                 self._finish_task(item, state)
             self.result.stages.merge += time.perf_counter() - start
@@ -484,16 +484,36 @@ class Executor:
                 reader.close()
             torch.set_num_threads(math_threads)
             if self.pipeline.failure is not None:
+                self._close_queued_windows()
                 self._remove_partials()
         self.result.peak_budget = (
             self.pool.made * (self.pool.size + self.plan.buffers.mapped_bytes) + FLOAT32_BYTES * self.work_elems
         )
         return self.result
 
+    def _close_queued_windows(self) -> None:
+        """A failed run leaves tiles in the queue; their mapped windows (each holding a descriptor of its file)
+        are closed now rather than whenever a caller lets go of the exception."""
+        while True:
+            try:
+                item = self.tiles.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Tile):
+                _close_window(item)
+
     def _remove_partials(self) -> None:
         """A failed run frees the disk it held (a full disk is the usual cause) and leaves no partial file."""
         for out in self._open:
             out.file.abort()
+
+
+def _close_window(tile: _Tile) -> None:
+    # Closing unmaps the window even while a tensor still views it (torch.frombuffer holds no export), so
+    # no view of it may outlive _merge_tile: the merge reads the window, and writes only to the slab.
+    if tile.mapped is not None:
+        tile.mapped.close()
+        tile.mapped = None
 
 
 def _row_blocks(task: TensorTask) -> list[tuple[int, int]]:

@@ -115,7 +115,7 @@ def test_merged_tensors_read_in_place_give_the_bytes_of_tensors_read_into_slabs(
         LocalReader, "map", lambda self, offset, length: mapped.append(length) or real_map(self, offset, length)
     )
     for out in ("in-place", "slabs"):
-        plan = write_plan(tmp_path / f"{out}.yaml", base="base", adapters=["adapter"], output=out, max_memory="64MiB")
+        plan = write_plan(tmp_path / f"{out}.yaml", base="base", adapters=["adapter"], output=out, max_memory="256MiB")
         result = run_cli(plan, "-q")
         assert result.returncode == 0, result.stderr
         monkeypatch.setattr(LocalStore, "maps_files", False)
@@ -135,7 +135,7 @@ def test_a_base_shard_truncated_during_the_merge_is_one_line_naming_it(tmp_path,
         return real_map(self, offset, length)
 
     monkeypatch.setattr(LocalReader, "map", truncated_first)
-    plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="64MiB")
+    plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="256MiB")
     result = run_cli(plan, "-q")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -149,15 +149,42 @@ def test_a_filesystem_that_cannot_map_files_is_read_into_slabs_with_the_same_byt
     import shardmerge.stores.local as local
 
     _proj_model(tmp_path)
-    plan = write_plan(tmp_path / "mapped.yaml", base="base", adapters=["adapter"], output="mapped", max_memory="64MiB")
+    plan = write_plan(tmp_path / "mapped.yaml", base="base", adapters=["adapter"], output="mapped", max_memory="256MiB")
     assert run_cli(plan, "-q").returncode == 0
 
     def cannot_map(*args):
         raise OSError(errno.ENODEV, "No such device")  # what mmap says on a filesystem without it
 
     monkeypatch.setattr(local, "Mapped", cannot_map)
-    plan = write_plan(tmp_path / "read.yaml", base="base", adapters=["adapter"], output="read", max_memory="64MiB")
+    plan = write_plan(tmp_path / "read.yaml", base="base", adapters=["adapter"], output="read", max_memory="256MiB")
     result = run_cli(plan, "-q")
     assert result.returncode == 0, result.stderr
     for shard in sorted((tmp_path / "mapped").glob("*.safetensors")):
         assert shard.read_bytes() == (tmp_path / "read" / shard.name).read_bytes(), shard.name
+
+
+def test_a_failed_merge_leaves_no_window_on_the_base_mapped(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    import pytest
+
+    from shardmerge import merge
+    from shardmerge.errors import ShardmergeError
+    from shardmerge.stores.local import LocalPending
+
+    _proj_model(tmp_path, layers=8)
+    real_write, calls = LocalPending.write, []
+
+    def disk_full_at_the_third_write(self, buffer, offset):
+        calls.append(offset)
+        if len(calls) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, buffer, offset)
+
+    monkeypatch.setattr(LocalPending, "write", disk_full_at_the_third_write)
+    plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory="256MiB")
+    with pytest.raises(ShardmergeError) as failure:  # the exception, and what it holds, stays alive here
+        merge(str(plan))
+    assert "no space left on device" in str(failure.value)
+    assert str(tmp_path / "base") not in Path("/proc/self/maps").read_text()
