@@ -47,7 +47,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     Dirty pages otherwise wait in the page cache until a tenth of RAM is dirty or the shard's fsync, so the
     disk idles while we merge and then the fsync waits for the whole shard; started as each range is
     written, the disk works beside the merge and the fsync finds little left (on the 1.9 GB benchmark model
-    the finishing stage's busy time drops from ~1.6 s to ~0.6 s). A hint only: where the call is missing or
+    the finishing stage's busy time drops from 1.7-2.3 s to 0.5-0.8 s). A hint only: where the call is missing or
     fails, the fsync still makes everything durable."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
