@@ -74,29 +74,7 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
     per_elem = SLABS * (itemsize + (max(DTYPE_SIZES[t.source.dtype] for t in tasks) if mapped else 0))
     elems = (budget - fixed) // per_elem
     for t in tasks:
-        rows, unit, row = t.rows, t.row_unit, _row_cost(t, itemsize)
-        block = min(rows, unit) * row
-        if block > elems:
-            need = overhead + fixed + block * per_elem
-            what = "one row block" if unit == 1 else f"one block of {unit} rows (its scale grid)"
-            raise ShardmergeError(
-                f"max_memory {format_size(merge_plan.plan.max_memory)} is too small for tensor {t.name!r}: {what} "
-                f"needs {format_size(need)} in all; raise max_memory to at least "
-                f"{format_size(int(need * 1.1) + MiB)}"
-            )
-        t.rows_per_tile = max(1, min(rows, elems // row))
-        if t.rows_per_tile < rows:
-            t.rows_per_tile = max(unit, t.rows_per_tile - t.rows_per_tile % unit)
-        if t.rows_per_tile > t.chunk_rows:
-            # Whole chunks per tile: the same chunks, so the same bytes, whatever the budget.
-            t.rows_per_tile -= t.rows_per_tile % t.chunk_rows
-        else:
-            t.chunk_rows = t.rows_per_tile
-        if t.column_norms and t.needs_amax:
-            raise ShardmergeError(
-                f"{t.name}: DoRA on a transposed layer into a per-tensor-scaled quantized weight "
-                "needs two pre-passes, which shardmerge does not do; use dtype: bfloat16"
-            )
+        _fit_rows(t, elems, itemsize, lambda block: overhead + fixed + block * per_elem, merge_plan.plan.max_memory)
     tile_elems = max(t.rows_per_tile * t.row_elems for t in tasks)
     slab = max(t.tile_bytes(t.rows_per_tile) for t in tasks)
     window = max(t.rows_per_tile * t.row_bytes for t in tasks) + mmap.ALLOCATIONGRANULARITY if mapped else 0
@@ -111,6 +89,34 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
         shared,
         window,
     )
+
+
+def _fit_rows(t: TensorTask, elems: int, itemsize: int, need, max_memory: int) -> None:
+    """Rows per tile for `t` with room for `elems` slab elements: whole row units (a scale grid's blocks), whole
+    chunks when a tile holds several; a budget that cannot hold one row unit is refused with what it would take
+    (`need(block bytes)`)."""
+    rows, unit, row = t.rows, t.row_unit, _row_cost(t, itemsize)
+    block = min(rows, unit) * row
+    if block > elems:
+        what = "one row block" if unit == 1 else f"one block of {unit} rows (its scale grid)"
+        total = need(block)
+        raise ShardmergeError(
+            f"max_memory {format_size(max_memory)} is too small for tensor {t.name!r}: {what} needs "
+            f"{format_size(total)} in all; raise max_memory to at least {format_size(int(total * 1.1) + MiB)}"
+        )
+    t.rows_per_tile = max(1, min(rows, elems // row))
+    if t.rows_per_tile < rows:
+        t.rows_per_tile = max(unit, t.rows_per_tile - t.rows_per_tile % unit)
+    if t.rows_per_tile > t.chunk_rows:
+        # Whole chunks per tile: the same chunks, so the same bytes, whatever the budget.
+        t.rows_per_tile -= t.rows_per_tile % t.chunk_rows
+    else:
+        t.chunk_rows = t.rows_per_tile
+    if t.column_norms and t.needs_amax:
+        raise ShardmergeError(
+            f"{t.name}: DoRA on a transposed layer into a per-tensor-scaled quantized weight "
+            "needs two pre-passes, which shardmerge does not do; use dtype: bfloat16"
+        )
 
 
 def _overhead(merge_plan: MergePlan) -> int:
