@@ -190,9 +190,9 @@ class Executor:
                 tile.slab = self.pool.take()
                 start = time.perf_counter()
                 nbytes, offset = (r1 - r0) * task.row_bytes, src.offset + r0 * task.row_bytes
-                # The plan charges a window per slab; only a file on a store that maps (a local base, not
-                # an S3 adapter's modules_to_save tensor) is read in place, the rest into the slab as before.
-                if self.plan.buffers.mapped_bytes and nbytes and store_for(src.path).maps_files:
+                # The plan charges a window per slab; a file its store cannot map (an S3 adapter's
+                # modules_to_save tensor) answers None and is read into the slab.
+                if self.plan.buffers.mapped_bytes and nbytes:
                     tile.mapped = self._input(src.path).map(offset, nbytes)
                 if tile.mapped is None:
                     self._input(src.path).read_into(tile.slab[:nbytes].numpy(), offset)

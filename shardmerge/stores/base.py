@@ -25,9 +25,9 @@ class Reader(ABC):
         """Fill `buffer` (a writable buffer) from `offset`; a short file is an error naming the file."""
 
     def map(self, offset: int, length: int):
-        """A mapping of `length` bytes from `offset`, paged in, as a `Mapped` (only for stores whose `maps_files`
-        holds); None where this file cannot be mapped after all, and the caller reads the range instead."""
-        raise NotImplementedError
+        """A mapping of `length` bytes from `offset`, paged in, as a `Mapped` where the store's `maps_files`
+        holds; None where this file cannot be mapped (any other store's), and the caller reads the range instead."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - most readers hold nothing to release
         return

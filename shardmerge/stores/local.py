@@ -53,6 +53,10 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def _ended(path: Path, at: int) -> ShardmergeError:
+    return ShardmergeError(f"{path}: file ended at byte {at} while reading; truncated or changed during the merge")
+
+
 def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
     """Fill `buffer` (a writable buffer) from `fd` at `offset`; a short file is an error naming `path`."""
     view = memoryview(buffer).cast("B")
@@ -60,9 +64,7 @@ def pread_into(fd: int, buffer, offset: int, path: Path) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise ShardmergeError(
-                f"{path}: file ended at byte {offset + done} while reading; truncated or changed during the merge"
-            )
+            raise _ended(path, offset + done)
         done += n
 
 
@@ -176,11 +178,9 @@ class LocalReader(Reader):
         pread_into(self.fd, buffer, offset, self.path)
 
     def map(self, offset: int, length: int) -> Mapped | None:
-        if os.fstat(self.fd).st_size < offset + length:
-            raise ShardmergeError(
-                f"{self.path}: file ended before byte {offset + length} while reading; truncated or changed "
-                "during the merge"
-            )
+        size = os.fstat(self.fd).st_size
+        if size < offset + length:
+            raise _ended(self.path, size)
         try:
             return Mapped(self.fd, offset, length, self.path)
         except OSError:
