@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 
 from .errors import ShardmergeError
 from .mergeplan import SLAB_ALIGN, Buffers, MergePlan, TensorTask
@@ -33,6 +34,11 @@ CHUNK_ELEMS = 256 * 1024
 _SURVIVAL_WORK = 2
 _MAPPED_ROOM = SLABS * 32 * MiB  # the buffers' room from which tiles are read in place
 _CODEC_WORK = 4
+# The CPU merge is the one stage that needs more than a core's worth of work per byte; its chunks are shared
+# by up to this many threads, each with its own scratch, as long as the scratches take at most 1/_SCRATCH_SHARE
+# of the budget (a tighter one keeps its room for tiles). More cores than that go to the other stages.
+MERGE_THREADS = 4
+_SCRATCH_SHARE = 8
 
 
 def tile(merge_plan: MergePlan, budget: int) -> Buffers:
@@ -60,7 +66,8 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
         t.chunk_rows = rows if on_cuda else min(rows, chunk - chunk % unit)
     # On the CPU the float32 scratch is one chunk; on CUDA it lives on the device, outside max_memory.
     work_elems = 0 if on_cuda else max(t.chunk_rows * t.row_elems for t in tasks)
-    fixed = factors + 2 * scratch + FLOAT32_BYTES * work_elems * work_factor
+    threads = _merge_threads(budget // _SCRATCH_SHARE // max(1, FLOAT32_BYTES * work_elems * work_factor), on_cuda)
+    fixed = factors + 2 * scratch + FLOAT32_BYTES * work_elems * work_factor * threads
     # A slab's tiled scale rows round up to whole rows and aligned starts: at most one row and one alignment each.
     fixed += SLABS * max(
         (t.tiled_scale_row_bytes + SLAB_ALIGN * (len(t.tiled) + 1) for t in tasks if any(t.tiled)), default=0
@@ -88,7 +95,13 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
         overhead,
         shared,
         window,
+        threads,
     )
+
+
+def _merge_threads(room: int, on_cuda: bool) -> int:
+    """How many threads merge a tile's chunks on the CPU, with room for `room` scratches."""
+    return 1 if on_cuda else max(1, min(MERGE_THREADS, len(os.sched_getaffinity(0)), room))
 
 
 def _fit_rows(t: TensorTask, elems: int, itemsize: int, need, max_memory: int) -> None:

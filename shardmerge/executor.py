@@ -10,15 +10,15 @@ checksums overlap:
 
 Every host buffer is fixed by the plan (mergeplan.Buffers, sized by budget.tile) before anything runs: a
 few tile slabs that circulate reader -> merger -> writer (each tile's output is rounded back into its own
-slab; on the CPU a local input is read in place, through a mapped window), one float32 scratch for the
-merger, and two small fixed buffers. The reader blocks when no slab is free,
+slab; on the CPU a local input is read in place, through a mapped window), a float32 scratch for each
+thread merging a tile's chunks, and two small fixed buffers. The reader blocks when no slab is free,
 so memory does not grow with model size, and reusing slabs means the steady state faults in no pages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
+import functools
 import queue
 import threading
 import time
@@ -33,7 +33,7 @@ from .cuda import Streams
 from .errors import ShardmergeError, os_reason
 from .journal import OutputState, commit_shard
 from .mergeplan import MergePlan, OutputShard, TensorTask
-from .pipeline import Pipeline, SlabPool
+from .pipeline import Helpers, Pipeline, SlabPool
 from .progress import Progress
 from .stores import Reader, store_for
 from .units import FLOAT32_BYTES
@@ -258,18 +258,29 @@ class Executor:
         state.fresh = [None if s is None else s.clone() for s in state.side] if state.task.requant else []
 
     def merger(self) -> None:
+        helpers = Helpers(self.plan.buffers.merge_threads, "merge")
+        try:
+            self._merge_all(helpers)
+        finally:
+            helpers.close()
+
+    def _merge_all(self, helpers: Helpers) -> None:
         state = None
-        work = None
+        works: list = []  # a float32 scratch per merge thread, made on first use
         while (item := self.pipeline.get(self.tiles)) is not None:
             if isinstance(item, _TaskState):
                 state = item
                 self._prepare(state)
                 continue
-            if work is None:
-                work = self.streams.empty(self.work_elems) if self.streams else torch.empty(self.work_elems)
+            if not works:
+                works = (
+                    [self.streams.empty(self.work_elems)]
+                    if self.streams
+                    else [torch.empty(self.work_elems) for _ in range(helpers.count)]
+                )
             start = time.perf_counter()
             try:
-                self._merge_tile(item, state, work)
+                self._merge_tile(item, state, works, helpers)
             finally:
                 _close_window(item)  # its pages leave our RSS; they stay in the page cache
             if item.last:
@@ -292,7 +303,7 @@ class Executor:
             with self._counts:
                 self.result.survival[task.name] = [float(state.kept_sq), float(state.delta_sq)]
 
-    def _merge_tile(self, tile: _Tile, state: _TaskState, work_buffer: torch.Tensor) -> None:
+    def _merge_tile(self, tile: _Tile, state: _TaskState, works: list, helpers: Helpers) -> None:
         """Merge one tile in float32 and write the rounded result back into the tile's own slab."""
         task, src = tile.task, tile.task.source
         rows = tile.r1 - tile.r0
@@ -302,10 +313,10 @@ class Executor:
         out = tile.slab[: tile.out_bytes].view(mergemath.TORCH_DTYPES[task.out_dtype]).reshape(rows, -1)
         if self.streams is not None:  # the whole tile at once, on the device
             tile.ready = self.streams.merge(
-                raw, out, lambda on_device: self._merge_on_device(tile, state, on_device, work_buffer)
+                raw, out, lambda on_device: self._merge_on_device(tile, state, on_device, works[0])
             )
         else:
-            self._merge_chunks(tile, state, raw, out, work_buffer)
+            self._merge_chunks(tile, state, raw, out, works, helpers)
         if task.requant and not tile.prepass:  # its rows of the tiled scales, requantized in its slab
             b0 = task.scale_rows(tile.r0, tile.r1)[0]
             tile.companions = [
@@ -325,7 +336,10 @@ class Executor:
     def _merge_on_device(self, tile: _Tile, state: _TaskState, raw: torch.Tensor, work_buffer: torch.Tensor):
         """The CUDA path (on the compute stream): the whole tile, its tiled scale rows copied over and back."""
         rows = [None if r is None else r.to(self.device) for r in tile.scales]
-        rounded = self._merge_rows(tile, state, self._scales(tile, state, rows), raw, work_buffer, 0, tile.r1 - tile.r0)
+        sums = [0.0, 0.0]
+        scales = self._scales(tile, state, rows)
+        rounded = self._merge_rows(tile, state, scales, raw, work_buffer, 0, tile.r1 - tile.r0, sums)
+        state.kept_sq, state.delta_sq = state.kept_sq + sums[0], state.delta_sq + sums[1]
         if rounded is not None and tile.task.requant:
             for host, on_device in zip(tile.scales, rows):
                 if host is not None:
@@ -333,9 +347,10 @@ class Executor:
         return rounded
 
     def _merge_chunks(
-        self, tile: _Tile, state: _TaskState, raw: torch.Tensor, out: torch.Tensor, work_buffer: torch.Tensor
+        self, tile: _Tile, state: _TaskState, raw: torch.Tensor, out: torch.Tensor, works: list, helpers: Helpers
     ) -> None:
-        """The CPU path: the tile in cache-sized chunks, each rounded into the slab as soon as it is merged."""
+        """The CPU path: the tile in cache-sized chunks, each rounded into the slab as soon as it is merged, shared
+        by the merge threads where no chunk touches another's bytes."""
         task, rows = tile.task, tile.r1 - tile.r0
         # The output is rounded into the same slab. Walking chunks forward, a chunk's output lands only on
         # input already consumed when an output row is no wider than an input row; when it is wider (bf16 ->
@@ -344,10 +359,26 @@ class Executor:
         starts = list(range(0, rows, step))
         if task.out_row_bytes > task.row_bytes:
             starts.reverse()
+        # Chunks are independent when each writes only bytes no other chunk reads: its output over its own input
+        # (or the input mapped elsewhere), and no shared state (a pre-pass accumulates; a per-tensor scale,
+        # from the pre-pass's maximum, is rewritten by every chunk).
+        independent = (
+            not tile.prepass
+            and state.amax is None
+            and (tile.mapped is not None or task.out_row_bytes == task.row_bytes)
+        )
+        parts = [starts[i :: len(works)] for i in range(len(works))] if independent else [starts]
         scales = self._scales(tile, state, tile.scales)
-        for c0 in starts:
-            c1 = min(c0 + step, rows)
-            self._merge_rows(tile, state, scales, raw, work_buffer, c0, c1, out[c0:c1])
+        sums = [[0.0, 0.0] for _ in parts]
+
+        def walk(i: int) -> None:
+            for c0 in parts[i]:
+                c1 = min(c0 + step, rows)
+                self._merge_rows(tile, state, scales, raw, works[i], c0, c1, sums[i], out[c0:c1])
+
+        helpers.run([functools.partial(walk, i) for i in range(len(parts)) if parts[i]])
+        state.kept_sq = sum((k for k, _ in sums), state.kept_sq)
+        state.delta_sq = sum((d for _, d in sums), state.delta_sq)
 
     def _merge_rows(
         self,
@@ -358,12 +389,13 @@ class Executor:
         work_buffer: torch.Tensor,
         c0: int,
         c1: int,
+        sums: list,
         dest: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Rows c0:c1 of a tile merged in float32 and rounded to the output (requantized for a kept quantized
         format) into `dest`, or into a new tensor when there is none; None in a pre-pass (DoRA column norms, a
         per-tensor scale's maximum). `scales`: the tile's (side, fresh) from `_scales`, whose tiled rows start at
-        the tile's, so the codec counts rows from c0."""
+        the tile's, so the codec counts rows from c0. `sums`: the merge thread's delta survival sums, added to."""
         task, q = tile.task, tile.task.quant
         side, fresh = scales
         r0, r1 = tile.r0 + c0, tile.r0 + c1
@@ -393,8 +425,8 @@ class Executor:
             kept = q.codec.decode(q, rounded, fresh, c0, task.quant_group) if task.requant else rounded
             for (a, b), base in zip(sample, bases):
                 # torch.dist widens a bf16/fp16 operand to float32 exactly before subtracting
-                state.kept_sq += torch.dist(kept[a - r0 : b - r0], base).square()
-                state.delta_sq += torch.dist(merged[a - r0 : b - r0], base).square()
+                sums[0] += torch.dist(kept[a - r0 : b - r0], base).square()
+                sums[1] += torch.dist(merged[a - r0 : b - r0], base).square()
         return rounded
 
     def _check_finite(self, task: TensorTask, values: torch.Tensor) -> None:
@@ -468,18 +500,14 @@ class Executor:
 
     # -- driver ------------------------------------------------------------------------------------------
     def run(self, shards: list[OutputShard]) -> ExecutionResult:
-        # One math thread: the merge is memory-bound and chunked to stay in cache, and the other cores are
-        # the reader's, writer's and checksummer's. OpenMP workers fighting them for a core cost far more.
+        # No intra-op threads: the merge is memory-bound and chunked to stay in cache, shared out chunk by chunk
+        # to the plan's merge threads; OpenMP workers fighting the reader, writer and checksummer cost far more.
         math_threads = torch.get_num_threads()
         if not self.cuda:
             torch.set_num_threads(1)
-        # Everything alive now (torch's modules, the plan) outlives the run: frozen, it is not re-scanned by
-        # each of the many cyclic collections the stages' short-lived tensor objects trigger.
-        gc.freeze()
         try:
             self.pipeline.run([lambda: self.reader(shards), self.merger, self.writer, self.copier, self.finisher])
         finally:
-            gc.unfreeze()
             for reader in self._inputs.values():
                 reader.close()
             torch.set_num_threads(math_threads)
@@ -487,7 +515,8 @@ class Executor:
                 self._close_queued_windows()
                 self._remove_partials()
         self.result.peak_budget = (
-            self.pool.made * (self.pool.size + self.plan.buffers.mapped_bytes) + FLOAT32_BYTES * self.work_elems
+            self.pool.made * (self.pool.size + self.plan.buffers.mapped_bytes)
+            + FLOAT32_BYTES * self.work_elems * self.plan.buffers.merge_threads
         )
         return self.result
 

@@ -126,7 +126,7 @@ def add_experts(
 # rather than many small strided ones. A term that changes only some rows (trainable tokens) is summed whole.
 SURVIVAL_EXACT_ELEMS = 1024 * 1024
 SURVIVAL_RUN_ELEMS = 64 * 1024
-SURVIVAL_STRIDE = 16
+SURVIVAL_STRIDE = 64
 
 
 def survival_sample(numel: int, row_elems: int, every_row: bool) -> tuple[int, int]:

@@ -187,8 +187,9 @@ class Buffers:
 
     `slabs` tile buffers of `slab_bytes` circulate reader -> merger -> writer (a tile's output is written
     back into its own slab, over its input unless that was read in place through a mapped window of
-    `mapped_bytes`); the merger owns one float32 scratch of `work_elems` (one chunk on the CPU, a whole tile
-    on the GPU; times `work_factor` for the temporaries of DoRA, delta survival and codecs); two tasks'
+    `mapped_bytes`); each of the `merge_threads` merging a tile's chunks owns a float32 scratch of `work_elems`
+    (one chunk on the CPU, a whole tile on the GPU; times `work_factor` for the temporaries of DoRA, delta
+    survival and codecs); two tasks'
     factors may be alive at once; and two `scratch` shares cover the fallback copy buffer (made only if the
     kernel copy fails) and the checksum's mmap window. `total` counts all of that and the run's fixed
     overhead, so it bounds the process's peak RSS above an idle `import torch, shardmerge`."""
@@ -205,12 +206,13 @@ class Buffers:
     # Merged tensors are read in place through a mapped window of at most this many bytes per tile in flight
     # (stores.local.Mapped), instead of into the tile's slab; 0: read into the slab.
     mapped_bytes: int = 0
+    merge_threads: int = 1  # on the CPU, a tile's chunks are merged on this many threads
 
     @property
     def total(self) -> int:
         return (
             self.slabs * self.slab_bytes
-            + FLOAT32_BYTES * self.work_elems * self.work_factor
+            + FLOAT32_BYTES * self.work_elems * self.work_factor * self.merge_threads
             + self.factor_bytes
             + 2 * self.scratch
             + self.overhead

@@ -1,5 +1,5 @@
-"""The plumbing under the executor: bounded queues, one stop signal, stage threads, and the pool of tile
-buffers. No merge logic lives here.
+"""The plumbing under the executor: bounded queues, one stop signal, stage threads, the helper threads that
+share one stage's work, and the pool of tile buffers. No merge logic lives here.
 
 Every blocking call polls the stop signal, so when one stage fails (or a signal asks us to stop) every
 other stage leaves its loop within one poll interval, and the first failure is what the caller sees.
@@ -7,6 +7,7 @@ other stage leaves its loop within one poll interval, and the first failure is w
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable
@@ -76,6 +77,29 @@ class Pipeline:
                 t.join()
         if self.failure is not None:
             raise self.failure
+
+
+class Helpers:
+    """`count` threads (the caller's and count - 1 helpers) that share one stage's work piece by piece."""
+
+    def __init__(self, count: int, name: str):
+        self.count = count
+        self._pool = concurrent.futures.ThreadPoolExecutor(count - 1, thread_name_prefix=name) if count > 1 else None
+
+    def run(self, parts: list[Callable[[], None]]) -> None:
+        """Run parts[0] on the caller's thread and the others on helpers; return once every part has ended (a
+        part may be using buffers the caller frees next), re-raising the first failure."""
+        futures = [self._pool.submit(part) for part in parts[1:]] if self._pool is not None else []
+        try:
+            parts[0]()
+        finally:
+            concurrent.futures.wait(futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 class SlabPool:

@@ -7,6 +7,8 @@ has reported success.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import resource
 import signal
@@ -85,6 +87,27 @@ def run(plan: Plan, dry_run: bool = False, progress: bool = False, topology: Top
     """Merge `plan` as the rank `topology` says (default: a single process), or with `dry_run` only plan
     it and return its description. Prints nothing, unless `progress` asks for the progress bar on stderr."""
     started, retried = time.monotonic(), retries()
+    with _frozen_heap():
+        report = _run(plan, dry_run, progress, topology)
+    if not report.dry_run:
+        report.seconds = time.monotonic() - started
+        report.store_retries = retries() - retried
+    return report
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """Everything alive when a merge starts (torch's modules above all) outlives it. Frozen, it is not scanned
+    again by each cyclic collection that planning's and the stages' many short-lived objects trigger: those
+    took half of planning's time (0.12 of 0.26 s on a 1.9 GB model)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _run(plan: Plan, dry_run: bool, progress: bool, topology: Topology | None) -> MergeReport:
     topo = topology or Topology()
     device = resolve_device(plan.device, topo.local_rank)
     budget = tile_budget(plan, device)
@@ -130,8 +153,6 @@ def run(plan: Plan, dry_run: bool = False, progress: bool = False, topology: Top
             report = _run_ranks(merge_plan, topo, group, progress)
         finally:
             group.close()
-    report.seconds = time.monotonic() - started
-    report.store_retries = retries() - retried
     return report
 
 
