@@ -249,7 +249,7 @@ def _load_defaults(view: _ConfigView) -> None:
             for name in _assigned_names(stmt):
                 try:
                     view.defaults[name] = ast.literal_eval(stmt.value)
-                except ValueError:
+                except (ValueError, TypeError):  # TypeError: a literal that cannot be built ({[1]: 2})
                     view.defaults.pop(name, None)  # computed: not known here
     view.tie = view.values.get("tie_word_embeddings", view.defaults.get("tie_word_embeddings"))
     for _, method in _methods(chain, "__post_init__") + _methods(chain, "__init__"):
@@ -369,7 +369,7 @@ def _mapping(node) -> dict | None:
         return None
     try:
         value = ast.literal_eval(node)
-    except ValueError:
+    except (ValueError, TypeError):
         raise Unknown("_tied_weights_keys computed") from None
     if value is not None and not (
         isinstance(value, dict) and all(isinstance(x, str) for x in [*value, *value.values()])
@@ -468,6 +468,6 @@ def _auto_model_names(mapping: str) -> dict | None:
     if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and node.value.args:
         try:
             return dict(ast.literal_eval(node.value.args[0]))
-        except ValueError:
+        except (ValueError, TypeError):
             return None
     return None

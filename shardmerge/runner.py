@@ -181,27 +181,10 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
 
     def claim():
         nonlocal state
-        if topo.rank == 0:
-            state = open_output(output, merge_plan.fingerprint, plan.overwrite)
-            changed = drop_changed_inputs(state, merge_plan.inputs)
-            if changed:
-                print(
-                    f"shardmerge: {changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed "
-                    "since shards of this output were written; redoing the shards made from them",
-                    file=sys.stderr,
-                )
-            if state.complete:
-                bad = verify_finished(state, sizes)
-                if not bad and not changed and _finalized(output, merge_plan):
-                    finish(state)
-                    return "complete"
-                reopen_finished(state)
-            else:
-                verify_finished(state, sizes)
-                adopt_published(state, sizes, merge_plan.inputs, merge_plan.buffers.scratch)
-            clean_tmp(state)
-            return sorted(state.finished)
-        return None
+        if topo.rank != 0:
+            return None
+        state = open_output(output, merge_plan.fingerprint, plan.overwrite)
+        return _claim(state, merge_plan, sizes)
 
     try:
         finished = _agree(group, topo, claim)
@@ -236,6 +219,29 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
     finally:
         if state is not None:
             state.release()
+
+
+def _claim(state: OutputState, merge_plan: MergePlan, sizes: dict[str, int]) -> list[str] | str:
+    """Rank 0, on the output it holds: "complete" when there is nothing to redo, else the shards that are
+    finished and still good (a shard made from an input that changed since, or that fails its check, is not)."""
+    changed = drop_changed_inputs(state, merge_plan.inputs)
+    if changed:
+        print(
+            f"shardmerge: {changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed "
+            "since shards of this output were written; redoing the shards made from them",
+            file=sys.stderr,
+        )
+    if state.complete:
+        bad = verify_finished(state, sizes)
+        if not bad and not changed and _finalized(state.directory, merge_plan):
+            finish(state)
+            return "complete"
+        reopen_finished(state)
+    else:
+        verify_finished(state, sizes)
+        adopt_published(state, sizes, merge_plan.inputs, merge_plan.buffers.scratch)
+    clean_tmp(state)
+    return sorted(state.finished)
 
 
 def _execute(merge_plan: MergePlan, state: OutputState, topo: Topology, shards, progress_enabled) -> dict:

@@ -169,7 +169,8 @@ def _max_error(task, written, block: int) -> float:
     """The largest error of the written tensor against its float64 recomputation, block by block, as a multiple
     of what rounding allows: twice the output dtype's epsilon of the value (rounding once), plus the float32
     arithmetic of the merge, which errs relative to the operands (W and the delta), not to their sum: where
-    they cancel the sum is small and its error is not (16 float32 epsilons of the block's magnitude)."""
+    they cancel the sum is small and its error is not (16 float32 epsilons of the block's RMS, which stands for
+    the operands' magnitude: a LoRA delta is small beside W, so W + delta has W's RMS)."""
     import torch
 
     from .mergemath import TORCH_DTYPES
