@@ -140,13 +140,7 @@ def _run(plan: Plan, dry_run: bool, progress: bool, topology: Topology | None) -
                 return merge_plan
 
             merge_plan = _agree(group, topo, prepare)  # a rank that cannot plan (inputs not visible) fails all
-            fingerprints = group.gather(merge_plan.fingerprint)
-            differ = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
-            if differ:
-                raise ShardmergeError(
-                    f"rank {differ[0]} of {topo.world_size} planned a different merge than rank 0 "
-                    "(its inputs or device differ); every rank must see the same input files"
-                )
+            _require_same_merge(group.gather([merge_plan.fingerprint, plan.output]), topo)
             # Rank 0's view of the input files' identities goes into every journal line (another node may
             # number devices differently), so a resume compares like with like.
             merge_plan.inputs = group.gather(merge_plan.inputs)[0]
@@ -154,6 +148,35 @@ def _run(plan: Plan, dry_run: bool, progress: bool, topology: Topology | None) -
         finally:
             group.close()
     return report
+
+
+def _require_same_merge(views: list, topo: Topology) -> None:
+    """Every rank's (fingerprint, output): the fingerprint leaves the output out (a resume may name it
+    another way), but ranks writing to different outputs would leave each a part of the model."""
+    for rank, (fingerprint, output) in enumerate(views):
+        if output != views[0][1]:
+            raise ShardmergeError(
+                f"rank {rank} of {topo.world_size} writes to {output}, rank 0 to {views[0][1]}; "
+                "every rank must be given the same output"
+            )
+        if fingerprint != views[0][0]:
+            raise ShardmergeError(
+                f"rank {rank} of {topo.world_size} planned a different merge than rank 0 "
+                "(its plan, inputs or device differ); every rank must see the same plan and input files"
+            )
+
+
+def _require_visible(state: OutputState, records: dict[str, ShardRecord], rank: int, topo: Topology) -> None:
+    """Rank 0 writes the manifest only over shards it sees: an output on node-local disks (one directory per
+    node under the same path) would otherwise look complete on rank 0's node with the others' shards missing."""
+    for name, record in records.items():
+        stat = state.store.stat(state.directory / name)
+        if stat is None or stat.size != record.size:
+            raise ShardmergeError(
+                f"{state.directory / name}: rank {rank} of {topo.world_size} wrote this shard, but rank 0 does not "
+                "see it there; every rank must write to one directory they all share (a shared filesystem or "
+                "s3://), not to a node-local disk"
+            )
 
 
 def _agree(group: Group, topo: Topology, step) -> object:
@@ -210,8 +233,10 @@ def _run_ranks(merge_plan: MergePlan, topo: Topology, group: Group, progress: bo
         def finalize():
             if topo.rank == 0:
                 all_shards = dict(state.finished)
-                for r in results:  # as they came over the wire, JSON
-                    all_shards.update({name: ShardRecord.from_json(e) for name, e in r["shards"].items()})
+                for rank, result in enumerate(results):  # as they came over the wire, JSON
+                    records = {name: ShardRecord.from_json(e) for name, e in result["shards"].items()}
+                    _require_visible(state, records, rank, topo)
+                    all_shards.update(records)
                 _finalize(merge_plan, state, all_shards)
 
         _agree(group, topo, finalize)  # the others exit 0 only once the index and manifest are in

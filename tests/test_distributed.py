@@ -508,6 +508,59 @@ def test_a_rank_that_cannot_plan_fails_every_rank_naming_it(tmp_path):
 
 
 @pytest.mark.slow
+def test_ranks_given_different_outputs_are_refused_before_any_shard_is_written(tmp_path):
+    """Each rank's plan names its own output (say a per-node path): refused at once, not a manifest over half."""
+    base, adapter = _seven_shard_model(tmp_path)
+    plans = [_plan(tmp_path / f"r{r}.yaml", base, adapter, tmp_path / f"out{r}") for r in range(2)]
+    results = _spawn(2, lambda r: _shardmerge(plans[r], "-q"))
+    for result in results:
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1, result.stderr
+        assert "rank 1 of 2 writes to" in lines[0] and str(tmp_path / "out1") in lines[0], lines[0]
+    assert not list(tmp_path.glob("out*/*.safetensors")) and not list(tmp_path.glob("out*/shardmerge-manifest.json"))
+
+
+_ELSEWHERE = textwrap.dedent("""
+    # Rank 1 writes to a disk rank 0 cannot see (a node-local path on another node): each shard it commits
+    # moves out of rank 0's view of the output. Then runs the real CLI.
+    import os, sys
+    from pathlib import Path
+
+    import shardmerge.executor as executor
+    from shardmerge.cli import main
+
+    if os.environ["RANK"] == "1":
+        real, elsewhere = executor.commit_shard, Path(os.environ["ELSEWHERE"])
+
+        def commit_shard(state, rank, name, *args, **kwargs):
+            record = real(state, rank, name, *args, **kwargs)
+            elsewhere.mkdir(exist_ok=True)
+            os.rename(state.directory / name, elsewhere / name)
+            return record
+
+        executor.commit_shard = commit_shard
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_a_shard_rank_0_cannot_see_fails_the_job_naming_it_with_no_manifest(tmp_path):
+    base, adapter = _seven_shard_model(tmp_path)
+    out = tmp_path / "out"
+    plan = _plan(tmp_path / "plan.yaml", base, adapter, out)
+    wrapper = tmp_path / "elsewhere.py"
+    wrapper.write_text(_ELSEWHERE)
+    env = _env(ELSEWHERE=str(tmp_path / "node1"))
+    rank0, rank1 = _spawn(2, lambda r: [sys.executable, str(wrapper), str(plan), "-q"], env=env)
+    moved = sorted(p.name for p in (tmp_path / "node1").iterdir())
+    lines = rank0.stderr.strip().splitlines()
+    assert rank0.returncode != 0 and rank1.returncode != 0 and len(lines) == 1, rank0.stderr
+    assert any(str(out / name) in lines[0] for name in moved) and "rank 1 of 2 wrote" in lines[0], lines[0]
+    assert "Traceback" not in rank1.stderr, rank1.stderr
+    assert not (out / "shardmerge-manifest.json").exists() and not (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.slow
 def test_torchrun_reports_the_killed_rank(tmp_path, monkeypatch):
     """Under torchrun the launcher sees the dead worker first: the job exits non-zero naming it, nothing final."""
     base, adapter = _seven_shard_model(tmp_path)
