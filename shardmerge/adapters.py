@@ -452,12 +452,21 @@ def _settle_modules(files: AdapterFiles, adapter: Adapter, modules: dict[str, Lo
         else:
             rank, module.scaling = module_scaling(files.config, module.module)
         if module.rank != rank or module.b.shape[1:2] != (rank,):
-            raise ShardmergeError(
-                f"{files.weights}: module {module.module!r} has rank {module.rank} (lora_A {list(module.a.shape)}, "
-                f"lora_B {list(module.b.shape)}) but adapter_config.json gives r={rank}"
-            )
+            raise ShardmergeError(f"{files.weights}: module {module.module!r} {_rank_mismatch(module, rank)}")
         adapter.modules.append(module)
     return ignored
+
+
+def _rank_mismatch(module: LoraModule, rank: int) -> str:
+    shapes = f"lora_A {list(module.a.shape)}, lora_B {list(module.b.shape)}"
+    inner = module.b.shape[1] if len(module.b.shape) > 1 else 0
+    if module.rank == rank and len(module.b.shape) > 2 and 0 < inner < rank and rank % inner == 0:
+        # PEFT's LoRA on a grouped convolution: lora_B is a grouped conv taking r/groups channels per group.
+        return (
+            f"is a convolution with groups={rank // inner} ({shapes}); PEFT cannot merge LoRA into a grouped "
+            "convolution (its merge raises), so neither does shardmerge: leave that layer out of target_modules"
+        )
+    return f"has rank {module.rank} ({shapes}) but adapter_config.json gives r={rank}"
 
 
 def _check_singular(files: AdapterFiles, module: LoraModule) -> None:
