@@ -35,10 +35,13 @@ _SURVIVAL_WORK = 2
 _MAPPED_ROOM = SLABS * 32 * MiB  # the buffers' room from which tiles are read in place
 _CODEC_WORK = 4
 # The CPU merge is the one stage that needs more than a core's worth of work per byte; its chunks are shared
-# by up to this many threads, each with its own scratch, as long as the scratches take at most 1/_SCRATCH_SHARE
-# of the budget (a tighter one keeps its room for tiles). More cores than that go to the other stages.
+# by up to this many threads, each with its own scratch, as long as the extra threads take at most
+# 1/_THREADS_SHARE of the budget (a tighter one keeps its room for tiles). More cores go to the other stages.
 MERGE_THREADS = 4
-_SCRATCH_SHARE = 8
+_THREADS_SHARE = 8
+# What each merge thread beyond the first adds to peak RSS besides its scratch (allocator slack): measured up
+# to 13 MiB at a 128 MiB budget (5.8 GB model, one 5 GB shard), two threads against one.
+_THREAD_SLACK = 16 * MiB
 
 
 def tile(merge_plan: MergePlan, budget: int) -> Buffers:
@@ -66,8 +69,10 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
         t.chunk_rows = rows if on_cuda else min(rows, chunk - chunk % unit)
     # On the CPU the float32 scratch is one chunk; on CUDA it lives on the device, outside max_memory.
     work_elems = 0 if on_cuda else max(t.chunk_rows * t.row_elems for t in tasks)
-    threads = _merge_threads(budget // _SCRATCH_SHARE // max(1, FLOAT32_BYTES * work_elems * work_factor), on_cuda)
-    fixed = factors + 2 * scratch + FLOAT32_BYTES * work_elems * work_factor * threads
+    work = FLOAT32_BYTES * work_elems * work_factor
+    threads = _merge_threads(budget // _THREADS_SHARE // (work + _THREAD_SLACK), on_cuda)
+    slack = _THREAD_SLACK * (threads - 1)
+    fixed = factors + 2 * scratch + work * threads + slack
     # A slab's tiled scale rows round up to whole rows and aligned starts: at most one row and one alignment each.
     fixed += SLABS * max(
         (t.tiled_scale_row_bytes + SLAB_ALIGN * (len(t.tiled) + 1) for t in tasks if any(t.tiled)), default=0
@@ -92,7 +97,7 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
         work_factor,
         factors - shared,
         scratch,
-        overhead,
+        overhead + slack,
         shared,
         window,
         threads,
@@ -100,8 +105,8 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
 
 
 def _merge_threads(room: int, on_cuda: bool) -> int:
-    """How many threads merge a tile's chunks on the CPU, with room for `room` scratches."""
-    return 1 if on_cuda else max(1, min(MERGE_THREADS, len(os.sched_getaffinity(0)), room))
+    """How many threads merge a tile's chunks on the CPU, with room for `room` more beside the first."""
+    return 1 if on_cuda else max(1, min(MERGE_THREADS, len(os.sched_getaffinity(0)), room + 1))
 
 
 def _fit_rows(t: TensorTask, elems: int, itemsize: int, need, max_memory: int) -> None:

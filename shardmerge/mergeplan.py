@@ -201,7 +201,9 @@ class Buffers:
     factor_bytes: int
     scratch: int
 
-    overhead: int  # the run's fixed cost outside these buffers (RUNTIME_BYTES and the plan's objects)
+    overhead: (
+        int  # the run's fixed cost outside these buffers (RUNTIME_BYTES, the plan's objects, merge threads' slack)
+    )
     shared_bytes: int = 0  # adapter tensors kept loaded across tasks (Term.shared_reads: an expert parameter's lora_B)
     # Merged tensors are read in place through a mapped window of at most this many bytes per tile in flight
     # (stores.local.Mapped), instead of into the tile's slab; 0: read into the slab.

@@ -59,7 +59,7 @@ def _merge(tmp_path, monkeypatch, cores: int, dtype: str, out: str) -> tuple[obj
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setattr(Helpers, "run", last_first)
     plan = {"base": str(tmp_path / "base"), "adapters": [{"path": str(tmp_path / "adapter")}]}
-    report = shardmerge.merge({**plan, "output": str(tmp_path / out), "dtype": dtype, "max_memory": "256MiB"})
+    report = shardmerge.merge({**plan, "output": str(tmp_path / out), "dtype": dtype, "max_memory": "1GiB"})
     return report, max(parts)
 
 
@@ -75,10 +75,10 @@ def test_chunks_merged_on_several_threads_give_the_bytes_of_one_thread(tmp_path,
         tmp_path / "one" / "model.safetensors"
     ).read_bytes()
     assert four.delta_survival == pytest.approx(one.delta_survival, rel=1e-5)
-    assert 0 < four.peak_budget_bytes <= 256 * 2**20
+    assert 0 < four.peak_budget_bytes <= 2**30
 
 
-def test_a_budget_too_tight_for_more_scratches_merges_on_one_thread(tmp_path, monkeypatch):
+def test_a_budget_without_room_for_another_merge_thread_merges_on_one(tmp_path, monkeypatch):
     _case(tmp_path, torch.bfloat16)
     real_run, parts = Helpers.run, []
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
@@ -88,8 +88,8 @@ def test_a_budget_too_tight_for_more_scratches_merges_on_one_thread(tmp_path, mo
         "adapters": [{"path": str(tmp_path / "adapter")}],
         "output": str(tmp_path / "o"),
     }
-    report = shardmerge.merge({**plan, "max_memory": "16MiB"})
-    assert parts and max(parts) == 1 and report.peak_budget_bytes <= 16 * 2**20
+    report = shardmerge.merge({**plan, "max_memory": "128MiB"})
+    assert parts and max(parts) == 1 and report.peak_budget_bytes <= 128 * 2**20
 
 
 def test_helpers_wait_for_every_part_before_raising_the_first_failure():
