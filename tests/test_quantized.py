@@ -296,6 +296,10 @@ def test_transformers_dequantizes_the_kept_fp8_output_as_the_reference_does(tmp_
 
 
 _INT4_GROUP = {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": True}}
+_ASYMMETRIC_FP8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": False}}
+_ASYM_FP4 = {
+    "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": False}
+}
 
 
 @pytest.mark.parametrize(
@@ -310,6 +314,18 @@ _INT4_GROUP = {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "g
             "compressed-tensors format pack-quantized",
         ),
         ({"quant_method": "someday", "bits": 4}, "unknown quant_method 'someday'"),
+        (  # compressed-tensors dequantizes (code - weight_zero_point) * scale
+            {
+                "quant_method": "compressed-tensors",
+                "format": "float-quantized",
+                "config_groups": {"g": _ASYMMETRIC_FP8},
+            },
+            "asymmetric compressed-tensors weights",
+        ),
+        (
+            {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {"g": _ASYM_FP4}},
+            "asymmetric compressed-tensors weights",
+        ),
     ],
 )
 def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, quantization_config, named):
@@ -322,6 +338,31 @@ def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, qua
     assert result.returncode != 0
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and named in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "quantization_config, field",
+    [
+        ([{"quant_method": "fp8"}], "quantization_config is not a JSON object"),
+        ("fp8", "quantization_config is not a JSON object"),
+        ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "weight_block_size [0, 128]"),
+        ({"quant_method": "fp8", "weight_block_size": "128"}, "weight_block_size '128'"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128, 128]}, "weight_block_size [128, 128, 128]"),
+    ],
+)
+def test_a_malformed_quantization_config_is_refused_naming_config_json_and_the_field(
+    tmp_path, quantization_config, field
+):
+    c = build_case(tmp_path, "fp8:f32")
+    config = json.loads((c.base / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (c.base / "config.json").write_text(json.dumps(config))
+    plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o")
+    result = run_cli(plan, "--quiet")
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(err) == 1, err
+    assert f"{c.base / 'config.json'}: " in err[0] and field in err[0] and "internal error" not in err[0], err
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
 
 

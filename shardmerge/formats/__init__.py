@@ -19,6 +19,8 @@ _REFUSED = {
     "higgs": "HIGGS", "fp_quant": "FP-Quant", "auto-round": "AutoRound (packed int)", "quark": "Quark",
 }  # fmt: skip
 
+_CODECS: dict[str, type[Codec]] = {"fp8": BlockFP8, "fbgemm_fp8": FbgemmFP8, "mxfp4": MXFP4}
+
 __all__ = ["Codec", "Quantized", "detect"]
 
 
@@ -27,13 +29,13 @@ def detect(config: dict, directory) -> Codec | None:
     qc = config.get("quantization_config")
     if qc is None and isinstance(config.get("text_config"), dict):
         qc = config["text_config"].get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ShardmergeError(f"{directory / 'config.json'}: quantization_config is not a JSON object")
     modelopt = _modelopt_file(directory)
     if qc is None and modelopt is None:
         return None
     if qc is None or qc.get("quant_method") == "modelopt":
         return _modelopt(qc or {}, modelopt or {}, directory)
-    if not isinstance(qc, dict):
-        raise ShardmergeError(f"{directory / 'config.json'}: quantization_config is not a JSON object")
     method = str(qc.get("quant_method", "")).lower()
     where = f"{directory}: the base is quantized with"
     if method in _REFUSED:
@@ -41,26 +43,38 @@ def detect(config: dict, directory) -> Codec | None:
             f"{where} {_REFUSED[method]}, which shardmerge cannot merge into; merge into the "
             "unquantized base model instead"
         )
-    if method == "fp8":
-        return BlockFP8(qc)
-    if method == "fbgemm_fp8":
-        return FbgemmFP8(qc)
-    if method == "mxfp4":
-        return MXFP4(qc)
+    if method in _CODECS:
+        return _configured(_CODECS[method], qc, directory)
     if method == "compressed-tensors":
-        return _compressed(qc, where)
+        return _compressed(qc, where, directory)
     raise ShardmergeError(
         f"{where} an unknown quant_method {qc.get('quant_method')!r}; shardmerge merges into "
         "fp8, fbgemm_fp8, mxfp4, compressed-tensors (FP8, NVFP4) and modelopt NVFP4 bases"
     )
 
 
-def _compressed(qc: dict, where: str) -> Codec:
+def _configured(codec: type[Codec], qc: dict, directory) -> Codec:
+    """The codec its quantization_config describes; a field it cannot take is named with config.json."""
+    try:
+        return codec(qc)
+    except ShardmergeError as e:
+        raise ShardmergeError(f"{directory / 'config.json'}: quantization_config {e}") from None
+
+
+def _compressed(qc: dict, where: str, directory) -> Codec:
     fmt = qc.get("format")
-    formats = {fmt} if fmt else set()
-    formats |= {g.get("format") for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)} - {None}
+    groups = {k: g for k, g in (qc.get("config_groups") or {}).items() if isinstance(g, dict)}
+    formats = ({fmt} if fmt else set()) | {g.get("format") for g in groups.values()} - {None}
+    for name, group in groups.items():
+        # compressed-tensors dequantizes (code - zero_point) * scale; the codecs here have no zero point.
+        if ((group.get("weights") or {}).get("symmetric", True)) is not True:
+            raise ShardmergeError(
+                f"{where} asymmetric compressed-tensors weights (config_groups.{name}.weights.symmetric is not "
+                "true: codes carry a weight_zero_point), which shardmerge cannot merge into; merge into the "
+                "unquantized base model instead"
+            )
     if formats == {"float-quantized"} or formats == {"naive-quantized"} and _all_float8(qc):
-        return CompressedFP8(qc)
+        return _configured(CompressedFP8, qc, directory)
     if formats == {"nvfp4-pack-quantized"}:
         return CompressedNVFP4(qc.get("ignore"))
     raise ShardmergeError(
@@ -83,7 +97,10 @@ def _modelopt_file(directory) -> dict | None:
     if store_for(path).stat(path) is None:
         return None
     value = _json_file(path, "ModelOpt quantization config")
-    return value.get("quantization", value)
+    quantization = value.get("quantization", value)
+    if not isinstance(quantization, dict):
+        raise ShardmergeError(f"{path}: 'quantization' is not a JSON object")
+    return quantization
 
 
 def _modelopt(qc: dict, file: dict, directory) -> Codec:

@@ -78,6 +78,14 @@ def grid_requantize(
     return e4m3(scale_columns_(x.clone(), expand_rows(s, bh, rows), bw, divide=True))
 
 
+def _is_block(block) -> bool:
+    return (
+        isinstance(block, list)
+        and len(block) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)
+    )
+
+
 def _require(cond: bool, where: TensorInfo, why: str) -> None:
     if not cond:
         raise ShardmergeError(f"{where.path}: {where.name!r} {list(where.shape)} {where.dtype}: {why}")
@@ -142,6 +150,8 @@ class BlockFP8(_GridFP8):
     def __init__(self, qc: dict):
         super().__init__(qc.get("modules_to_not_convert") or qc.get("ignored_layers"))
         block = qc.get("weight_block_size")
+        if block is not None and not _is_block(block):
+            raise ShardmergeError(f"weight_block_size {block!r} is not two positive integers (rows, columns)")
         self.block = tuple(block) if block else None
         self.power_of_two = qc.get("scale_fmt") == "ue8m0"
         self.label = f"block FP8 (fp8, {'x'.join(map(str, block)) if block else 'per tensor'}" + (
