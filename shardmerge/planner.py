@@ -28,6 +28,8 @@ from .stores import store_for
 from .ties import Edits, find_ties, settle
 from .units import format_size
 
+# What quantized formats store codes and scales in; never a float value on its own.
+_CODE_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "U8", "I8"}
 FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
 
 
@@ -46,6 +48,8 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
     settle(ties, edits, view)
     if plan.dtype == "keep":
         _refuse_quantized_replacement(edits, logical, codec)
+    else:
+        _refuse_undecoded_codes(base, quantized, codec)
     shards = lay_out(base, quantized, edits, plan.dtype, plan.max_shard_size)
     write_index = base.has_index or len(shards) > 1
     config = _output_config(base, edits, codec, plan.dtype)
@@ -98,6 +102,21 @@ def _refuse_quantized_replacement(edits: Edits, logical: set[str], codec: Codec 
             f"{replacement.path}: {replacement.name!r} replaces {clash[0]!r}, a {codec.label} "
             "weight; replacing a quantized weight needs a float output (dtype: bfloat16)"
         )
+
+
+def _refuse_undecoded_codes(base: BaseModel, quantized: dict[str, Quantized], codec: Codec | None) -> None:
+    """A dequantized output is a plain float checkpoint: codes the format's codec does not decode (transformers'
+    fused FP8Experts `gate_up_proj` + `gate_up_proj_scale_inv`, say) would be written as raw codes, silently
+    wrong. Kept outputs copy them with their scales, as stored."""
+    if codec is None:
+        return
+    decoded = set(quantized) | {t.name for q in quantized.values() for t in q.scales + q.passengers}
+    for name, t in base.tensors.items():
+        if t.dtype in _CODE_DTYPES and name not in decoded:
+            raise ShardmergeError(
+                f"{t.path}: {name!r} {list(t.shape)} {t.dtype} is not a weight {codec.label} dequantizes here, "
+                "so a float output would hold its raw codes; merge with dtype: keep (it is then copied as stored)"
+            )
 
 
 def _output_config(base: BaseModel, edits: Edits, codec: Codec | None, dtype: str) -> dict | None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.adapters import make_adapter, write_adapter
+from helpers.adapters import lora_pair, make_adapter, write_adapter
 from helpers.models import random_model, tensor_bytes, write_model
-from helpers.plans import write_plan
+from helpers.plans import run_cli, write_plan
 from helpers.quant import (
     MXFP4_CONFIG,
     Format,
@@ -411,3 +411,27 @@ def test_a_fused_mxfp4_expert_stack_larger_than_max_memory_merges_within_it(tmp_
         reference = mxfp4_dequantize(*mxfp4_quantize(exact.T)).T
         got = mxfp4_dequantize(out[f"{name}_blocks"][e], out[f"{name}_scales"][e]).T
         assert (got - exact).norm() <= 1.5 * (reference - exact).norm(), e
+
+
+def test_fused_fp8_experts_are_refused_when_dequantizing_rather_than_written_as_raw_codes(tmp_path):
+    """transformers' FP8Experts layout (as save_original_format=False and some Hub checkpoints store it): fused
+    `experts.gate_up_proj` F8 (E, 2I, H) with `gate_up_proj_scale_inv` (E, ., .). No codec decodes it, so a
+    bfloat16 output would hold its codes cast as values (off by the scales); one line names it instead."""
+    from helpers.quant import fp8_quantize
+
+    model = random_model(qwen3_moe_config(moe_intermediate=128))
+    state = {n: p.detach().to(torch.bfloat16) for n, p in model.state_dict().items()}  # module (fused) names
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    pairs = [fp8_quantize(w, 128, 128, torch.float32) for w in state[fused].double()]
+    state[fused], state[fused + "_scale_inv"] = torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
+    config = {**model.config.to_dict(), "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    base = write_model(tmp_path / "base", state, shards=2, config=config)
+    adapter = write_adapter(tmp_path / "adapter", lora_pair("model.layers.0.self_attn.q_proj", 256, 256))
+    plan = write_plan(
+        tmp_path / "plan.yaml", base=base, adapters=[{"path": adapter}], output=tmp_path / "o", dtype="bfloat16"
+    )
+    result = run_cli(plan, "--quiet")
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(err) == 1 and "Traceback" not in result.stderr, err
+    assert f"{fused!r} [4, 256, 256] F8_E4M3" in err[0] and "dtype: keep" in err[0], err
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
