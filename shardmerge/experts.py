@@ -291,7 +291,13 @@ def transformers_rules(model_type: str) -> tuple[ExpertRule, ...]:
         WeightConverter,
     )
 
-    mapping = get_checkpoint_conversion_mapping(_MODEL_TO_CONVERSION_PATTERN.get(model_type, model_type)) or []
+    # transformers fills every model type's own list (a base pattern's copy, or that plus more: Qwen3.5-MoE's text
+    # model adds qwen2_moe's experts to qwen3_5_text's renames); the pattern is only a fallback for a type it lacks.
+    mapping = (
+        get_checkpoint_conversion_mapping(model_type)
+        or get_checkpoint_conversion_mapping(_MODEL_TO_CONVERSION_PATTERN.get(model_type, model_type))
+        or []
+    )
     rules = []
     for t in mapping:
         if not isinstance(t, WeightConverter) or len(t.target_patterns) != 1:

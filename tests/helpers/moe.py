@@ -1,5 +1,5 @@
-"""Tiny mixture-of-experts models (Qwen3-MoE, Mixtral, gpt-oss, Llama 4 text) built from configs, and PEFT
-adapters on their attention projections and expert parameters (`target_parameters`)."""
+"""Tiny mixture-of-experts models (Qwen3-MoE, Qwen3.5-MoE text, Mixtral, gpt-oss, Llama 4 text) built from
+configs, and PEFT adapters on their attention projections and expert parameters (`target_parameters`)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,21 @@ def moe_config(family: str):
             layer_types=["sliding_attention", "full_attention"],
             sliding_window=16,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+    if family == "qwen3_5_moe_text":  # transformers adds qwen2_moe's per-expert rules to qwen3_5_text's renames
+        from transformers import Qwen3_5MoeTextConfig
+
+        return Qwen3_5MoeTextConfig(
+            **COMMON,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=4,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
         )
     if family == "llama4":
         return Llama4TextConfig(
