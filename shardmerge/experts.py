@@ -26,6 +26,7 @@ from functools import cache, lru_cache
 
 from .errors import ShardmergeError
 from .safetensors_io import TensorInfo
+from .sources import special_floats
 
 RANK_MAJOR, GROUPED_BY_EXPERT = "rank_major", "grouped_by_expert"
 # PEFT's swap rule for 3-D parameters by the version that saved the adapter (peft git history):
@@ -218,7 +219,7 @@ def _module_facts(config_json: str) -> dict[str, OwnerFacts] | None:
         import transformers
 
         config = json.loads(config_json)
-        hf_config = transformers.AutoConfig.for_model(**config)
+        hf_config = transformers.AutoConfig.for_model(**special_floats(config))
         architectures = config.get("architectures") or []
         model_class = getattr(transformers, architectures[0], None) if architectures else None
         with torch.device("meta"):

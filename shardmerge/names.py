@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ShardmergeError
-from .sources import BaseModel, architecture
+from .sources import BaseModel, architecture, special_floats
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def _transformers_rules(config: dict):
     transformers.logging.set_verbosity_error()
     try:
         with torch.device("meta"):
-            model = model_class(CONFIG_MAPPING[model_type].from_dict(config))
+            model = model_class(CONFIG_MAPPING[model_type].from_dict(special_floats(config)))
         conversions = get_model_conversion_mapping(model)
     except Exception:  # noqa: BLE001 - a config it cannot build (remote code, another version's keys)
         return _NOT_KNOWN

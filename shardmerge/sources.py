@@ -52,6 +52,21 @@ def architecture(config: dict) -> str:
     )
 
 
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def special_floats(value):
+    """A config.json value as transformers reads the file: it stores floats JSON cannot hold as
+    {"__float__": "Infinity"} (Nemotron-H's time_step_limit), and its configs refuse them undecoded."""
+    if isinstance(value, dict):
+        if value.keys() == {"__float__"} and value["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[value["__float__"]]
+        return {k: special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [special_floats(v) for v in value]
+    return value
+
+
 @dataclass
 class AdapterFiles:
     directory: Path

@@ -45,6 +45,11 @@ CASES = [
     Case("mixtral-two-adapters", "mixtral", weights=(1.0, -0.5)),
     Case("gpt-oss", "gpt_oss"),
     Case("qwen3.5-moe-text-per-expert", "qwen3_5_moe_text"),
+    Case(  # the model has no gate_up_proj: PEFT wraps the two parameters it has
+        "nemotron-h-up-and-down-experts",
+        "nemotron_h",
+        {"target_parameters": ["experts.gate_up_proj", "experts.up_proj", "experts.down_proj"]},
+    ),
     Case("llama4-rslora", "llama4", {"use_rslora": True, "lora_alpha": 4}),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}

@@ -1,5 +1,5 @@
-"""Tiny mixture-of-experts models (Qwen3-MoE, Qwen3.5-MoE text, Mixtral, gpt-oss, Llama 4 text) built from
-configs, and PEFT adapters on their attention projections and expert parameters (`target_parameters`)."""
+"""Tiny mixture-of-experts models (Qwen3-MoE, Qwen3.5-MoE text, Nemotron-H, Mixtral, gpt-oss, Llama 4 text)
+built from configs, and PEFT adapters on their attention projections and expert parameters (`target_parameters`)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,25 @@ def moe_config(family: str):
             linear_num_value_heads=2,
             linear_key_head_dim=8,
             linear_value_head_dim=8,
+        )
+    if family == "nemotron_h":  # non-gated experts (up_proj, down_proj); config.json stores time_step_limit's inf
+        from transformers import NemotronHConfig
+
+        return NemotronHConfig(
+            **COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            moe_shared_expert_intermediate_size=24,
+            n_routed_experts=4,
+            num_experts_per_tok=4,
+            n_group=1,
+            topk_group=1,
+            layers_block_type=["mamba", "moe", "attention"],
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            ssm_state_size=16,
+            n_groups=2,
+            chunk_size=16,
         )
     if family == "llama4":
         return Llama4TextConfig(
