@@ -267,8 +267,18 @@ class ModelFacts:
 
 
 def rules_for(config: dict) -> tuple[ExpertRule, ...]:
-    """The expert rules for a base's model type, from transformers when importable, else built in."""
-    model_type = str(config.get("model_type", ""))
+    """The expert rules for a base's model type and its sub-models' (transformers converts each sub-model by its
+    own type: a Qwen3.5-MoE VLM's experts follow its text config's), from transformers when importable, else
+    built in. The top-level type's rule for a parameter comes first."""
+    types = [config.get("model_type")] + [v.get("model_type") for v in config.values() if isinstance(v, dict)]
+    rules: dict[str, ExpertRule] = {}
+    for model_type in types:
+        for rule in _rules_of(str(model_type)) if model_type else ():
+            rules.setdefault(rule.param, rule)
+    return tuple(rules.values())
+
+
+def _rules_of(model_type: str) -> tuple[ExpertRule, ...]:
     try:
         return transformers_rules(model_type)
     except ImportError:

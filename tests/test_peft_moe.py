@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.adapters import write_adapter
-from helpers.models import INDEX_NAME, load_tensors, quiet, shard_files, tensor_bytes
-from helpers.moe import build_moe_base, make_moe_adapter
+from helpers.adapters import make_adapter, write_adapter
+from helpers.models import INDEX_NAME, build_base, load_tensors, quiet, shard_files, tensor_bytes
+from helpers.moe import EXPERT_PARAMS, build_moe_base, make_moe_adapter, moe_config
 from helpers.plans import run_cli, write_plan
-from helpers.reference import input_ids, peft_model
+from helpers.reference import assert_same_model, input_ids, peft_merged, peft_model
 
 import shardmerge
 
@@ -368,3 +368,23 @@ def test_each_adapter_tensor_is_read_once_not_once_per_expert(built: Built):
     lora_B for each of the 4 experts would exceed that by ~17 KB here)."""
     files = list(built.base.glob("*.safetensors")) + [a / "adapter_model.safetensors" for a in built.adapters]
     assert built.report.bytes_read <= sum(f.stat().st_size for f in files)
+
+
+def test_a_vlm_whose_text_model_stores_experts_one_by_one_merges_like_peft(tmp_path):
+    """Qwen3.5-MoE (a VLM): transformers converts its language model by the text config's model type
+    (qwen3_5_moe_text, per-expert rules); the top-level type has none."""
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText
+
+    config = moe_config("qwen3_5_moe")
+    base = build_base(tmp_path / "base", config, torch.float32, auto_class=AutoModelForImageTextToText,
+                      hub_layout=True, max_shard_size="80KB")  # fmt: skip
+    assert "model.language_model.layers.0.mlp.experts.3.up_proj.weight" in shard_files(base)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_PARAMS)
+    adapter = make_adapter(
+        base, tmp_path / "adapter", lora, dtype=torch.float32, std=0.2, auto_class=AutoModelForImageTextToText
+    )
+    plan = write_plan(tmp_path / "plan.yaml", base=base, adapters=[{"path": adapter}], output=tmp_path / "out")
+    assert run_cli(plan, "--quiet").returncode == 0
+    reference = peft_merged(base, [adapter], AutoModelForImageTextToText)
+    assert_same_model(tmp_path / "out", reference, AutoModelForImageTextToText)

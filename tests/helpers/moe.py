@@ -69,6 +69,13 @@ def moe_config(family: str):
             linear_key_head_dim=8,
             linear_value_head_dim=8,
         )
+    if family == "qwen3_5_moe":  # a VLM: the experts follow its text config's model type (qwen3_5_moe_text)
+        from transformers import Qwen3_5MoeConfig
+
+        text = moe_config("qwen3_5_moe_text").to_dict()
+        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)  # fmt: skip
+        return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     if family == "nemotron_h":  # non-gated experts (up_proj, down_proj); config.json stores time_step_limit's inf
         from transformers import NemotronHConfig
 
