@@ -469,6 +469,21 @@ def test_missing_base_prefix_is_one_line_naming_it(inputs, tmp_path):
     assert f"s3://{BUCKET}/nothing-here" in err and "not found" in err
 
 
+@pytest.mark.parametrize("variable", ["AWS_PROFILE", "AWS_CONFIG_FILE"])
+def test_a_missing_profile_or_unreadable_aws_config_is_one_line_naming_it(inputs, tmp_path, monkeypatch, variable):
+    broken = tmp_path / "aws-config"
+    broken.write_text("[default\nregion = us-east-1\n")  # no closing bracket: not an INI file
+    value = "no-such-profile" if variable == "AWS_PROFILE" else str(broken)
+    monkeypatch.setenv(variable, value)
+    s3_store._forget_store()
+    try:
+        err = one_error_line([_plan(tmp_path, f"s3://{BUCKET}/base", str(tmp_path / "out")), "-q"])
+    finally:
+        s3_store._forget_store()
+    assert value in err and variable in err and "internal error" not in err, err
+    assert not (tmp_path / "out" / "shardmerge-manifest.json").exists()
+
+
 def test_unreachable_endpoint_is_one_line_naming_it(inputs, tmp_path, monkeypatch):
     endpoint = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)

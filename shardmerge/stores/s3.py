@@ -169,6 +169,26 @@ def retries() -> int:
     return 0 if _STORE is None else _STORE.retries
 
 
+def _session(boto3):
+    """boto3's session reads the AWS config and credentials files and the profile AWS_PROFILE names, all the
+    user's to fix: a missing profile or a file that does not parse is one line naming it."""
+    from botocore.exceptions import ConfigParseError, ProfileNotFound
+
+    try:
+        return boto3.session.Session()
+    except ProfileNotFound as e:
+        raise ShardmergeError(
+            f"AWS profile {e.kwargs.get('profile')!r} (AWS_PROFILE) is in neither the AWS config file nor the "
+            "credentials file (AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE; default ~/.aws/config, "
+            "~/.aws/credentials); add it there or unset AWS_PROFILE"
+        ) from None
+    except ConfigParseError as e:
+        raise ShardmergeError(
+            f"{e.kwargs.get('path')}: cannot parse this AWS config or credentials file (AWS_CONFIG_FILE, "
+            "AWS_SHARED_CREDENTIALS_FILE): it must be INI sections such as [default] or [profile NAME]"
+        ) from None
+
+
 class S3Store(Store):
     resumes_partials = True
 
@@ -185,7 +205,7 @@ class S3Store(Store):
             retries=retries, max_pool_connections=READERS + UPLOADS + 4, connect_timeout=10, read_timeout=120
         )
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        self.client = boto3.session.Session().client("s3", region_name=region, config=config)
+        self.client = _session(boto3).client("s3", region_name=region, config=config)
         self.endpoint = self.client.meta.endpoint_url
         self.retries = 0
         self._count = threading.Lock()
