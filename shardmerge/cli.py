@@ -40,12 +40,18 @@ def _verify_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("output", help="a directory shardmerge wrote")
     parser.add_argument("--plan", help="also recompute a sample of merged tensors from this plan's inputs")
-    parser.add_argument("--samples", type=int, default=8, help="merged tensors to recompute with --plan")
+    parser.add_argument("--samples", type=_count, default=8, help="merged tensors to recompute with --plan")
     parser.add_argument(
         "--max-memory",
         help="host-RAM budget for the recomputation, e.g. 2GiB (default: the plan's max_memory, as a merge)",
     )
     return parser
+
+
+def _count(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of tensors (0 or more), got {value!r}")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:

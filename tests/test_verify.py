@@ -82,6 +82,11 @@ def test_good_output_passes_verify_plan_through_cli(finished):
     assert "OK" in result.stderr
 
 
+def test_a_negative_sample_count_is_refused_rather_than_reported_ok(finished):
+    result = run_cli("verify", finished["out"], "--plan", finished["plan"], "--samples", "-3", cwd=ROOT, process=True)
+    assert result.returncode == 2 and "--samples" in result.stderr and "OK" not in result.stderr, result.stderr
+
+
 # -- damaged shards -------------------------------------------------------------------------------------------
 def test_flipped_byte_in_a_shard_is_caught_by_checksum(out):
     shard = shard_of(out, COPIED)
