@@ -16,15 +16,21 @@ _OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def lay_out(
-    base: BaseModel, quantized: dict[str, Quantized], edits: Edits, dtype: str, max_shard_size: int | str
+    base: BaseModel,
+    quantized: dict[str, Quantized],
+    edits: Edits,
+    dtype: str,
+    max_shard_size: int | str,
+    float32: set[str] = frozenset(),
 ) -> list[OutputShard]:
     """The output shards with every task and header placed. `quantized` maps a quantized base's weights to
-    their logical tensors; `dtype` and `max_shard_size` are the plan's."""
+    their logical tensors; `dtype` and `max_shard_size` are the plan's; `float32` names the float tensors a
+    cast keeps in float32."""
 
     def plain(name: str, tensor: TensorInfo) -> TensorTask:
         out_dtype = tensor.dtype
         if dtype != "keep" and tensor.dtype in FLOAT_DTYPES:
-            out_dtype = _OUT_DTYPES[dtype]
+            out_dtype = "F32" if name in float32 else _OUT_DTYPES[dtype]
         return TensorTask(name, edits.replaced.get(name, tensor), out_dtype, terms=edits.terms.get(name, []))
 
     added: dict[str, list[str]] = {}  # a head that was tied (and its aliases): beside its embedding

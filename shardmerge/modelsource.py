@@ -83,6 +83,38 @@ def _tied_weights(config_json: str, architecture: str) -> dict[str, str] | None:
         _source.cache_clear()
 
 
+def kept_in_float32(model_type: str, architecture: str, dtype: str) -> tuple[str, ...] | None:
+    """The parameter patterns transformers keeps in float32 when it loads `architecture` in `dtype`
+    (PreTrainedModel._get_dtype_plan: `_keep_in_fp32_modules_strict` for float16 and bfloat16,
+    `_keep_in_fp32_modules` for float16 too), which save_pretrained then writes as float32; each matches a
+    parameter name by regex search. The class and its bases are read; None when the source does not say."""
+    attrs = {"bfloat16": ("_keep_in_fp32_modules_strict",), "float16": ("_keep_in_fp32_modules_strict",
+             "_keep_in_fp32_modules")}.get(dtype, ())  # fmt: skip
+    if package_root() is None or auto_mappings() is None:
+        return None
+    try:
+        found = _find_class(_modeling_file(model_type), architecture)
+        if found is None:
+            return None
+        chain, _ = _chain(found)
+        return tuple(p for attr in attrs for p in _literal_names(_class_value(chain, attr)))
+    except (Unknown, OSError, SyntaxError, RecursionError):
+        return None
+    finally:
+        _source.cache_clear()
+
+
+def _literal_names(node) -> list[str]:
+    if node is _MISSING:
+        return []
+    value = ast.literal_eval(node)  # a list/set of names or None, as every model declares it
+    if value is None:
+        return []
+    if not isinstance(value, (list, set, tuple)) or not all(isinstance(v, str) for v in value):
+        raise Unknown("a computed _keep_in_fp32_modules")
+    return sorted(value)
+
+
 # ---- files and classes
 
 

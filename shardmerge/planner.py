@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
+from . import modelsource
 from .adapters import Adapter, load_adapter
 from .budget import tile
 from .config import Plan
@@ -23,14 +25,15 @@ from .matching import collect
 from .mergeplan import MergePlan
 from .names import BaseNames
 from .safetensors_io import read_header
-from .sources import INDEX_NAME, BaseModel, convert_legacy_adapter, find_adapter, read_base
+from .sources import INDEX_NAME, BaseModel, architecture, convert_legacy_adapter, find_adapter, read_base
 from .stores import store_for
 from .ties import Edits, find_ties, settle
 from .units import format_size
 
 # What quantized formats store codes and scales in; never a float value on its own.
 _CODE_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "U8", "I8"}
-FORMAT_VERSION = 2  # bump when the same plan would produce different bytes (2: headers padded to the base's length)
+FORMAT_VERSION = 3  # bump when the same plan would produce different bytes (2: headers padded to the base's
+# length; 3: bfloat16/float16 outputs keep transformers' float32 parameters)
 
 
 def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | None = None) -> MergePlan:
@@ -50,7 +53,7 @@ def build_plan(plan: Plan, scratch: Path, device: str = "cpu", budget: int | Non
         _refuse_quantized_replacement(edits, logical, codec)
     else:
         _refuse_undecoded_codes(base, quantized, codec)
-    shards = lay_out(base, quantized, edits, plan.dtype, plan.max_shard_size)
+    shards = lay_out(base, quantized, edits, plan.dtype, plan.max_shard_size, _kept_in_float32(base, plan.dtype))
     write_index = base.has_index or len(shards) > 1
     config = _output_config(base, edits, codec, plan.dtype)
     merge_plan = MergePlan(
@@ -102,6 +105,19 @@ def _refuse_quantized_replacement(edits: Edits, logical: set[str], codec: Codec 
             f"{replacement.path}: {replacement.name!r} replaces {clash[0]!r}, a {codec.label} "
             "weight; replacing a quantized weight needs a float output (dtype: bfloat16)"
         )
+
+
+def _kept_in_float32(base: BaseModel, dtype: str) -> set[str]:
+    """Stored tensors a bfloat16/float16 output keeps in float32, as transformers loads and saves them in that
+    dtype (DeepSeek-V3's router e_score_correction_bias, ERNIE's router gate.weight, T5's wo in float16)."""
+    config = base.config
+    if dtype not in ("bfloat16", "float16") or config.get("auto_map"):  # remote code: not transformers' class
+        return set()
+    patterns = modelsource.kept_in_float32(str(config.get("model_type")), architecture(config), dtype)
+    if not patterns:
+        return set()
+    found = re.compile("|".join(p.replace("*", ".*") for p in patterns))  # transformers' build_glob_alternation
+    return {name for name in base.tensors if found.search(name)}
 
 
 def _refuse_undecoded_codes(base: BaseModel, quantized: dict[str, Quantized], codec: Codec | None) -> None:
