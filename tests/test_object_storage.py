@@ -14,6 +14,8 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from itertools import pairwise
@@ -254,6 +256,28 @@ def test_local_inputs_to_an_s3_output_are_byte_identical_to_a_local_merge(inputs
     merge(str(inputs["base"]), str(inputs["adapter"]), f"s3://{BUCKET}/local-to-s3")
     assert_same_as_local(objects(client, "local-to-s3"), inputs["reference"])
     assert not open_uploads(client)
+
+
+@pytest.mark.slow
+def test_two_ranks_writing_an_s3_output_give_the_bytes_of_a_local_merge(inputs, client, tmp_path):
+    """Each rank uploads its own shards (torchrun's variables, the launcher's rendezvous), rank 0 the rest."""
+    plan = _plan(tmp_path, f"s3://{BUCKET}/base", f"s3://{BUCKET}/two-ranks")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    env.update(MASTER_PORT=str(_free_port()), SHARDMERGE_DIST_TIMEOUT="20")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "shardmerge", plan, "-q"],
+            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], errors
+    assert_same_as_local(objects(client, "two-ranks"), inputs["reference"])
+    assert not open_uploads(client)
+    assert verify(f"s3://{BUCKET}/two-ranks") == []
 
 
 def test_verify_checks_an_s3_output_and_names_a_modified_shard(inputs, client):
