@@ -338,9 +338,15 @@ def checkpoint_slices(
     when the model class is known; else it follows from the stored tensors and the rule. No tensors: ((), [])."""
     rule = next((r for r in rules if r.param == param), ExpertRule(param))
     info = find(f"{module}.{rule.fused_name or param}")
+    first = find(f"{module}.0.{rule.sources[0]}.weight") if rule.sources else None
+    if info is not None and first is not None:  # transformers loads one of them; a merge into the other is lost
+        raise ShardmergeError(
+            f"{info.path}: the base stores {module}.{param} twice, fused as {info.name!r} and one by one as "
+            f"{first.name!r}, ...; keep one layout"
+        )
     if info is not None:
         return _fused(info, shape, rule)
-    if not rule.sources or find(f"{module}.0.{rule.sources[0]}.weight") is None:
+    if first is None:
         return (), []
     out, rows = [], 0
     for e in range(shape[0] if shape else _count_experts(module, rule.sources[0], find)):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.adapters import make_adapter, write_adapter
-from helpers.models import INDEX_NAME, build_base, load_tensors, quiet, shard_files, tensor_bytes
+from helpers.models import INDEX_NAME, add_tensor, build_base, load_tensors, quiet, shard_files, tensor_bytes
 from helpers.moe import EXPERT_PARAMS, build_moe_base, make_moe_adapter, moe_config
 from helpers.plans import run_cli, write_plan
 from helpers.reference import assert_same_model, input_ids, peft_merged, peft_model
@@ -388,3 +388,17 @@ def test_a_vlm_whose_text_model_stores_experts_one_by_one_merges_like_peft(tmp_p
     assert run_cli(plan, "--quiet").returncode == 0
     reference = peft_merged(base, [adapter], AutoModelForImageTextToText)
     assert_same_model(tmp_path / "out", reference, AutoModelForImageTextToText)
+
+
+def test_a_parameter_stored_both_fused_and_one_by_one_is_refused_naming_both(tmp_path):
+    """transformers loads one of the two layouts; merging into the other would be silently lost."""
+    base = build_moe_base(tmp_path / "base", "qwen3_moe")
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    add_tensor(base, fused, torch.zeros(4, 48, 32, dtype=torch.bfloat16), beside="model.embed_tokens.weight")
+    adapter = make_moe_adapter(base, tmp_path / "adapter", seed=1)
+    plan = write_plan(tmp_path / "plan.yaml", base=base, adapters=[{"path": adapter}], output=tmp_path / "out")
+    result = run_cli(plan, "--quiet")
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(err) == 1 and "Traceback" not in result.stderr, err
+    assert f"{fused!r}" in err[0] and "'model.layers.0.mlp.experts.0.gate_proj.weight'" in err[0], err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
