@@ -15,12 +15,13 @@ from .safetensors_io import DTYPE_SIZES
 from .stores import location, store_for
 from .units import FLOAT32_BYTES, IO_BUFFER, KiB, MiB, format_size
 
-# What a run holds besides its planned buffers, measured as peak RSS above an idle `import torch, shardmerge`
-# for a merge of tiny tensors: modules imported on first use (yaml, xxhash), five stage threads (stacks and
-# glibc arenas), allocator slack, and the plan of a model of up to PLAN_TENSORS tensors (405B dense has ~1.1k).
-# Each tensor beyond that adds its headers, TensorInfo and TensorTask objects (~1.2 KiB measured; MoE models
-# have ~100k tensors, so this is real memory).
-RUNTIME_BYTES = 8 * MiB
+# What a run holds besides its planned buffers, measured as peak RSS above an idle `import torch, shardmerge`:
+# modules imported on first use (yaml, xxhash, the planner and executor: 3 MiB), the pages of torch's library
+# code that the merge kernels run (file-backed RSS: up to 10 MiB for a float32 DoRA merge of embeddings), five
+# stage threads (stacks and glibc arenas), allocator slack, and the plan of a model of up to PLAN_TENSORS
+# tensors (405B dense has ~1.1k): up to 13.6 MiB in all, measured. Each tensor beyond that adds its headers,
+# TensorInfo and TensorTask objects (~1.2 KiB measured; MoE models have ~100k tensors, so this is real memory).
+RUNTIME_BYTES = 16 * MiB
 PLAN_TENSORS = 1024
 PER_TENSOR_BYTES = 2 * KiB
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ._version import __version__
+from .allocator import pin_mmap_threshold
 from .config import Plan
 from .cuda import resolve_device, tile_budget
 from .distributed import Group, Topology, assign, describe_assignment
@@ -87,6 +88,7 @@ def run(plan: Plan, dry_run: bool = False, progress: bool = False, topology: Top
     """Merge `plan` as the rank `topology` says (default: a single process), or with `dry_run` only plan
     it and return its description. Prints nothing, unless `progress` asks for the progress bar on stderr."""
     started, retried = time.monotonic(), retries()
+    pin_mmap_threshold()  # so that max_memory holds: freed temporaries leave RSS
     with _frozen_heap():
         report = _run(plan, dry_run, progress, topology)
     if not report.dry_run:

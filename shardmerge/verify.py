@@ -6,6 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from .allocator import pin_mmap_threshold
 from .errors import ShardmergeError
 from .journal import MANIFEST_NAME, Manifest
 from .safetensors_io import read_header
@@ -20,6 +21,7 @@ _CHECKSUM_BUFFER = MiB  # small: verify stays within budgets too
 def verify(output: str, plan: str | None = None, samples: int = 8, max_memory: int | None = None) -> list[str]:
     """Every problem found, one line each; an empty list means the output checks out. With `plan`, samples are
     recomputed within `max_memory` (default: the plan's, as a merge would use)."""
+    pin_mmap_threshold()
     out = location(output)
     store = store_for(out)
     if not store.is_dir(out):

@@ -133,7 +133,7 @@ def test_a_tiny_budget_is_refused_naming_the_tensor_and_a_budget(tmp_path):
     base, adapter = write_case(tmp_path, [{"rows": 64, "cols": 2**20, "rank": 8, "kind": "lora"}], "BF16")
     with pytest.raises(
         ShardmergeError,
-        match=r"max_memory 9\.0MiB is too small for tensor 'layers\.0\.proj\.weight': "
+        match=r"max_memory 17\.0MiB is too small for tensor 'layers\.0\.proj\.weight': "
         r"one row block needs .* raise max_memory to at least ",
     ):
-        plan_for(tmp_path, base, adapter, "keep", 9 * MiB, "cpu")
+        plan_for(tmp_path, base, adapter, "keep", 17 * MiB, "cpu")

@@ -179,9 +179,9 @@ def _info(name, shape):
 
 
 def _fused_case(tmp_path: Path):
-    """A Llama-4-style fused base (E, H, 2I) of 36 MiB and an adapter on it, written by hand (float64 reference)."""
+    """A Llama-4-style fused base (E, H, 2I) of 72 MiB and an adapter on it, written by hand (float64 reference)."""
     g = torch.Generator().manual_seed(0)
-    experts_, hidden, inter, rank = 8, 768, 1536, 1
+    experts_, hidden, inter, rank = 16, 768, 1536, 1
     name = "model.layers.0.feed_forward.experts.gate_up_proj"
     weights = {
         name: (torch.randn(experts_, hidden, 2 * inter, generator=g) * 0.05).to(torch.bfloat16),
@@ -238,4 +238,4 @@ def test_dry_run_prints_one_line_per_fused_parameter_with_e_r_scaling_and_layout
     )
     lines = [line for line in report.description.splitlines() if line.strip().startswith("experts")]
     assert len(lines) == 1
-    assert "E=8 r=1 scale=4" in lines[0] and f"fused {name} [8, 768, 3072]" in lines[0]
+    assert "E=16 r=1 scale=4" in lines[0] and f"fused {name} [16, 768, 3072]" in lines[0]

@@ -21,7 +21,7 @@ def idle_rss() -> int:
 
 def test_tensors_larger_than_budget_merge_exactly_within_budget(tmp_path):
     g = torch.Generator().manual_seed(0)
-    rows, cols = 4096, 2048  # 16 MiB each in bf16, 32 MiB as float32 work: 4x the budget
+    rows, cols = 12288, 2048  # 48 MiB each in bf16, 96 MiB as float32 work: 4x the budget
     tensors = {f"layers.{i}.proj.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16) for i in range(3)}
     tensors["embed.weight"] = torch.randn(1024, cols, generator=g).to(torch.bfloat16)
     write_model(tmp_path / "base", tensors, shards=2)
@@ -29,7 +29,7 @@ def test_tensors_larger_than_budget_merge_exactly_within_budget(tmp_path):
     for i in range(3):
         adapter.update(lora_pair(f"layers.{i}.proj", rows, cols, r=8, seed=i))
     write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
-    budget = 16 * MiB  # 8 MiB of fixed run overhead + 8 MiB of buffers
+    budget = 24 * MiB  # 16 MiB of fixed run overhead + 8 MiB of buffers
     plan = write_plan(tmp_path / "plan.yaml", base="base", adapters=["adapter"], output="out", max_memory=budget)
     result = run_cli(plan, "-q", "--report-json", tmp_path / "report.json", process=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -44,10 +44,13 @@ def test_tensors_larger_than_budget_merge_exactly_within_budget(tmp_path):
     for i in range(3):
         a = adapter[f"base_model.model.layers.{i}.proj.lora_A.weight"].double()
         b = adapter[f"base_model.model.layers.{i}.proj.lora_B.weight"].double()
-        exact = tensors[f"layers.{i}.proj.weight"].double() + 2.0 * (b @ a)
-        # Rounded once from float32: within one bf16 rounding step of the exact value.
+        w = tensors[f"layers.{i}.proj.weight"].double()
+        exact = w + 2.0 * (b @ a)
+        # Rounded once from float32: within half a bf16 step of the exact value, plus the float32 arithmetic's
+        # own error, which is relative to its operands: |W| and the sum of |products| in B @ A (16 float32 steps).
+        operands = w.abs() + 2.0 * (b.abs() @ a.abs())
         error = (merged[f"layers.{i}.proj.weight"].double() - exact).abs()
-        assert (error <= exact.abs() * 2**-8 + 1e-6).all()
+        assert (error <= exact.abs() * 2**-8 + operands * 2**-20).all()
     assert torch.equal(merged["embed.weight"], tensors["embed.weight"])
 
 
@@ -62,7 +65,7 @@ def test_output_bytes_do_not_depend_on_the_budget(tmp_path):
     write_adapter(tmp_path / "adapter", adapter, r=8, lora_alpha=16, target_modules=["proj"])
     import shardmerge
 
-    for budget in ("13MiB", "512MiB"):
+    for budget in ("21MiB", "512MiB"):
         shardmerge.merge(
             {
                 "base": str(tmp_path / "base"),
@@ -72,7 +75,7 @@ def test_output_bytes_do_not_depend_on_the_budget(tmp_path):
                 "device": "cpu",
             }
         )
-    for shard in (tmp_path / "13MiB").glob("*.safetensors"):
+    for shard in (tmp_path / "21MiB").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "512MiB" / shard.name).read_bytes()
 
 

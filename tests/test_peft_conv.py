@@ -42,7 +42,7 @@ def test_conv_merges_match_peft(tmp_path, use_dora):
             "base": str(tmp_path / "base"),
             "adapters": [str(tmp_path / "adapter")],
             "output": str(tmp_path / "out"),
-            "max_memory": "9MiB",
+            "max_memory": "17MiB",
         }
     )
     merged = load_file(str(tmp_path / "out/model.safetensors"))

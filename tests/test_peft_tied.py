@@ -32,7 +32,7 @@ def _merge(tmp_path: Path, base: Path, adapters: list[Path]) -> Path:
             "adapters": [str(a) for a in adapters],
             "output": str(out),
             "device": "cpu",
-            "max_memory": "9MiB",
+            "max_memory": "17MiB",
         }
     )
     return out

@@ -34,7 +34,7 @@ def test_trainable_tokens_replace_embedding_rows_as_peft(tmp_path, indices):
             "base": str(tmp_path / "base"),
             "adapters": [str(tmp_path / "adapter")],
             "output": str(tmp_path / "out"),
-            "max_memory": "9MiB",
+            "max_memory": "17MiB",
         }
     )
     merged = {}

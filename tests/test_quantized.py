@@ -246,7 +246,7 @@ def test_a_quantized_tensor_larger_than_max_memory_merges_within_it(tmp_path, fm
     b = torch.randn(16384, 4, generator=g) * 0.05
     lora = {"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b}
     adapter = write_adapter(tmp_path / "adapter", lora, r=4, lora_alpha=8, target_modules=["proj"])
-    budget = 14 * 2**20  # 8 MiB of fixed runtime overhead, 6 MiB for buffers
+    budget = 22 * 2**20  # 16 MiB of fixed runtime overhead, 6 MiB for buffers
     report = run_merge(base, adapter, tmp_path / "out", max_memory=budget)
     assert tensors["layer.proj.weight"].numel() > budget and 0 < report.peak_budget_bytes <= budget
     out = load_file(str(tmp_path / "out" / "model.safetensors"))

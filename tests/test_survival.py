@@ -76,7 +76,7 @@ def test_survival_of_a_large_tensor_is_the_direct_share_over_its_sampled_rows(tm
 
 def test_survival_takes_the_same_sample_whatever_the_budget_or_the_chunking(tmp_path):
     base, adapter, _ = _case(tmp_path)
-    small, out_small = _run(tmp_path, base, adapter, "small", max_memory="9MiB")
+    small, out_small = _run(tmp_path, base, adapter, "small", max_memory="17MiB")
     large, out_large = _run(tmp_path, base, adapter, "large", max_memory="1GiB")
     assert torch.equal(out_small, out_large)
     assert small == pytest.approx(large, rel=1e-5)  # the same rows; float32 sums taken in other pieces

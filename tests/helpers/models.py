@@ -24,7 +24,7 @@ STATE_DIR = ".shardmerge"
 # 7 shards (about 100 tile writes), which gives fault-injection tests many distinct, reproducible points to
 # stop at; about 1.4 MB, so a whole merge takes well under a second.
 TINY = TinyLlama(hidden=128, intermediate=256, layers=4, vocab=512, rank=8, shards=7)
-MAX_MEMORY = "8320KiB"  # 8 MiB of fixed run overhead + 128 KiB of buffers: every projection in 2-5 row blocks
+MAX_MEMORY = "16512KiB"  # 16 MiB of fixed run overhead + 128 KiB of buffers: every projection in 2-5 row blocks
 TINY_OPTIONS = {"device": "cpu", "max_memory": MAX_MEMORY}  # the plan options a merge of TINY runs with
 
 
