@@ -239,11 +239,11 @@ def test_rounded_away_deltas_warn_once_from_the_cli_and_never_from_the_library(t
 def test_a_quantized_tensor_larger_than_max_memory_merges_within_it(tmp_path, fmt_key):
     fmt = FORMATS[fmt_key]
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(16384, 1000, generator=g, dtype=torch.float64) * 0.05  # 16 MB of FP8, ragged columns
+    w = torch.randn(24576, 1000, generator=g, dtype=torch.float64) * 0.05  # 24 MB of FP8, ragged columns
     tensors = fmt.quantize("layer.proj", w)
     base = write_model(tmp_path / "base", tensors, shards=1, config={"quantization_config": fmt.config})
     a = torch.randn(4, 1000, generator=g) * 0.05
-    b = torch.randn(16384, 4, generator=g) * 0.05
+    b = torch.randn(24576, 4, generator=g) * 0.05
     lora = {"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b}
     adapter = write_adapter(tmp_path / "adapter", lora, r=4, lora_alpha=8, target_modules=["proj"])
     budget = 22 * 2**20  # 16 MiB of fixed runtime overhead, 6 MiB for buffers
