@@ -302,6 +302,16 @@ _ASYM_FP4 = {
 }
 
 
+def _merge_with_quantization_config(tmp_path, quantization_config):
+    """A quantized case whose config.json says `quantization_config`, merged from the CLI: (case, result)."""
+    c = build_case(tmp_path, "fp8:f32")
+    config = json.loads((c.base / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (c.base / "config.json").write_text(json.dumps(config))
+    plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o")
+    return c, run_cli(plan, "--quiet")
+
+
 @pytest.mark.parametrize(
     "quantization_config, named",
     [
@@ -329,12 +339,7 @@ _ASYM_FP4 = {
     ],
 )
 def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, quantization_config, named):
-    c = build_case(tmp_path, "fp8:f32")
-    config = json.loads((c.base / "config.json").read_text())
-    config["quantization_config"] = quantization_config
-    (c.base / "config.json").write_text(json.dumps(config))
-    plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o")
-    result = run_cli(plan, "--quiet")
+    _, result = _merge_with_quantization_config(tmp_path, quantization_config)
     assert result.returncode != 0
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and named in err[0] and "Traceback" not in err[0], err
@@ -354,12 +359,7 @@ def test_unsupported_quantization_is_refused_in_one_line_naming_it(tmp_path, qua
 def test_a_malformed_quantization_config_is_refused_naming_config_json_and_the_field(
     tmp_path, quantization_config, field
 ):
-    c = build_case(tmp_path, "fp8:f32")
-    config = json.loads((c.base / "config.json").read_text())
-    config["quantization_config"] = quantization_config
-    (c.base / "config.json").write_text(json.dumps(config))
-    plan = write_plan(tmp_path / "plan.yaml", base=c.base, adapters=[{"path": c.adapter}], output=tmp_path / "o")
-    result = run_cli(plan, "--quiet")
+    c, result = _merge_with_quantization_config(tmp_path, quantization_config)
     err = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(err) == 1, err
     assert f"{c.base / 'config.json'}: " in err[0] and field in err[0] and "internal error" not in err[0], err
