@@ -107,7 +107,8 @@ def tile(merge_plan: MergePlan, budget: int) -> Buffers:
 
 def _merge_threads(room: int, on_cuda: bool) -> int:
     """How many threads merge a tile's chunks on the CPU, with room for `room` more beside the first."""
-    return 1 if on_cuda else max(1, min(MERGE_THREADS, len(os.sched_getaffinity(0)), room + 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1 if on_cuda else max(1, min(MERGE_THREADS, cores, room + 1))
 
 
 def _fit_rows(t: TensorTask, elems: int, itemsize: int, need, max_memory: int) -> None:
