@@ -40,9 +40,10 @@ _CODEC_WORK = 4
 # 1/_THREADS_SHARE of the budget (a tighter one keeps its room for tiles). More cores go to the other stages.
 MERGE_THREADS = 4
 _THREADS_SHARE = 8
-# What each merge thread beyond the first adds to peak RSS besides its scratch (allocator slack): measured up
-# to 13 MiB at a 128 MiB budget (5.8 GB model, one 5 GB shard), two threads against one.
-_THREAD_SLACK = 16 * MiB
+# What each merge thread beyond the first adds to peak RSS besides its scratch (its stack, glibc arena, allocator
+# slack): measured 2.4 MiB at a 128 MiB budget (5.8 GB model, one 5 GB shard), two threads against one, with the
+# mmap threshold pinned (allocator.py; 13 MiB without).
+_THREAD_SLACK = 4 * MiB
 
 
 def tile(merge_plan: MergePlan, budget: int) -> Buffers:

@@ -88,8 +88,8 @@ def test_a_budget_without_room_for_another_merge_thread_merges_on_one(tmp_path, 
         "adapters": [{"path": str(tmp_path / "adapter")}],
         "output": str(tmp_path / "o"),
     }
-    report = shardmerge.merge({**plan, "max_memory": "128MiB"})
-    assert parts and max(parts) == 1 and report.peak_budget_bytes <= 128 * 2**20
+    report = shardmerge.merge({**plan, "max_memory": "24MiB"})
+    assert parts and max(parts) == 1 and report.peak_budget_bytes <= 24 * 2**20
 
 
 def test_helpers_wait_for_every_part_before_raising_the_first_failure():
