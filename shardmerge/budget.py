@@ -42,7 +42,7 @@ MERGE_THREADS = 4
 _THREADS_SHARE = 8
 # What each merge thread beyond the first adds to peak RSS besides its scratch (its stack, glibc arena, allocator
 # slack): measured 2.4 MiB at a 128 MiB budget (5.8 GB model, one 5 GB shard), two threads against one, with the
-# mmap threshold pinned (allocator.py; 13 MiB without).
+# mmap threshold pinned (libc.py; 13 MiB without).
 _THREAD_SLACK = 4 * MiB
 
 

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ._version import __version__
-from .allocator import pin_mmap_threshold
 from .config import Plan
 from .cuda import resolve_device, tile_budget
 from .distributed import Group, Topology, assign, describe_assignment
@@ -38,6 +37,7 @@ from .journal import (
     reopen_finished,
     verify_finished,
 )
+from .libc import pin_mmap_threshold
 from .mergeplan import MergePlan
 from .planner import build_plan, describe
 from .progress import Progress

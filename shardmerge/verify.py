@@ -6,9 +6,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from .allocator import pin_mmap_threshold
 from .errors import ShardmergeError
 from .journal import MANIFEST_NAME, Manifest
+from .libc import pin_mmap_threshold
 from .safetensors_io import read_header
 from .sources import INDEX_NAME
 from .stores import location, store_for

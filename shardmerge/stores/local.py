@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .. import libc
 from ..errors import ShardmergeError
 from ..units import IO_BUFFER, SHARE_BLOCK, MiB
 from .base import PendingFile, Reader, Stat, Store
@@ -23,21 +24,8 @@ from .base import PendingFile, Reader, Stat, Store
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
 _COPY_BUFFER = MiB  # config and tokenizer files, copied whole; used only when the kernel cannot copy
 _TAG_XATTR = "user.shardmerge"  # a published file's tag and checksum, for a resume to prove what it is
-
-
-def _libc(name: str, *argtypes):
-    """A libc function, or None where there is none (not Linux). Called through ctypes, which lets go of the
-    GIL for the call: Python's own mmap.madvise holds it, so a page-in from a cold disk stopped every stage."""
-    try:
-        call = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = list(argtypes)
-    return call
-
-
-_SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-_MADVISE = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_SYNC_FILE_RANGE = libc.function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_MADVISE = libc.function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)  # through ctypes: GIL let go
 _SYNC_FILE_RANGE_WRITE = 2
 
 
